@@ -1,0 +1,38 @@
+# raybooth: `make demo` runs the main job on an embedded cluster, `make test` runs the suite.
+# Both create or refresh .venv from constraints.txt whenever pyproject.toml or constraints.txt change.
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# pytest options: CI may add e.g. `PYTEST_ARGS=-x`.
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench lint venv clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+	# torch first and pinned: an unpinned request would pull the CUDA build (gigabytes) on CPU machines.
+	$(BIN)/pip install -q -c constraints.txt torch
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/pip check
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/raybooth demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check raybooth tests benchmarks
+	$(BIN)/ruff format --check raybooth tests benchmarks
+
+clean:
+	rm -rf $(VENV) .raybooth
