@@ -1,0 +1,97 @@
+"""The `raybooth` command line: help for every subcommand, one-line errors with exit 2, doctor."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from raybooth.cli import build_parser
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "raybooth.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )
+
+
+def subcommand_names() -> list[str]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return sorted(action.choices)
+
+
+def test_help_lists_every_subcommand():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for name in subcommand_names():
+        assert name in result.stdout
+    assert {"doctor", "demo", "build-models", "config"} <= set(subcommand_names())
+
+
+@pytest.mark.parametrize("name", subcommand_names())
+def test_every_subcommand_has_help(name, capsys):
+    parser = build_parser()
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args([name, "--help"])
+    assert info.value.code == 0
+    assert "usage: raybooth " + name in capsys.readouterr().out
+
+
+def test_missing_config_is_one_line_exit_2(tmp_path):
+    result = run_cli("config", str(tmp_path / "missing.yaml"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert "missing.yaml does not exist" in result.stderr
+
+
+def test_wrong_type_names_the_key_and_file(tmp_path):
+    path = tmp_path / "dreambooth.yaml"
+    path.write_text("resolution: big\n")
+    result = run_cli("config", str(path))
+    assert result.returncode == 2
+    assert f"{path}: key resolution" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+    result = run_cli("-v", "config", str(tmp_path / "missing.yaml"))
+    assert result.returncode == 2
+    assert "Traceback" in result.stderr
+
+
+def test_unknown_preset_is_a_clear_error():
+    result = run_cli("build-models", "tiny-nope")
+    assert result.returncode == 2
+    assert "unknown preset 'tiny-nope'" in result.stderr and "tiny-sd" in result.stderr
+
+
+@pytest.mark.slow
+def test_doctor_on_embedded_cluster(tmp_path):
+    result = run_cli("doctor", "cluster.num_cpus=2", env={"RAYBOOTH_HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "embedded local Ray" in out and "2 CPU(s)" in out and "1 node(s)" in out
+    assert "torch 2." in out and "device cpu" in out
+    assert f"{tmp_path}/storage: writable" in out or "storage" in out
+    assert "sqlite:///" in out and "tiny-sd" in out and "tiny-vlm" in out
+
+
+@pytest.mark.slow
+def test_doctor_reports_a_dead_mlflow_uri_as_broken(tmp_path):
+    dead = "http://127.0.0.1:9"  # discard port: nothing listens there
+    result = run_cli(
+        "doctor", "cluster.num_cpus=1", f"tracking.tracking_uri={dead}", env={"RAYBOOTH_HOME": str(tmp_path)}
+    )
+    assert result.returncode == 2
+    bad = [line for line in result.stdout.splitlines() if line.startswith("BAD")]
+    assert len(bad) == 1 and "mlflow" in bad[0] and dead in bad[0]
+    assert "Traceback" not in result.stderr
