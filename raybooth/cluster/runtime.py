@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from raybooth.cluster.config import ClusterSection
+from raybooth.cluster.workdir import work_dir
 from raybooth.errors import UserError
 
 # Variables a worker needs to reach storage and tracking; forwarded, never written anywhere.
@@ -113,7 +114,9 @@ def init_ray(section: ClusterSection, verbose: bool = False) -> ClusterInfo:
             num_gpus=num_gpus,
             object_store_memory=EMBEDDED_OBJECT_STORE_BYTES,
             include_dashboard=False,
-            runtime_env={"env_vars": passthrough_env()},
+            # Workers start in Ray's own folder: give them the absolute work dir so they find the same
+            # storage root, MLflow store and built presets as this process.
+            runtime_env={"env_vars": {**passthrough_env(), "RAYBOOTH_HOME": str(work_dir())}},
             **common,
         )
     info = cluster_info()

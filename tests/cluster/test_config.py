@@ -71,7 +71,8 @@ def repo_job_yamls() -> list[Path]:
     """configs/*.yaml plus any YAML under infra/ that declares a raybooth job with a top-level `kind:`."""
     found = sorted((REPO / "configs").glob("*.yaml"))
     for path in sorted((REPO / "infra").rglob("*.yaml")):
-        data = yaml.safe_load(path.read_text())
+        docs = list(yaml.safe_load_all(path.read_text()))  # k8s manifests hold several documents
+        data = docs[0] if len(docs) == 1 else None
         if isinstance(data, dict) and data.get("kind") in CONFIG_KINDS:
             found.append(path)
     return found

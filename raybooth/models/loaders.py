@@ -1,0 +1,140 @@
+"""Load a Stable Diffusion pipeline, its training components, or a VLM, from any model reference.
+
+Presets, local folders and hub ids all end in the same `from_pretrained(path)` calls: a tiny preset
+is loaded exactly as a real checkpoint is. Loading errors a user can cause (a folder missing files,
+a hub id with no network) become one-line `ModelError`s; the original error is chained.
+
+    pipe = load_sd_pipeline("tiny-sd")
+    image = pipe("a photo of sks dog", height=64, width=64, num_inference_steps=10).images[0]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import huggingface_hub
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    CLIPTextModel,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    ProcessorMixin,
+)
+
+from raybooth.errors import ModelError
+from raybooth.models.device import as_dtype, pick_device
+from raybooth.models.presets import KIND_NAMES, PRESETS, resolve_model
+
+DeviceLike = str | torch.device | None
+DtypeLike = str | torch.dtype | None
+
+
+@dataclass
+class SDComponents:
+    """What DreamBooth training needs, each part loaded on its own (the UNet trains, the rest is frozen)."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: PreTrainedTokenizerBase
+    noise_scheduler: DDPMScheduler  # training adds noise with DDPM's schedule, whatever sampler ships
+    path: str  # the resolved folder or hub id, to save a fine-tuned pipeline next to its parts
+
+
+def load_sd_pipeline(
+    name_or_path: str, device: DeviceLike = None, dtype: DtypeLike = None
+) -> StableDiffusionPipeline:
+    """A `StableDiffusionPipeline` on `device` (default: cuda if there is one) in `dtype` (default fp32)."""
+    path = resolve_model(name_or_path, kind="sd")
+    with _explain_load_errors(name_or_path, path, "sd") as options:
+        pipeline = StableDiffusionPipeline.from_pretrained(path, **options, **_dtype_option(dtype))
+    pipeline.set_progress_bar_config(disable=True)  # jobs and servers report progress their own way
+    return pipeline.to(_device(device))
+
+
+def load_sd_components(name_or_path: str, device: DeviceLike = None, dtype: DtypeLike = None) -> SDComponents:
+    """UNet, VAE, text encoder, tokenizer and a DDPM noise scheduler, from the pipeline's subfolders."""
+    path = resolve_model(name_or_path, kind="sd")
+    target = _device(device)
+    with _explain_load_errors(name_or_path, path, "sd") as options:
+        weights = {**options, **_dtype_option(dtype)}
+        components = SDComponents(
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights),
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **weights),
+            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights),
+            tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **options),
+            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **options),
+            path=path,
+        )
+    components.unet.to(target)
+    components.vae.to(target)
+    components.text_encoder.to(target)
+    return components
+
+
+def load_vlm(
+    name_or_path: str, device: DeviceLike = None, dtype: DtypeLike = None
+) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """`(model, processor)` in eval mode via the Auto classes; default dtype: the checkpoint's own."""
+    path = resolve_model(name_or_path, kind="vlm")
+    with _explain_load_errors(name_or_path, path, "vlm") as options:
+        processor = AutoProcessor.from_pretrained(path, **options)
+        model = AutoModelForImageTextToText.from_pretrained(path, **options, **_dtype_option(dtype))
+    return model.to(_device(device)).eval(), processor
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One TCP connect to the Hub: False in offline mode or without a route (DNS, firewall)."""
+    if huggingface_hub.is_offline_mode():
+        return False
+    host = urlparse(huggingface_hub.constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _explain_load_errors(name_or_path: str, path: str, kind: str) -> Iterator[dict[str, Any]]:
+    """Yield the from_pretrained options for `path`; turn the errors a user can cause into ModelError."""
+    is_local = Path(path).is_dir()
+    # Offline, the hub clients retry each file for minutes before giving up; local_files_only makes a
+    # cached model load at once and a missing one fail at once.
+    offline = not is_local and not hub_reachable()
+    try:
+        yield {"local_files_only": True} if offline else {}
+    except (OSError, ValueError) as e:  # what from_pretrained raises for missing files and bad repos
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if is_local:
+            raise ModelError(f"cannot load the {KIND_NAMES[kind]} in {path}: {reason}") from e
+        presets = ", ".join(p.name for p in PRESETS.values() if p.kind == kind)
+        if offline:
+            raise ModelError(
+                f"cannot load {name_or_path!r}: it is not a preset or a local folder, the Hugging Face Hub "
+                "cannot be reached from here and it is not in the local hub cache; download it where there "
+                f"is network (hf download {name_or_path} --local-dir DIR) and pass DIR, or use {presets}"
+            ) from e
+        raise ModelError(f"cannot load {name_or_path!r} from the Hugging Face Hub: {reason}") from e
+
+
+def _dtype_option(dtype: DtypeLike) -> dict[str, torch.dtype]:
+    # Only passed when set: transformers 5 treats a missing dtype as "the checkpoint's own dtype".
+    resolved = as_dtype(dtype)
+    return {} if resolved is None else {"dtype": resolved}
+
+
+def _device(device: DeviceLike) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    return pick_device(device or "auto")

@@ -1,0 +1,303 @@
+"""Fixtures shared by the whole suite: an isolated work dir and real servers on loopback.
+
+    .venv/bin/python -m pytest tests/cluster/test_storage.py
+
+- `_isolated_session_env` (session, autouse): `RAYBOOTH_HOME` points at a temp folder, so no test writes
+  into the repo; `MLFLOW_TRACKING_URI`, `MLFLOW_REGISTRY_URI` and `RAY_ADDRESS` are cleared so a developer's
+  shell never sends test runs to a real cluster or server. A test that needs one sets it with `monkeypatch`.
+- `s3_server` (session): moto's standalone S3 server as a subprocess on 127.0.0.1, with the standard AWS
+  variables pointing at it for the whole session; `s3_bucket` (function) is a fresh bucket on it.
+- `mlflow_server` (session): a real `mlflow server` process (sqlite backend, artifacts proxied to
+  `mlflow_artifacts_root` on the S3 server); its URL.
+
+Servers run in their own process group so teardown ends them and any workers they forked.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+# Env a developer's shell may carry that would point tests at real infrastructure.
+_CLEARED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RAY_ADDRESS")
+_SERVER_START_TIMEOUT_S = 120.0  # mlflow server on a busy 2-core CI box takes ~10-30 s
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests are deselected (not skipped) where torch sees no CUDA device, as on CI here."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_session_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    home = tmp_path_factory.mktemp("raybooth_home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAYBOOTH_HOME", str(home))
+        for name in _CLEARED_ENV:
+            mp.delenv(name, raising=False)
+        yield home
+
+
+# --------------------------------------------------------------------------------------------------
+# Subprocess helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A port that was free a moment ago on 127.0.0.1 (the server may still lose a race; callers retry)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status < 500
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _log_tail(log: Path, chars: int = 3000) -> str:
+    return log.read_text(errors="replace")[-chars:] if log.exists() else ""
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """End the server and everything it forked (its own process group), politely first."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=15)
+    except ProcessLookupError:
+        pass
+
+
+def start_server(
+    cmd_for_port: Callable[[int], list[str]], health_path: str, log: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str, float]:
+    """Start `cmd_for_port(port)` on a free port and wait until `health_path` answers.
+
+    Returns `(process, base_url, seconds to ready)`. Retries on a new port if the process dies early
+    (another process took the port between `free_port()` and the bind).
+    """
+    last_error = ""
+    for _ in range(3):
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        started = time.monotonic()
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                cmd_for_port(port), stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        while time.monotonic() - started < _SERVER_START_TIMEOUT_S:
+            if proc.poll() is not None:
+                last_error = f"exited with {proc.returncode}:\n{_log_tail(log)}"
+                break
+            if _answers(base + health_path):
+                return proc, base, time.monotonic() - started
+            time.sleep(0.2)
+        else:
+            _stop(proc)
+            last_error = f"did not answer {health_path} in {_SERVER_START_TIMEOUT_S:.0f}s:\n{_log_tail(log)}"
+    raise RuntimeError(f"server {cmd_for_port(0)[:4]} failed to start: {last_error}")
+
+
+# --------------------------------------------------------------------------------------------------
+# S3 (moto standalone server)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class S3Server:
+    """A running S3-compatible server on loopback; the AWS_* env points at it while it lives."""
+
+    endpoint: str
+    process: subprocess.Popen[bytes]
+    buckets: list[str] = field(default_factory=list)
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
+
+    def create_bucket(self, name: str | None = None) -> str:
+        """Create a bucket (random name by default) and return its name."""
+        name = name or f"raybooth-test-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        self.buckets.append(name)
+        return name
+
+    def list_keys(self, bucket: str, prefix: str = "") -> list[str]:
+        """Every key under `prefix`, read straight from the server (not through raybooth)."""
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    tmp = tmp_path_factory.mktemp("s3_server")
+    proc, endpoint, _ = start_server(
+        lambda port: [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        "/moto-api/",
+        tmp / "moto.log",
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        # Both endpoint variables: botocore prefers the S3-specific one if the developer's shell has it.
+        mp.setenv("AWS_ENDPOINT_URL", endpoint)
+        mp.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        mp.setenv("AWS_REGION", "us-east-1")
+        for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
+            mp.delenv(name, raising=False)
+        # No real ~/.aws config may add an endpoint, a profile or credentials.
+        mp.setenv("AWS_CONFIG_FILE", str(tmp / "no-aws-config"))
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp / "no-aws-credentials"))
+        try:
+            yield S3Server(endpoint=endpoint, process=proc)
+        finally:
+            _stop(proc)
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> str:
+    """A fresh, empty bucket name on the session's S3 server."""
+    return s3_server.create_bucket()
+
+
+# --------------------------------------------------------------------------------------------------
+# MLflow tracking server
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def mlflow_artifacts_root(s3_server: S3Server) -> str:
+    """`s3://<bucket>/mlflow`: where the session's `mlflow_server` stores artifacts."""
+    return f"s3://{s3_server.create_bucket()}/mlflow"
+
+
+@dataclass(frozen=True)
+class MlflowServerInfo:
+    url: str
+    startup_s: float
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_info(
+    tmp_path_factory: pytest.TempPathFactory, mlflow_artifacts_root: str
+) -> Iterator[MlflowServerInfo]:
+    tmp = tmp_path_factory.mktemp("mlflow_server")
+
+    def cmd(port: int) -> list[str]:
+        return [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+            "--artifacts-destination", mlflow_artifacts_root,
+            "--serve-artifacts",
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--workers", "1",  # one worker: the suite shares a small machine
+        ]  # fmt: skip
+
+    # The server inherits the AWS_* env of s3_server, so its boto3 writes artifacts to the loopback S3.
+    proc, url, startup_s = start_server(cmd, "/health", tmp / "mlflow.log", env=dict(os.environ))
+    try:
+        yield MlflowServerInfo(url=url, startup_s=startup_s)
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_server_info: MlflowServerInfo) -> str:
+    """URL (`http://127.0.0.1:PORT`) of a real MLflow tracking server with S3 artifacts."""
+    return mlflow_server_info.url
+
+
+# --------------------------------------------------------------------------------------------------
+# Ray
+# --------------------------------------------------------------------------------------------------
+
+# Logical CPUs for the shared test cluster: more than the 2 real cores so a 2-worker training, a Ray Data
+# actor pool and the Serve replicas fit at once; the tiny models leave the cores mostly idle anyway.
+TEST_RAY_CPUS = 8
+
+
+def start_test_ray():
+    """Start (or reuse) the embedded Ray the suite shares. A module that shuts Ray down to run its own
+    cluster (e.g. the 2-node `ray.cluster_utils.Cluster` test) calls this again in its teardown."""
+    import ray
+
+    from raybooth.cluster.config import ClusterSection
+    from raybooth.cluster.runtime import cluster_info, init_ray
+
+    if ray.is_initialized():
+        return cluster_info()
+    return init_ray(ClusterSection(num_cpus=TEST_RAY_CPUS, num_gpus=0))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server: S3Server):
+    """The embedded Ray shared by the whole session. It depends on `s3_server` so the AWS variables are
+    in the environment before Ray starts its workers (workers inherit env at start)."""
+    import ray
+
+    info = start_test_ray()
+    yield info
+    ray.shutdown()
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path() -> Path:
+    """The tiny-sd preset, built once per session into the session work dir exactly as users get it;
+    Ray workers started later find it built through the same `resolve_model`."""
+    from raybooth.models.presets import resolve_model
+
+    return Path(resolve_model("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_path() -> Path:
+    from raybooth.models.presets import resolve_model
+
+    return Path(resolve_model("tiny-vlm"))
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    # Tiny models are all overhead: on a shared 2-core box, two intra-op threads make a 32-token
+    # generate 5-20x slower while they wait for each other.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
