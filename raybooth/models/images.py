@@ -1,0 +1,122 @@
+"""Untrusted image input → a safe RGB PIL image, or an `ImageError` that says what is wrong.
+
+    from raybooth.models.images import ImageLimits, load_image
+    image = load_image("s3://bucket/cat.jpg", ImageLimits(max_pixels=25_000_000, max_bytes=32 << 20))
+
+Accepts raw bytes, `data:image/...;base64,` URLs, local paths, `file://` and `s3://` URIs. Every check runs
+before the expensive step it guards: the byte size before reading (or base64-decoding) the payload, the
+pixel count from the header before decoding pixels (a decompression bomb is a tiny file that expands
+to gigabytes). PIL's own `DecompressionBombError` is caught too. EXIF orientation is applied so a phone
+photo is upright, and every mode (P, RGBA, CMYK, 16-bit) ends as RGB, which is what vision towers expect.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+HTTP_SCHEMES = ("http://", "https://")
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message names the image and the problem."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    # 25 MP is above any phone or DSLR photo a captioner sees, far below a bomb's hundreds of megapixels.
+    max_pixels: int = 25_000_000
+    # 32 MiB: larger than any sane JPEG/PNG of a 25 MP photo.
+    max_bytes: int = 32 * 1024 * 1024
+
+
+def _check_bytes(size: int, limits: ImageLimits, name: str) -> None:
+    if size > limits.max_bytes:
+        raise ImageError(
+            f"{name}: image too large: {size} bytes > limit {limits.max_bytes} (raise max_image_bytes to allow it)"
+        )
+
+
+def decode_image(data: bytes, limits: ImageLimits, name: str = "image") -> Image.Image:
+    """Bytes → upright RGB image, refusing oversized, bomb, corrupt and truncated images."""
+    _check_bytes(len(data), limits, name)
+    if not data:
+        raise ImageError(f"{name}: corrupt image: empty file")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (not raises) between its two bomb thresholds; our own pixel check decides instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size  # from the header: no pixel is decoded yet
+            if width * height > limits.max_pixels:
+                raise ImageError(
+                    f"{name}: decompression bomb refused: {width}x{height} = {width * height} pixels > limit "
+                    f"{limits.max_pixels} (raise max_image_pixels to allow it)"
+                )
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return image if image.mode == "RGB" else image.convert("RGB")
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name}: decompression bomb refused: {e}") from e
+    except UnidentifiedImageError as e:
+        raise ImageError(f"{name}: corrupt image: not a format PIL can identify") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        # PIL raises OSError("image file is truncated ...") for cut-off files, SyntaxError for broken headers.
+        problem = "truncated image" if "truncated" in str(e).lower() else "corrupt image"
+        raise ImageError(f"{name}: {problem}: {e}") from e
+
+
+def decode_data_url(url: str, limits: ImageLimits, name: str = "image") -> bytes:
+    """`data:image/png;base64,...` → bytes, refusing oversized payloads before decoding them."""
+    header, sep, payload = url.partition(",")
+    if not sep or not header.startswith("data:"):
+        raise ImageError(f"{name}: malformed data URL (expected data:image/<type>;base64,<data>)")
+    if ";base64" not in header:
+        raise ImageError(f"{name}: data URL must be base64-encoded (data:image/<type>;base64,...)")
+    _check_bytes(len(payload) * 3 // 4, limits, name)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ImageError(f"{name}: data URL is not valid base64: {e}") from e
+
+
+def read_image_bytes(ref: str, limits: ImageLimits, name: str | None = None) -> bytes:
+    """The bytes behind a data URL, local path, file:// or s3:// URI (size checked before reading)."""
+    from raybooth.cluster import storage
+    from raybooth.errors import StorageError
+
+    name = name or (ref if not ref.startswith("data:") else "image")
+    if ref.startswith("data:"):
+        return decode_data_url(ref, limits, name)
+    if ref.startswith(HTTP_SCHEMES):
+        raise ImageError(
+            f"{name}: http(s) image URLs are not fetched by raybooth; inline the image as a data: URL "
+            "or give a path / s3:// URI the cluster can read"
+        )
+    try:
+        fs, path = storage.filesystem(ref)
+        _check_bytes(int(fs.size(path)), limits, name)
+        return storage.read_bytes(ref)
+    except ImageError:
+        raise
+    except FileNotFoundError as e:
+        raise ImageError(f"{name}: missing image: no such file or object") from e
+    except (StorageError, OSError) as e:
+        raise ImageError(f"{name}: cannot read image: {e}") from e
+    except Exception as e:  # botocore and aiohttp errors have no common base worth importing here
+        raise ImageError(f"{name}: cannot read image: {type(e).__name__}: {e}") from e
+
+
+def load_image(ref: str | bytes, limits: ImageLimits, name: str | None = None) -> Image.Image:
+    """Any supported image reference → upright RGB PIL image; `ImageError` naming the problem otherwise."""
+    if isinstance(ref, bytes | bytearray | memoryview):
+        return decode_image(bytes(ref), limits, name or "image")
+    label = name or (ref if not ref.startswith("data:") else "image")
+    return decode_image(read_image_bytes(ref, limits, label), limits, label)

@@ -1,0 +1,249 @@
+"""OpenAI chat-completions and Batch API shapes, shared by `raybooth batch` and the HTTP chat route.
+
+    from raybooth.models.openai_schema import ChatCompletionRequest, BatchRequestLine
+    req = ChatCompletionRequest.model_validate_json(body)      # an HTTP body or a batch line's `body`
+
+Names and fields follow OpenAI's API reference so the official `openai` client and OpenAI batch files
+work unchanged. Pydantic only (no Ray, no torch): the batch pipeline and the serving app import the
+same models, and `raybooth.models.chat` turns a request into engine input and a result back.
+Unknown request fields are ignored (as vLLM does), so newer clients that send extra fields still work;
+fields raybooth cannot honour (`n > 1`, `logprobs`) are rejected with a message naming them.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+CHAT_COMPLETIONS_URL = "/v1/chat/completions"
+
+
+class _Lenient(BaseModel):
+    """Requests: unknown fields are ignored, so clients that send newer fields still work."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, protected_namespaces=())
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, protected_namespaces=())
+
+
+# --------------------------------------------------------------------------------------------------
+# Request
+# --------------------------------------------------------------------------------------------------
+
+
+class TextContentPart(_Lenient):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ImageURL(_Lenient):
+    url: str = Field(..., description="data:image/...;base64,... URL, a local path, file:// or s3:// URI.")
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImageContentPart(_Lenient):
+    type: Literal["image_url"] = "image_url"
+    image_url: ImageURL
+
+
+ContentPart = TextContentPart | ImageContentPart
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _discriminate_parts(cls, value: Any) -> Any:
+        # Pick the part model by its `type`, so a bad part gets one clear error instead of one per union arm.
+        if not isinstance(value, list):
+            return value
+        parts: list[Any] = []
+        for i, part in enumerate(value):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                parts.append(TextContentPart.model_validate(part))
+            elif kind == "image_url":
+                parts.append(ImageContentPart.model_validate(part))
+            else:
+                raise ValueError(f"content part {i}: type must be 'text' or 'image_url', got {kind!r}")
+        return parts
+
+
+class JSONSchemaFormat(_Lenient):
+    name: str = "response"
+    description: str | None = None
+    # `schema` would shadow a BaseModel attribute, so the field has another name and the wire name as alias.
+    json_schema: dict[str, Any] = Field(..., alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format type json_schema needs a json_schema object with a schema")
+        return self
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Lenient):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_limits(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > 4:
+            raise ValueError("stop takes at most 4 sequences (as in OpenAI's API)")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _supported(self) -> ChatCompletionRequest:
+        if self.n != 1:
+            raise ValueError("n must be 1: raybooth returns one choice per request")
+        if self.logprobs:
+            raise ValueError("logprobs is not supported")
+        return self
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def requested_max_tokens(self) -> int | None:
+        """`max_completion_tokens` (the current name) wins over the deprecated `max_tokens`."""
+        return self.max_completion_tokens or self.max_tokens
+
+
+# --------------------------------------------------------------------------------------------------
+# Response
+# --------------------------------------------------------------------------------------------------
+
+FinishReason = Literal["stop", "length"]
+
+
+class AssistantMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class Choice(_Response):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: FinishReason | None
+    logprobs: None = None
+
+
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+def new_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+class ChatCompletionResponse(_Response):
+    id: str = Field(default_factory=new_completion_id)
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class DeltaMessage(_Response):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(_Response):
+    index: int = 0
+    delta: DeltaMessage
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(_Response):
+    """One server-sent event of a streamed completion (`data: {...}`)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class ErrorDetail(_Response):
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Response):
+    """OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`."""
+
+    error: ErrorDetail
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch API (one JSONL line in, one out)
+# --------------------------------------------------------------------------------------------------
+
+
+class BatchRequestLine(_Lenient):
+    custom_id: str = Field(..., min_length=1)
+    method: Literal["POST"] = "POST"
+    url: Literal["/v1/chat/completions"] = CHAT_COMPLETIONS_URL
+    body: ChatCompletionRequest
+
+
+class BatchResponse(_Response):
+    status_code: int
+    request_id: str
+    body: dict[str, Any]
+
+
+class BatchError(_Response):
+    code: str
+    message: str
+
+
+class BatchOutputLine(_Response):
+    """A result line: `response` for anything that got an HTTP status, `error` for lines that never did."""
+
+    id: str = Field(default_factory=lambda: f"batch_req_{uuid.uuid4().hex}")
+    custom_id: str | None
+    response: BatchResponse | None = None
+    error: BatchError | None = None

@@ -1,0 +1,380 @@
+"""The VLM generation engine: one batched decode loop for the batch jobs and the chat route.
+
+    engine = VLMEngine.from_pretrained("tiny-vlm")
+    req = GenerationRequest(
+        messages=[{"role": "user", "content": [{"type": "image", "image": pil_image},
+                                               {"type": "text", "text": "Describe the image."}]}],
+        params=SamplingParams(max_tokens=32, temperature=0.0),
+    )
+    [result] = engine.generate([req])              # result.text, .finish_reason, .prompt_tokens, ...
+    for step in engine.generate_stream([req]):     # one list per decode step, one slot per request
+        ...
+
+How a batch runs: every row is prepared alone (chat template, tokens, image tensors), then the rows are
+left-padded to one length and prefilled in one forward pass that fills the KV cache; each decode step
+feeds one new token per row and extends the cache. Left padding keeps every row's last prompt token in
+the same column, so one step serves all rows; the attention mask hides the pads and position ids count
+only real tokens, so a padded row computes what it would compute alone. Sampling, stop strings and JSON
+grammars are per row (see `decoding.py`, `constrained.py`), each row with its own seeded generator, so a
+row's output never depends on its batch. Finished rows are dropped from the batch (and the KV cache), so
+one long answer does not make the others pay for its steps.
+
+Errors that belong to one row (a prompt over the context window, a schema that cannot compile) come
+back as that row's `error`; the other rows run. Plain PyTorch + transformers: no Ray here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from raybooth.models.constrained import GrammarError, JSONGrammars
+from raybooth.models.decoding import SamplingParams, TextTracker, row_generator, sample_token
+
+
+@dataclass
+class GenerationRequest:
+    """One conversation. Content is a string or OpenAI-like parts with images already decoded:
+    `{"type": "text", "text": ...}` / `{"type": "image", "image": PIL.Image}`."""
+
+    messages: list[dict[str, Any]]
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class PreparedRequest:
+    """A request turned into model inputs; what packing measures and what the decode loop consumes."""
+
+    input_ids: list[int]  # prompt tokens, image placeholders already expanded
+    pixel_values: torch.Tensor | None  # (num_images, 3, H, W) float32, or None for text-only rows
+    params: SamplingParams
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_images(self) -> int:
+        return 0 if self.pixel_values is None else int(self.pixel_values.shape[0])
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    finish_reason: str | None  # "stop" (EOS, stop string, grammar complete) | "length" | None on error
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class StreamDelta:
+    """What one row produced in one step: new text, and on its last step the finish reason and counts."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)  # tokens sampled this step (EOS included)
+    finish_reason: str | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+class RequestError(ValueError):
+    """A request this engine cannot run (too long for the context, no text, bad images)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Preparing one request (processor only: runs on CPU workers too, without the model)
+# --------------------------------------------------------------------------------------------------
+
+
+def split_images(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Image.Image]]:
+    """Messages for the chat template (image parts reduced to `{"type": "image"}`) and the images in order."""
+    template_messages: list[dict[str, Any]] = []
+    images: list[Image.Image] = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part.get("type") == "image":
+                    if not isinstance(part.get("image"), Image.Image):
+                        raise RequestError("an image part must carry a decoded PIL image under 'image'")
+                    images.append(part["image"])
+                    parts.append({"type": "image"})
+                elif part.get("type") == "text":
+                    parts.append({"type": "text", "text": str(part.get("text", ""))})
+                else:
+                    raise RequestError(
+                        f"content part type {part.get('type')!r} is not 'text' or 'image'; decode image_url "
+                        "parts first (raybooth.models.chat.engine_messages_from_chat)"
+                    )
+            content = parts
+        template_messages.append({"role": message["role"], "content": content if content is not None else ""})
+    return template_messages, images
+
+
+def prepare_request(processor: Any, request: GenerationRequest) -> PreparedRequest:
+    """Chat template → token ids with expanded image tokens, plus the images' pixel tensors."""
+    template_messages, images = split_images(request.messages)
+    prompt = processor.apply_chat_template(template_messages, add_generation_prompt=True, tokenize=False)
+    bos = getattr(processor.tokenizer, "bos_token", None)
+    encoded = processor(
+        text=[prompt],
+        images=images or None,
+        # The template may already write BOS; adding another would shift every position by one.
+        add_special_tokens=not (bos and prompt.startswith(bos)),
+        return_tensors="pt",
+    )
+    input_ids = encoded["input_ids"][0].tolist()
+    pixel_values = encoded.get("pixel_values") if images else None
+    return PreparedRequest(input_ids=input_ids, pixel_values=pixel_values, params=request.params)
+
+
+def check_context(prepared: PreparedRequest, max_context: int | None) -> None:
+    """Refuse a row whose prompt plus its token budget cannot fit the model's position table."""
+    if max_context is not None and prepared.prompt_tokens + prepared.params.max_tokens > max_context:
+        raise RequestError(
+            f"prompt ({prepared.prompt_tokens} tokens) + max_tokens ({prepared.params.max_tokens}) exceeds the "
+            f"model's context of {max_context} tokens; shorten the prompt or lower max_tokens"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Row:
+    """Decode state of one running row."""
+
+    index: int  # position in the caller's request list
+    prepared: PreparedRequest
+    generator: torch.Generator
+    text: TextTracker
+    matcher: Any  # xgrammar GrammarMatcher or None
+    generated: int = 0  # tokens sampled so far, EOS included (what usage.completion_tokens counts)
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.prepared.params
+
+    def finish(self, reason: str, text: str = "") -> StreamDelta:
+        return StreamDelta(
+            text=text,
+            finish_reason=reason,
+            prompt_tokens=self.prepared.prompt_tokens,
+            completion_tokens=self.generated,
+        )
+
+
+class VLMEngine:
+    """Batched generation for a LLaVA-style model and processor; see the module docstring."""
+
+    def __init__(self, model: Any, processor: Any, device: str | torch.device | None = None):
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        text_config = model.config.get_text_config()
+        self.vocab_size = int(text_config.vocab_size)
+        self.max_context = int(getattr(text_config, "max_position_embeddings", 0)) or None
+        self.pad_token_id = self.tokenizer.pad_token_id
+        if self.pad_token_id is None:
+            self.pad_token_id = self.tokenizer.eos_token_id or 0
+        self.eos_token_ids = self._eos_ids()
+        self._grammars: JSONGrammars | None = None  # built on the first constrained request
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str, device: str | None = None, dtype: torch.dtype | str | None = None
+    ) -> VLMEngine:
+        """A preset name (`tiny-vlm`), a local path or a hub id; device "auto" picks CUDA when present."""
+        from raybooth.models.loaders import load_vlm
+
+        model, processor = load_vlm(name_or_path, device=device, dtype=dtype)
+        return cls(model, processor)
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (getattr(self.model, "generation_config", None), self.tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list | tuple):
+                ids.update(int(v) for v in value)
+        return ids
+
+    @property
+    def grammars(self) -> JSONGrammars:
+        if self._grammars is None:
+            self._grammars = JSONGrammars(self.tokenizer, self.vocab_size)
+        return self._grammars
+
+    # -- public API ---------------------------------------------------------------------------------
+
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        return prepare_request(self.processor, request)
+
+    def generate(self, requests: Sequence[GenerationRequest | PreparedRequest]) -> list[GenerationResult]:
+        """Run the requests as one batch; one result per request, in order."""
+        texts = [""] * len(requests)
+        tokens: list[list[int]] = [[] for _ in requests]
+        results: list[GenerationResult | None] = [None] * len(requests)
+        for step in self.generate_stream(requests):
+            for i, delta in enumerate(step):
+                if delta is None:
+                    continue
+                texts[i] += delta.text
+                tokens[i] += delta.token_ids
+                if delta.done:
+                    results[i] = GenerationResult(
+                        text=texts[i],
+                        finish_reason=delta.finish_reason,
+                        prompt_tokens=delta.prompt_tokens,
+                        completion_tokens=delta.completion_tokens,
+                        token_ids=tokens[i],
+                        error=delta.error,
+                    )
+        missing = [i for i, r in enumerate(results) if r is None]
+        if missing:  # generate_stream promises a last delta per row; anything else is a bug
+            raise RuntimeError(f"rows {missing} never finished")
+        return [r for r in results if r is not None]
+
+    def generate_stream(
+        self, requests: Sequence[GenerationRequest | PreparedRequest]
+    ) -> Iterator[list[StreamDelta | None]]:
+        """Yield one list per step, `len(requests)` slots: a `StreamDelta` for each row still running this
+        step (its `text` may be "" while a stop string or a UTF-8 character is pending), None for rows
+        already done. A row's last delta has `done` set. Rows that fail before decoding report their
+        `error` in the first list."""
+        rows, first = self._start_rows(requests)
+        if rows:
+            logits, cache, mask, positions = self._prefill([row.prepared for row in rows])
+        while rows:
+            step: list[StreamDelta | None] = first or [None] * len(requests)
+            first = None
+            keep: list[int] = []
+            next_tokens: list[int] = []
+            self._mask_with_grammars(logits, rows)
+            for b, row in enumerate(rows):
+                token = sample_token(logits[b], row.params, row.generator)
+                delta = self._advance(row, token)
+                delta.token_ids.append(token)
+                step[row.index] = delta
+                if not delta.done:
+                    keep.append(b)
+                    next_tokens.append(token)
+            yield step
+            if not keep:
+                return
+            if len(keep) < len(rows):
+                # Drop finished rows from every per-row tensor and from the KV cache.
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                mask, positions = mask[index], positions[index]
+                rows = [rows[b] for b in keep]
+            tokens = torch.tensor(next_tokens, device=self.device).unsqueeze(1)  # (B, 1)
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)  # (B, T + 1)
+            positions = positions + 1  # (B, 1): each row's next position counts only its real tokens
+            logits = self._forward(
+                input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache
+            )
+        if first is not None:
+            yield first  # every row failed before decoding
+
+    # -- decode loop pieces -------------------------------------------------------------------------
+
+    def _start_rows(
+        self, requests: Sequence[GenerationRequest | PreparedRequest]
+    ) -> tuple[list[_Row], list[StreamDelta | None] | None]:
+        """Prepare every request and build its row state; failures become error deltas."""
+        rows: list[_Row] = []
+        errors: list[StreamDelta | None] = [None] * len(requests)
+        failed = False
+        for i, request in enumerate(requests):
+            try:
+                prepared = request if isinstance(request, PreparedRequest) else self.prepare(request)
+                check_context(prepared, self.max_context)
+                matcher = self.grammars.matcher(prepared.params) if prepared.params.constrained else None
+            except (RequestError, GrammarError, ValueError) as e:
+                errors[i] = StreamDelta(error=str(e))
+                failed = True
+                continue
+            rows.append(
+                _Row(
+                    i,
+                    prepared,
+                    row_generator(prepared.params),
+                    TextTracker(self.tokenizer, prepared.params.stop),
+                    matcher,
+                )
+            )
+        return rows, errors if failed else None
+
+    def _forward(self, **inputs: Any) -> torch.Tensor:
+        """One model call; the last position's logits as float32 on the CPU, `(B, V)`."""
+        with torch.inference_mode():
+            out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :].float().cpu()
+
+    def _prefill(
+        self, prepared: list[PreparedRequest]
+    ) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+        """Left-pad the prompts into one batch and run it: `(B, V)` logits, the filled KV cache, the
+        `(B, T)` attention mask and each row's last position `(B, 1)`."""
+        from transformers import DynamicCache
+
+        longest = max(p.prompt_tokens for p in prepared)
+        ids = torch.full((len(prepared), longest), self.pad_token_id, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(prepared), longest), dtype=torch.long)  # (B, T): 1 = real token
+        for b, p in enumerate(prepared):
+            ids[b, longest - p.prompt_tokens :] = torch.tensor(p.input_ids, dtype=torch.long)
+            mask[b, longest - p.prompt_tokens :] = 1
+        # Position of a token = number of real tokens before it; pads get 0 (masked out anyway).
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
+        pixels = [p.pixel_values for p in prepared if p.pixel_values is not None]
+        inputs: dict[str, Any] = {
+            "input_ids": ids.to(self.device),
+            "attention_mask": mask.to(self.device),
+            "position_ids": positions.to(self.device),
+            "past_key_values": DynamicCache(config=self.model.config.get_text_config()),
+        }
+        if pixels:
+            # Image features fill image tokens in row-major order, so the rows' images simply concatenate.
+            pixel_values = torch.cat(pixels)  # (N_img, 3, H, W)
+            inputs["pixel_values"] = pixel_values.to(self.device, dtype=self.model.dtype)
+        logits = self._forward(**inputs)
+        return logits, inputs["past_key_values"], inputs["attention_mask"], inputs["position_ids"][:, -1:]
+
+    def _mask_with_grammars(self, logits: torch.Tensor, rows: list[_Row]) -> None:
+        matchers = [row.matcher for row in rows]
+        if any(m is not None for m in matchers):
+            self.grammars.mask_logits(logits, matchers)
+
+    def _advance(self, row: _Row, token: int) -> StreamDelta:
+        """Feed one sampled token to a row; its delta, finished when EOS, a stop, the grammar or the budget says so."""
+        if row.matcher is not None and not row.matcher.accept_token(token):
+            # The token was sampled from the grammar's own mask, so this is a bug, not bad input.
+            raise RuntimeError(f"grammar rejected token {token} that its own bitmask allowed")
+        row.generated += 1
+        if token in self.eos_token_ids:
+            return row.finish("stop", row.text.flush())
+        delta, stopped = row.text.push(token)
+        if stopped:
+            return row.finish("stop", delta)
+        if row.matcher is not None and row.matcher.is_terminated():
+            return row.finish("stop", delta + row.text.flush())
+        if row.generated >= row.params.max_tokens:
+            return row.finish("length", delta + row.text.flush())
+        return StreamDelta(text=delta)

@@ -1,0 +1,1 @@
+"""Ray Data and Ray Train jobs that distribute the Ray-free cores in `raybooth.models`."""

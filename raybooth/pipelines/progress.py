@@ -1,0 +1,126 @@
+"""Live progress and the end-of-job summary of the batch inference jobs.
+
+    counter = ProgressCounter.remote()                  # replicas call counter.add.remote(...) per block
+    with ProgressBar(counter, total=rows, label="caption"):
+        ds.write_parquet(...)                           # blocks while the bar updates from a thread
+    summary = JobSummary.from_counts("caption", output, run_counts(new_parts), skipped, seconds)
+
+Ray Data runs the pipeline inside the cluster, so the driver cannot count rows itself. Each model replica
+reports what it finished to one tiny counter actor (fire-and-forget, zero CPUs), and a driver thread
+polls it twice a second to move a tqdm bar showing rows done, failed and rows per second. The summary
+is computed from the rows actually written (their error and packing columns), not from the counter.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import ray
+from tqdm import tqdm
+
+POLL_INTERVAL_S = 0.5  # fast enough to look live, slow enough to cost the actor nothing
+
+
+@ray.remote(num_cpus=0)
+class ProgressCounter:
+    """Rows and failed rows reported by the model replicas, for the live bar."""
+
+    def __init__(self) -> None:
+        self.counts = {"rows": 0, "failed": 0}
+
+    def add(self, rows: int, failed: int) -> None:
+        self.counts["rows"] += rows
+        self.counts["failed"] += failed
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+class ProgressBar:
+    """A tqdm bar fed from a `ProgressCounter` by a background thread while the job runs."""
+
+    def __init__(self, counter: Any, total: int | None, label: str):
+        self.counter = counter
+        interactive = sys.stderr.isatty()
+        self.bar = tqdm(
+            total=total,
+            desc=label,
+            unit="row",
+            dynamic_ncols=True,
+            file=sys.stderr,
+            smoothing=0.1,
+            # In a log file (CI, Ray job logs) a line every 10 s is a progress log, not a flood.
+            mininterval=0.1 if interactive else 10.0,
+        )
+        self._failed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="raybooth-progress", daemon=True)
+
+    def _update(self) -> None:
+        counts = ray.get(self.counter.snapshot.remote())
+        if counts["failed"] != self._failed:
+            self._failed = counts["failed"]
+            self.bar.set_postfix(failed=self._failed, refresh=False)
+        if counts["rows"] != self.bar.n:
+            self.bar.update(counts["rows"] - self.bar.n)  # redraws at most every mininterval
+
+    def _poll(self) -> None:
+        while not self._stop.wait(POLL_INTERVAL_S):
+            try:
+                self._update()
+            except Exception:  # the bar is cosmetic: never let it take the job down
+                pass
+
+    def __enter__(self) -> ProgressBar:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        try:
+            self._update()
+            self.bar.set_postfix(failed=self._failed, refresh=False)
+        finally:
+            self.bar.close()
+
+
+@dataclass
+class JobSummary:
+    job: str
+    output: str
+    rows: int  # rows processed by this run
+    failed: int  # of those, rows whose error column is set
+    skipped: int  # rows already in the output from earlier runs (resume)
+    seconds: float
+    rows_per_s: float
+    padding_fraction: float  # padding share of the prompt tokens this run's batches processed
+
+    @classmethod
+    def from_counts(
+        cls, job: str, output: str, counts: dict[str, int], skipped: int, seconds: float
+    ) -> JobSummary:
+        padded = counts.get("padded_tokens", 0)
+        return cls(
+            job=job,
+            output=output,
+            rows=counts.get("rows", 0),
+            failed=counts.get("failed", 0),
+            skipped=skipped,
+            seconds=seconds,
+            rows_per_s=counts.get("rows", 0) / seconds if seconds > 0 else 0.0,
+            padding_fraction=counts.get("padding_tokens", 0) / padded if padded else 0.0,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def text(self) -> str:
+        return (
+            f"raybooth {self.job}: {self.rows} rows ({self.failed} failed), {self.skipped} already done and "
+            f"skipped; {self.rows_per_s:.1f} rows/s over {self.seconds:.1f}s; padding fraction "
+            f"{self.padding_fraction:.3f}; output: {self.output}"
+        )

@@ -1,0 +1,137 @@
+"""`raybooth caption` on the session's embedded Ray with tiny-vlm: bad images, resume, parquet and S3 input.
+
+.venv/bin/python -m pytest tests/pipelines/test_caption.py
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from raybooth.cli import main
+from raybooth.cluster import storage
+from raybooth.cluster.config import CaptionConfig
+from raybooth.pipelines.caption import run_caption
+from raybooth.samples import png_bytes, write_sample_images
+
+pytestmark = pytest.mark.slow
+
+# Captions are random text from a random model: 4 tokens prove the path, more would only cost time.
+FAST = {"max_new_tokens": 4, "max_prepare_tasks": 2}
+
+
+def read_output(uri: str) -> pa.Table:
+    fs, path = storage.pyarrow_filesystem(uri)
+    return pads.dataset(path, filesystem=fs, format="parquet").to_table()
+
+
+def bomb_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("1", (6000, 6000)).save(buf, format="PNG")  # 36 MP > the 25 MP default, ~40 KB on disk
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def images_with_bad_ones(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """200 PNGs: 3 corrupt, 2 truncated, 1 decompression bomb; returns the folder and {name: problem}."""
+    folder = tmp_path_factory.mktemp("caption_images")
+    paths = write_sample_images(folder, 200, size=32)
+    bad: dict[str, str] = {}
+    for i in (7, 50, 120):
+        paths[i].write_bytes(b"\x89PNG but not really" * (i + 1))
+        bad[paths[i].name] = "corrupt image"
+    for i in (33, 160):
+        data = paths[i].read_bytes()
+        paths[i].write_bytes(data[: len(data) // 2])
+        bad[paths[i].name] = "truncated image"
+    paths[99].write_bytes(bomb_png())
+    bad[paths[99].name] = "decompression bomb"
+    return folder, bad
+
+
+def test_200_images_with_6_bad_ones(ray_cluster, images_with_bad_ones, tmp_path):
+    folder, bad = images_with_bad_ones
+    out = tmp_path / "captions"
+    summary = run_caption(CaptionConfig(input=str(folder), output=str(out), replicas="1:2", **FAST))
+
+    table = read_output(str(out))
+    rows = table.to_pylist()
+    assert len(rows) == 200 and len({r["row_id"] for r in rows}) == 200
+    good = [r for r in rows if r["error"] is None]
+    failed = {Path(r["path"]).name: r["error"] for r in rows if r["error"] is not None}
+    assert len(good) == 194 and len(failed) == 6
+    for name, problem in bad.items():
+        assert problem in failed[name] and name in failed[name]
+    assert all(isinstance(r["caption"], str) and r["caption"] for r in good)
+    assert all(r["model"] == "tiny-vlm" and r["completion_tokens"] == 4 for r in good)
+    assert all(r["generate_ms"] > 0 and r["preprocess_ms"] > 0 and 1 <= r["batch_rows"] <= 8 for r in good)
+    assert all(r["caption"] is None for r in rows if r["error"] is not None)
+    assert (summary.rows, summary.failed, summary.skipped) == (200, 6, 0)
+    assert summary.rows_per_s > 0 and 0.0 <= summary.padding_fraction < 1.0
+
+
+def test_rerun_resumes_without_duplicates_or_gaps(ray_cluster, tmp_path):
+    folder = tmp_path / "imgs"
+    write_sample_images(folder, 30, size=32)
+    out = tmp_path / "captions"
+    first = run_caption(CaptionConfig(input=str(folder), output=str(out), limit=12, **FAST))
+    assert first.rows == 12
+    # A crash mid-write leaves a cut-off part: it must be neither trusted nor fatal.
+    good_part = storage.list_files(str(out), [".parquet"])[0]
+    (out / "crashed-part.parquet").write_bytes(Path(good_part).read_bytes()[:100])
+
+    second = run_caption(CaptionConfig(input=str(folder), output=str(out), **FAST))
+    assert (second.rows, second.skipped) == (18, 12)
+    assert not (out / "crashed-part.parquet").exists()
+    ids = read_output(str(out)).column("row_id").to_pylist()
+    assert sorted(ids) == sorted(str(p) for p in folder.iterdir())  # every image once
+
+    third = run_caption(CaptionConfig(input=str(folder), output=str(out), **FAST))
+    assert (third.rows, third.skipped) == (0, 30)
+
+
+def test_parquet_input_and_output_on_s3(ray_cluster, s3_bucket, tmp_path):
+    # Images as bytes in a parquet file and as s3:// paths in another, both on the loopback S3 server.
+    png = [png_bytes(Image.new("RGB", (32, 32), (i * 40, 0, 0))) for i in range(6)]
+    for i, data in enumerate(png):
+        storage.write_bytes_atomic(f"s3://{s3_bucket}/raw/{i}.png", data)
+    by_bytes = pa.table({"image": png[:4] + [b"broken"]})
+    by_path = pa.table(
+        {"image": [f"s3://{s3_bucket}/raw/{i}.png" for i in (4, 5)] + [f"s3://{s3_bucket}/raw/9.png"]}
+    )
+    for name, table in (("a.parquet", by_bytes), ("b.parquet", by_path)):
+        buf = io.BytesIO()
+        pq.write_table(table, buf, row_group_size=2)
+        storage.write_bytes_atomic(f"s3://{s3_bucket}/tables/{name}", buf.getvalue())
+
+    out = f"s3://{s3_bucket}/captions"
+    summary = run_caption(CaptionConfig(input=f"s3://{s3_bucket}/tables", output=out, **FAST))
+    rows = {r["row_id"]: r for r in read_output(out).to_pylist()}
+    assert (summary.rows, summary.failed) == (8, 2)
+    assert set(rows) == {f"s3://{s3_bucket}/tables/a.parquet#{i}" for i in range(5)} | {
+        f"s3://{s3_bucket}/tables/b.parquet#{i}" for i in range(3)
+    }
+    assert "corrupt image" in rows[f"s3://{s3_bucket}/tables/a.parquet#4"]["error"]
+    assert "missing image" in rows[f"s3://{s3_bucket}/tables/b.parquet#2"]["error"]
+    assert rows[f"s3://{s3_bucket}/tables/b.parquet#0"]["path"] == f"s3://{s3_bucket}/raw/4.png"
+    assert all(r["caption"] for r in rows.values() if r["error"] is None)
+
+
+def test_cli_fails_fast_on_bad_input(tmp_path, capsys):
+    # No Ray is needed to refuse these: the checks run before the cluster starts.
+    assert main(["caption", "--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")]) == 2
+    assert "no images" in capsys.readouterr().err
+    (tmp_path / "one.png").write_bytes(png_bytes(Image.new("RGB", (8, 8))))
+    assert (
+        main(["caption", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--replicas", "3:1"]) == 2
+    )
+    assert "replicas" in capsys.readouterr().err
+    assert (
+        main(["caption", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--replicas", "two"]) == 2
+    )
