@@ -12,7 +12,10 @@ from raybooth.cli import build_parser
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **(env or {})}
+    # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI for child processes; earlier tests in this
+    # process may have pointed it at their own store or server, so each CLI run starts without it.
+    inherited = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    full_env = {**inherited, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "raybooth.cli", *args],
         capture_output=True,
@@ -81,7 +84,8 @@ def test_doctor_on_embedded_cluster(tmp_path):
     out = result.stdout
     assert "embedded local Ray" in out and "2 CPU(s)" in out and "1 node(s)" in out
     assert "torch 2." in out and "device cpu" in out
-    assert f"{tmp_path}/storage: writable" in out or "storage" in out
+    assert f"ok  storage  {tmp_path}/storage" in out and "is writable" in out
+    assert f"ok  mlflow   sqlite:///{tmp_path}/mlflow/mlflow.db" in out
     assert "sqlite:///" in out and "tiny-sd" in out and "tiny-vlm" in out
 
 

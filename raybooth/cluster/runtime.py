@@ -11,6 +11,7 @@ with it, so workers reach the same storage and tracking server without any secre
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -50,12 +51,22 @@ def passthrough_env() -> dict[str, str]:
 
 
 def project_runtime_env(ship_project: bool) -> dict:
-    """Runtime env for a remote cluster: this checkout of raybooth plus the pass-through variables."""
+    """Runtime env for a remote cluster: this checkout of raybooth plus the pass-through variables.
+
+    Inside a submitted job (`raybooth submit`, a RayJob) the job's own runtime env already applies to this
+    driver and every worker it starts, and Ray refuses a `ray.init` runtime env that repeats any of its
+    fields or variables: then only what the job's env lacks is added."""
     env: dict = {"env_vars": passthrough_env()}
     if ship_project:
         import raybooth
 
         env["py_modules"] = [str(Path(raybooth.__file__).parent)]
+    job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray for the driver of a job
+    if job_config:
+        job_env = json.loads(job_config).get("runtime_env") or {}
+        job_vars = job_env.get("env_vars") or {}
+        env["env_vars"] = {k: v for k, v in env["env_vars"].items() if k not in job_vars}
+        env = {k: v for k, v in env.items() if k not in job_env and v}
     return env
 
 

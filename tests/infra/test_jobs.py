@@ -1,10 +1,12 @@
-"""Remote jobs against a real Ray head on loopback: submit, follow, status, and the bad-input errors.
+"""Remote jobs against a real Ray head on loopback: a tiny caption job submitted through the CLI, followed
+and finished; status, logs, and the bad-input errors.
 
     .venv/bin/python -m pytest tests/infra/test_jobs.py
 
 The head is started once per module with `ray start --head --block` in its own temp dir, with every
 port chosen free, so it never meets another Ray on this machine; teardown stops exactly the processes
-it started (the `ray start` process tree and anything whose command line names its temp dir).
+it started (the `ray start` process tree and anything whose command line names its temp dir). It has
+2 logical CPUs: a caption job needs one for its decode task beside the one of its model replica.
 """
 
 from __future__ import annotations
@@ -23,15 +25,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+import pyarrow.dataset as pads
 import pytest
 import requests
 
 from raybooth.cluster import jobs
 from raybooth.errors import ConfigError, UserError
+from raybooth.samples import write_sample_images
 
 REPO = Path(__file__).resolve().parents[2]
 HEAD_START_TIMEOUT_S = 90.0  # a cold `ray start` on a busy 2-core box takes 10-30 s
 JOB_TIMEOUT_S = 60.0
+# Submit + runtime env upload + a driver that imports torch, loads tiny-vlm and runs Ray Data: ~20-40 s
+# alone, several times that while other test runs share the 2 cores.
+CAPTION_JOB_TIMEOUT_S = 300
+CLI_TIMEOUT_S = 60  # status / logs / an error: one process start and a few HTTP calls
 
 _RAY_PORT_FLAGS = (
     "port",
@@ -82,7 +90,11 @@ def _logs(temp_dir: str, chars: int = 1500) -> str:
 
 
 def _stop_head(proc: subprocess.Popen[bytes], temp_dir: str) -> None:
-    """SIGTERM the `ray start --block` process (it stops its node), then kill what is left of ours only."""
+    """SIGTERM our processes only (the `ray start --block` process tree and whatever names our temp dir),
+    all at once, then kill what is left.
+
+    All at once: `ray start --block` alone stops its node one process at a time, and after a Ray Data job
+    (detached actors) that took over 20 s. The raylet and GCS may linger on SIGTERM: they are killed after 5 s."""
     ours = {proc.pid}
     try:
         ours |= {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
@@ -97,9 +109,12 @@ def _stop_head(proc: subprocess.Popen[bytes], temp_dir: str) -> None:
             procs.append(psutil.Process(pid))
         except psutil.NoSuchProcess:
             pass
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=20)
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=5)  # a throwaway head needs no graceful drain
     for p in alive:
         try:
             p.kill()
@@ -117,8 +132,8 @@ def ray_head() -> Iterator[str]:
     cmd = [
         str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-        f"--temp-dir={temp_dir}", "--num-cpus=1", "--num-gpus=0",
-        "--object-store-memory=100000000",  # 100 MB: the jobs here move no data
+        f"--temp-dir={temp_dir}", "--num-cpus=2", "--num-gpus=0",  # a decode task beside the model actor
+        "--object-store-memory=200000000",  # 200 MB: the caption job moves a few 64 px images
         "--disable-usage-stats",
         f"--min-worker-port={workers}", f"--max-worker-port={workers + 39}",
         *(f"--{flag}={port}" for flag, port in ports.items()),
@@ -155,6 +170,90 @@ def ray_head() -> Iterator[str]:
     finally:
         _stop_head(proc, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _cli(*args: str, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+    """`raybooth <args>` as the user runs it: its own process, this environment (RAYBOOTH_HOME included)."""
+    return subprocess.run(
+        [sys.executable, "-m", "raybooth.cli", *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=timeout,
+    )
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_caption_job_submitted_followed_and_finished_through_the_cli(
+    ray_head, tiny_vlm_path, tmp_path, monkeypatch
+):
+    # tiny_vlm_path: the preset is built once into the session RAYBOOTH_HOME; the job on this machine is
+    # given that same (absolute) RAYBOOTH_HOME, so it finds the preset built instead of building its own.
+    write_sample_images(tmp_path / "imgs", 6, size=64)
+    # The user's project dir: shipped as the working dir, and relative paths are read from here.
+    monkeypatch.chdir(tmp_path)
+    result = _cli(
+        "submit", "caption", "--address", ray_head, "--follow",
+        "--input", "imgs", "--output", "out", "--max-new-tokens", "4",
+        timeout=CAPTION_JOB_TIMEOUT_S,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    job_id = result.stdout.splitlines()[0]
+    assert job_id.startswith("raysubmit_"), output
+    # The followed logs end with the caption job's own summary, then the final status line.
+    assert "raybooth caption: 6 rows (0 failed), 0 already done and skipped" in result.stdout, output
+    assert result.stdout.rstrip().endswith(f"job {job_id}: SUCCEEDED"), output
+
+    # Relative data paths were resolved on this machine: the job ran inside Ray's copy of the working
+    # dir, yet read tmp_path/imgs and wrote tmp_path/out.
+    rows = pads.dataset(tmp_path / "out", format="parquet").to_table().to_pylist()
+    assert len(rows) == 6, rows
+    assert sorted(Path(r["path"]).name for r in rows) == [f"img_{i:05d}.png" for i in range(6)]
+    assert all(r["error"] is None for r in rows), [r["error"] for r in rows]
+    assert all(isinstance(r["caption"], str) and r["caption"] for r in rows), rows
+    assert all(r["model"] == "tiny-vlm" and r["completion_tokens"] == 4 for r in rows), rows
+
+    status = _cli("status", job_id, "--address", ray_head)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert status.stdout.startswith(f"{job_id}: SUCCEEDED"), status.stdout
+
+    logs = _cli("logs", job_id, "--address", ray_head)
+    assert logs.returncode == 0, logs.stdout + logs.stderr
+    assert "raybooth caption: 6 rows (0 failed)" in logs.stdout, logs.stdout
+    assert "SUCCEEDED" not in logs.stdout  # the stored logs are the job's own, not the follow's status line
+
+    entrypoint = jobs.describe_job(ray_head, job_id).entrypoint
+    assert entrypoint.startswith(f"raybooth caption --input {tmp_path / 'imgs'} --output {tmp_path / 'out'}")
+    # A cluster on this machine shares the submitter's work dir (built presets, storage, MLflow store).
+    from ray.job_submission import JobSubmissionClient
+
+    job_env = JobSubmissionClient(ray_head).get_job_info(job_id).runtime_env["env_vars"]
+    assert job_env["RAYBOOTH_HOME"] == str(Path(os.environ["RAYBOOTH_HOME"]).resolve())
+    assert tiny_vlm_path.is_relative_to(job_env["RAYBOOTH_HOME"])
+
+
+@pytest.mark.slow
+def test_cli_names_an_unknown_job_id_in_one_line(ray_head):
+    line = _one_line_error(_cli("status", "raysubmit_doesnotexist", "--address", ray_head))
+    assert line.startswith("raybooth status: error:") and "'raysubmit_doesnotexist'" in line, line
+
+
+def test_cli_submit_to_a_closed_port_is_one_line_and_exit_2(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    result = _cli("submit", "caption", "--address", url, "--input", "imgs", "--output", "out")
+    line = _one_line_error(result)
+    assert line.startswith("raybooth submit: error:") and url in line and "does not answer" in line, line
+    assert result.stdout == ""  # no job id printed for a job that was never submitted
 
 
 @pytest.mark.slow
