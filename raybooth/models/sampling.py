@@ -1,0 +1,167 @@
+"""Stable Diffusion sampling with batched classifier-free guidance and per-row seeds.
+
+    from raybooth.models.loaders import load_sd_pipeline
+    from raybooth.models.sampling import sample_images
+
+    pipe = load_sd_pipeline("tiny-sd")
+    images = sample_images(pipe, ["a photo of sks dog", "a cat"], height=64, width=64,
+                           num_inference_steps=4, guidance_scale=7.5, seeds=[0, 1])
+
+One UNet pass per denoising step for the whole batch: the unconditional and conditional halves are
+concatenated along the batch axis (`(2B, C, h, w)`), as the diffusers pipelines do, and split after.
+Each row's starting noise (and any noise an ancestral scheduler adds) comes from that row's own
+`torch.Generator`, created on the CPU from its seed, so a row's image does not depend on which batch it
+ran in or on which device. Used by the image deployment, `raybooth generate` and DreamBooth validation.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+@dataclass
+class SamplingParts:
+    """The five parts sampling needs, taken from a StableDiffusionPipeline, its `.components` dict or
+    `loaders.SDComponents` (whose DDPM `noise_scheduler` then samples)."""
+
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    scheduler: Any
+
+    @classmethod
+    def of(cls, obj: Any) -> SamplingParts:
+        if isinstance(obj, SamplingParts):
+            return obj
+        if isinstance(obj, Mapping):
+            get = obj.get
+        else:
+
+            def get(name: str) -> Any:
+                return getattr(obj, name, None)
+
+        scheduler = get("scheduler") or get("noise_scheduler")
+        parts = {"tokenizer": get("tokenizer"), "text_encoder": get("text_encoder"), "unet": get("unet"),
+                 "vae": get("vae"), "scheduler": scheduler}  # fmt: skip
+        missing = [name for name, part in parts.items() if part is None]
+        if missing:
+            raise TypeError(
+                f"{type(obj).__name__} lacks {', '.join(missing)}; pass a StableDiffusionPipeline"
+            )
+        return cls(**parts)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def check_size(components: Any, height: int, width: int) -> None:
+    """Raise ValueError (with the fix) when the VAE cannot produce a `height`x`width` image."""
+    multiple = SamplingParts.of(components).vae_scale_factor  # the UNet itself copes with odd latent sizes
+    if height <= 0 or width <= 0 or height % multiple or width % multiple:
+        raise ValueError(f"size {width}x{height}: width and height must be positive multiples of {multiple}")
+
+
+@torch.inference_mode()
+def encode_prompts(c: SamplingParts, prompts: Sequence[str]) -> torch.Tensor:
+    """Text embeddings `(B, T, D)`, padded to the tokenizer's max length like the diffusers pipelines."""
+    tokens = c.tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=c.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    device = c.text_encoder.device
+    return c.text_encoder(tokens.input_ids.to(device))[0]
+
+
+def initial_latents(
+    c: SamplingParts, seeds: Sequence[int], height: int, width: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """Starting noise `(B, C, h, w)`, each row drawn from its own CPU generator, plus those generators."""
+    shape = (1, c.unet.config.in_channels, height // c.vae_scale_factor, width // c.vae_scale_factor)
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    rows = [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
+    return torch.cat(rows).to(device=device, dtype=dtype), generators
+
+
+def latents_to_images(c: SamplingParts, latents: torch.Tensor) -> list[Image.Image]:
+    decoded = c.vae.decode(latents / c.vae.config.scaling_factor).sample  # (B, 3, H, W) in [-1, 1]
+    pixels = (decoded.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
+
+
+@torch.inference_mode()
+def sample_images(
+    components_or_pipeline: Any,
+    prompts: Sequence[str],
+    negative_prompts: Sequence[str] | None = None,
+    *,
+    height: int,
+    width: int,
+    num_inference_steps: int,
+    guidance_scale: float | Sequence[float],
+    seeds: Sequence[int],
+) -> list[Image.Image]:
+    """Sample one image per prompt; `guidance_scale` may be one value or one per row.
+
+    Guidance is on when any row's scale is above 1 (the diffusers convention); then every step runs the
+    UNet once on `2B` rows. Callers that want a row's image to be independent of its batch group rows
+    by `guidance_on(scale)` as well as by size and steps (see serving/images.py).
+    """
+    c = SamplingParts.of(components_or_pipeline)
+    batch = len(prompts)
+    if batch == 0:
+        return []
+    if len(seeds) != batch:
+        raise ValueError(f"got {len(seeds)} seeds for {batch} prompts; pass one seed per prompt")
+    negative_prompts = list(negative_prompts) if negative_prompts is not None else [""] * batch
+    if len(negative_prompts) != batch:
+        raise ValueError(f"got {len(negative_prompts)} negative prompts for {batch} prompts")
+    scales = (
+        [float(guidance_scale)] * batch if isinstance(guidance_scale, int | float) else list(guidance_scale)
+    )
+    if len(scales) != batch:
+        raise ValueError(f"got {len(scales)} guidance scales for {batch} prompts")
+    check_size(c, height, width)
+
+    device, dtype = c.unet.device, c.unet.dtype
+    # A private scheduler: set_timesteps mutates it, and two batches may sample from one model at once.
+    scheduler = copy.deepcopy(c.scheduler)
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    use_cfg = any(guidance_on(s) for s in scales)
+
+    cond = encode_prompts(c, prompts)  # (B, T, D)
+    embeddings = torch.cat([encode_prompts(c, negative_prompts), cond]) if use_cfg else cond  # (2B, T, D)
+    embeddings = embeddings.to(dtype)
+    latents, generators = initial_latents(c, seeds, height, width, dtype, device)
+    latents = latents * scheduler.init_noise_sigma
+    scale = torch.tensor(scales, device=device, dtype=dtype).view(batch, 1, 1, 1)
+    step_kwargs = (
+        {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    )
+
+    for t in scheduler.timesteps:
+        model_in = torch.cat([latents, latents]) if use_cfg else latents  # (2B, C, h, w) with guidance
+        model_in = scheduler.scale_model_input(model_in, t)
+        noise = c.unet(model_in, t, encoder_hidden_states=embeddings).sample
+        if use_cfg:
+            uncond, text = noise.chunk(2)
+            noise = uncond + scale * (text - uncond)
+        latents = scheduler.step(noise, t, latents, **step_kwargs).prev_sample
+    return latents_to_images(c, latents)
+
+
+def guidance_on(guidance_scale: float) -> bool:
+    """Classifier-free guidance runs for scales above 1 (at 1 it would equal the conditional branch)."""
+    return guidance_scale > 1.0

@@ -1,0 +1,69 @@
+"""The Serve application: `Ingress` composed with `ChatDeployment` and `ImageDeployment`.
+
+    raybooth serve --config configs/serve.yaml                     # starts Serve and runs this app
+    serve run raybooth.serving.app:app config=configs/serve.yaml   # the same app, Serve's own CLI
+    serve deploy infra/serve/serve_config.yaml                     # import_path: raybooth.serving.app:app
+
+`app` is an application builder: Serve calls it with the `args` of the Serve config (or the `key=value`
+pairs of `serve run`). Accepted args:
+
+    config:    path of a serve YAML (configs/serve.yaml); defaults when absent
+    overrides: list of `key.sub=value` strings applied on top (the CLI's trailing overrides)
+    settings:  a mapping merged on top of both (what `raybooth serve` and the tests pass)
+
+Resources, replicas and queue limits come from the YAML's sections (`ingress`, `image`, `chat`); a
+`deployments:` entry in a Serve config file overrides them again, as Serve always does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from raybooth.cluster.config import DeploymentSection, ServeConfig, deep_merge, load_config
+from raybooth.serving.auth import key_digests
+from raybooth.serving.chat_deployment import ChatDeployment
+from raybooth.serving.image_deployment import ImageDeployment
+from raybooth.serving.ingress import Ingress
+
+
+def load_serve_config(args: dict[str, Any] | None) -> ServeConfig:
+    """ServeConfig from builder args: `config` file, then `overrides`, then `settings`."""
+    args = dict(args or {})
+    overrides = args.pop("overrides", None) or []
+    if isinstance(overrides, str):
+        overrides = overrides.split()
+    cfg = load_config(ServeConfig, args.pop("config", None), list(overrides))
+    settings = args.pop("settings", None) or {}
+    if args:  # `serve run ... port=8001` style: plain keys are settings too
+        settings = deep_merge(settings, args)
+    if settings:
+        cfg = ServeConfig.model_validate(deep_merge(cfg.model_dump(), settings))
+    return cfg
+
+
+def deployment_options(section: DeploymentSection) -> dict[str, Any]:
+    return {
+        "ray_actor_options": {"num_cpus": section.num_cpus, "num_gpus": section.num_gpus},
+        "max_ongoing_requests": section.max_ongoing_requests,
+        "max_queued_requests": section.max_queued_requests,
+        "autoscaling_config": section.autoscaling.to_serve(),
+    }
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    cfg = args if isinstance(args, ServeConfig) else load_serve_config(args)
+    digests = key_digests(cfg.api_keys_env, cfg.api_keys_file)
+    chat = ChatDeployment.options(**deployment_options(cfg.chat)).bind(
+        cfg.chat.model_dump(), cfg.safety.model_dump(), cfg.chat_model
+    )
+    images = ImageDeployment.options(**deployment_options(cfg.image)).bind(
+        cfg.image.model_dump(), cfg.tracking.model_dump(), cfg.image_models
+    )
+    return Ingress.options(**deployment_options(cfg.ingress)).bind(chat, images, cfg.model_dump(), digests)
+
+
+def app(args: dict[str, Any]) -> Application:
+    """The importable builder for `serve run` / `serve deploy` (Serve passes the config's `args`)."""
+    return build_app(args)

@@ -1,0 +1,136 @@
+"""`ChatDeployment`: the shared VLM engine, with concurrent callers' requests decoded as one batch.
+
+    gen = handle.options(stream=True).generate.remote(GenerationRequest(...))
+    async for event in gen: ...          # ChatEvent dicts: text deltas, then one final event
+
+Callers that arrive within `batch_wait_timeout_s` of each other are batched by `@serve.batch` into one
+`VLMEngine.generate_stream` call: one forward pass per decode step for every row. The batch function is
+an async generator that yields one list per step (a `ChatEvent` per caller, `StopIteration` for callers
+already finished), so each caller streams its own tokens as they are produced. Generated text goes
+through the safety policy's streaming filter before it leaves: a match ends that caller's stream with
+`finish_reason: content_filter` and a refusal naming the category and span.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import Any, TypedDict
+
+from ray import serve
+from ray.serve import metrics
+
+from raybooth.cluster.config import ChatServeSection, SafetySection
+from raybooth.models.device import pick_device
+from raybooth.models.safety import SafetyPolicy, StreamingSafetyFilter
+from raybooth.models.vlm_engine import GenerationRequest, StreamDelta, VLMEngine
+
+_END = object()  # the engine's iterator is exhausted
+
+
+class ChatEvent(TypedDict, total=False):
+    """One caller's share of one decode step; the final one has `finish_reason` (or `error`)."""
+
+    text: str
+    finish_reason: str | None  # "stop" | "length" | "content_filter"
+    refusal: str | None  # the safety policy's explanation when finish_reason is content_filter
+    error: str | None  # the request could not run (context too long, schema does not compile)
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def final_event(delta: StreamDelta, text: str, **extra: Any) -> ChatEvent:
+    return ChatEvent(
+        text=text,
+        finish_reason=extra.get("finish_reason", delta.finish_reason),
+        refusal=extra.get("refusal"),
+        error=delta.error,
+        prompt_tokens=delta.prompt_tokens,
+        completion_tokens=delta.completion_tokens,
+    )
+
+
+class RowFilter:
+    """Per caller: the safety filter on its output, and whether its stream has ended."""
+
+    def __init__(self, policy: SafetyPolicy):
+        self.safety: StreamingSafetyFilter = policy.stream_filter()
+        self.finished = False
+
+    def event(self, delta: StreamDelta | None) -> ChatEvent | type[StopIteration]:
+        if self.finished:
+            return StopIteration
+        if delta is None:
+            return ChatEvent(text="")  # nothing new for this caller this step
+        text, verdict = self.safety.feed(delta.text)
+        if verdict is not None:
+            self.finished = True
+            return final_event(delta, text, finish_reason="content_filter", refusal=verdict.explanation())
+        if delta.done:
+            self.finished = True
+            return final_event(delta, text + self.safety.flush())
+        return ChatEvent(text=text)
+
+
+@serve.deployment(
+    name="ChatDeployment",
+    ray_actor_options={"num_cpus": 1, "num_gpus": 0},
+    max_ongoing_requests=16,  # >= max_batch_size * max_concurrent_batches
+    max_queued_requests=64,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8},
+    health_check_period_s=10,
+)
+class ChatDeployment:
+    def __init__(self, chat: dict[str, Any], safety: dict[str, Any], model: str):
+        self.cfg = ChatServeSection.model_validate(chat)
+        self.policy = SafetyPolicy.from_section(SafetySection.model_validate(safety))
+        device = pick_device(self.cfg.device or "auto")
+        dtype = None if self.cfg.dtype == "auto" else self.cfg.dtype
+        self.engine = VLMEngine.from_pretrained(model, device=str(device), dtype=dtype)
+        self.generate_batch = serve.batch(
+            max_batch_size=self.cfg.max_batch_size,
+            batch_wait_timeout_s=self.cfg.batch_wait_timeout_s,
+            max_concurrent_batches=self.cfg.max_concurrent_batches,
+        )(self._generate_batch)
+        self.batch_sizes: deque[int] = deque(maxlen=10_000)
+        self._batch_rows = metrics.Histogram(
+            "raybooth_chat_batch_rows",
+            description="Requests decoded together in one engine batch.",
+            boundaries=[1, 2, 4, 8, 16, 32, 64],
+        )
+        self._tokens = metrics.Counter("raybooth_chat_completion_tokens", description="Tokens generated.")
+
+    async def generate(self, request: GenerationRequest):
+        """Stream `ChatEvent`s for one request (batched with concurrent callers)."""
+        async for event in self.generate_batch(request):
+            yield event
+
+    async def _generate_batch(self, requests: list[GenerationRequest]):
+        self.batch_sizes.append(len(requests))
+        self._batch_rows.observe(len(requests))
+        rows = [RowFilter(self.policy) for _ in requests]
+        steps = self.engine.generate_stream(requests)
+        while True:
+            # Each decode step runs in a worker thread so the replica keeps answering health checks.
+            step = await asyncio.to_thread(next, steps, _END)
+            if step is _END:
+                break
+            events = [row.event(delta) for row, delta in zip(rows, step, strict=True)]
+            finished_tokens = sum(d.completion_tokens for d in step if d is not None and d.done)
+            if finished_tokens:
+                self._tokens.inc(finished_tokens)
+            yield events
+            if all(row.finished for row in rows):
+                break
+        steps.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {"time": time.time(), "batch_sizes": list(self.batch_sizes)}
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """`user_config` in the Serve YAML may retune batching without a restart."""
+        if "max_batch_size" in user_config:
+            self.generate_batch.set_max_batch_size(int(user_config["max_batch_size"]))
+        if "batch_wait_timeout_s" in user_config:
+            self.generate_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))

@@ -1,0 +1,212 @@
+"""`Ingress`: the FastAPI router in front of the two model deployments (a thin layer, as in vLLM).
+
+    GET  /healthz                    no auth: for load balancers
+    GET  /v1/models                  the chat model and every servable image model
+    GET  /v1/models/{id}
+    POST /v1/chat/completions        -> ChatService  -> ChatDeployment (streaming, batched)
+    POST /v1/images/generations      -> ImageService -> ImageDeployment (batched, multiplexed)
+    GET  /v1/internal/stats          what the batchers did (batch sizes, loaded model versions)
+
+Each route authenticates, reads the body with the size limit, parses it into the protocol model and
+hands it to the service. Every error leaves as the OpenAI error body with its status; client mistakes
+are logged at INFO at most, never ERROR.
+"""
+
+import logging
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from raybooth.cluster import tracking
+from raybooth.cluster.config import ServeConfig
+from raybooth.models.safety import SafetyPolicy
+from raybooth.serving.auth import KeyChecker, check_bind_allowed
+from raybooth.serving.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    ImageGenerationRequest,
+    ModelCard,
+    ModelList,
+)
+from raybooth.serving.serving_chat import ChatService
+from raybooth.serving.serving_images import ImageService
+from raybooth.serving.upstream import call_deployment
+
+logger = logging.getLogger("ray.serve")
+T = TypeVar("T", bound=BaseModel)
+
+api = FastAPI(title="raybooth", description="OpenAI-compatible chat and personalised image generation.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors: one shape for everything
+# --------------------------------------------------------------------------------------------------
+
+
+def error_response(err: APIError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+@api.exception_handler(APIError)
+async def _api_error(_: Request, err: APIError) -> JSONResponse:
+    if err.status >= 500:
+        logger.warning("request failed: %s", err.message)  # overload/timeouts: the operator's concern
+    return error_response(err)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+    return error_response(APIError(err.status_code, str(err.detail)))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+    return error_response(validation_error(err.errors()))
+
+
+def loc_to_param(loc: tuple[Any, ...]) -> str:
+    """`("messages", 0, "content")` -> `messages[0].content`, the way OpenAI names a field."""
+    out = ""
+    for part in loc:
+        if part == "body":
+            continue
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def validation_error(errors: list[dict[str, Any]]) -> APIError:
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        return APIError(
+            400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}"
+        )
+    param = loc_to_param(tuple(first["loc"])) or None
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field (not part of this API)"
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return APIError(400, f"{param or 'body'}: {msg}{more}", param=param, code="invalid_value")
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `max_bytes` (before it is all in memory)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise APIError(413, f"request body of {declared} bytes exceeds limits.max_body_bytes={max_bytes}")
+    size, chunks = 0, []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise APIError(413, f"request body exceeds limits.max_body_bytes={max_bytes}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_body(raw: bytes, model: type[T]) -> T:
+    if not raw.strip():
+        raise APIError(400, "request body is empty; send a JSON object")
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        raise validation_error(e.errors()) from e
+
+
+def _bound_host(configured: str) -> str | None:
+    """The address Serve's proxy listens on (its HTTP options win over our config's `host`)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        return _get_global_client().http_config.host
+    except Exception:  # not inside a running Serve instance (unit tests): trust the config
+        return configured
+
+
+# --------------------------------------------------------------------------------------------------
+# The deployment
+# --------------------------------------------------------------------------------------------------
+
+
+@serve.deployment(
+    name="Ingress",
+    ray_actor_options={"num_cpus": 0.25},
+    max_ongoing_requests=256,  # cheap: validates and awaits the model deployments
+    max_queued_requests=512,  # the proxy answers 503 beyond this
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 64},
+)
+@serve.ingress(api)
+class Ingress:
+    def __init__(
+        self, chat: DeploymentHandle, images: DeploymentHandle, config: dict[str, Any], key_digests: list[str]
+    ):
+        self.cfg = ServeConfig.model_validate(config)
+        self.keys = KeyChecker(key_digests)
+        check_bind_allowed(_bound_host(self.cfg.host), key_digests)
+        tracking.configure(self.cfg.tracking)
+        policy = SafetyPolicy.from_section(self.cfg.safety)
+        self.chat_model = self.cfg.chat_model_name or Path(self.cfg.chat_model).name
+        self.chat = ChatService(chat, self.cfg, policy, self.chat_model)
+        self.images = ImageService(images, self.cfg, policy)
+        self.chat_handle, self.images_handle = chat, images
+
+    def authorize(self, request: Request) -> None:
+        if not self.keys.allows(request.headers.get("authorization")):
+            raise APIError(
+                401,
+                "missing or incorrect API key; send Authorization: Bearer <key>",
+                code="invalid_api_key",
+            )
+
+    @property
+    def timeout_s(self) -> float:
+        return self.cfg.ingress.request_timeout_s
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def list_models(self, request: Request) -> ModelList:
+        self.authorize(request)
+        names = [self.chat_model, *await self.images.catalog.list()]
+        return ModelList(data=[ModelCard(id=n) for n in dict.fromkeys(names)])
+
+    @api.get("/v1/models/{model_id:path}")
+    async def get_model(self, model_id: str, request: Request) -> ModelCard:
+        self.authorize(request)
+        if model_id != self.chat_model:
+            await self.images.catalog.check(model_id)
+        return ModelCard(id=model_id)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        self.authorize(request)
+        req = parse_body(await read_body(request, self.cfg.limits.max_body_bytes), ChatCompletionRequest)
+        if req.stream:
+            lines = await self.chat.stream(req, self.timeout_s)
+            return StreamingResponse(
+                lines, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
+        return await self.chat.complete(req, self.timeout_s)
+
+    @api.post("/v1/images/generations")
+    async def image_generations(self, request: Request):
+        self.authorize(request)
+        req = parse_body(await read_body(request, self.cfg.limits.max_body_bytes), ImageGenerationRequest)
+        return await self.images.generate(req, self.timeout_s)
+
+    @api.get("/v1/internal/stats")
+    async def stats(self, request: Request) -> dict[str, Any]:
+        """One replica's view of each deployment (enough on one node; Prometheus has the fleet's)."""
+        self.authorize(request)
+        return {
+            "images": await call_deployment(self.images_handle.stats.remote(), 30, "stats"),
+            "chat": await call_deployment(self.chat_handle.stats.remote(), 30, "stats"),
+        }

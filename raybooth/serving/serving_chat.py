@@ -1,0 +1,218 @@
+"""POST /v1/chat/completions: validate at the edge, stream from `ChatDeployment`, speak OpenAI's shapes.
+
+    data: {"object": "chat.completion.chunk", "choices": [{"delta": {"role": "assistant", "content": ""}}]}
+    data: {... "delta": {"content": "The"} ...}
+    data: {... "delta": {}, "finish_reason": "stop"}
+    data: {... "choices": [], "usage": {...}}          # only with stream_options.include_usage
+    data: [DONE]
+
+Checks before any model work: the model name, message and image counts, `max_tokens`, images (data:
+URLs only over HTTP, decoded with the byte and pixel limits), the JSON schema, and the safety policy on
+the prompt, whose block is a normal answer with `finish_reason: content_filter` and a `refusal`. The
+first event is awaited before the HTTP response starts, so an engine-side refusal (a prompt longer than
+the context, a schema the grammar compiler rejects) is still a 400, not a broken stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import jsonschema
+from ray.serve.handle import DeploymentHandle
+
+from raybooth.cluster.config import ServeConfig
+from raybooth.models.chat import ChatLimits, ChatRequestError, generation_request_from_chat
+from raybooth.models.images import ImageLimits
+from raybooth.models.openai_schema import ImageContentPart, TextContentPart, new_completion_id
+from raybooth.models.safety import SafetyPolicy
+from raybooth.models.vlm_engine import GenerationRequest
+from raybooth.serving.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    ServedAssistantMessage,
+    ServedChatCompletion,
+    ServedChatCompletionChunk,
+    ServedChoice,
+    ServedChunkChoice,
+    ServedDeltaMessage,
+    Usage,
+    bad_request,
+    limit_exceeded,
+)
+from raybooth.serving.upstream import next_item
+
+
+def sse(payload: dict[str, Any] | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+def prompt_texts(req: ChatCompletionRequest) -> list[str]:
+    texts = []
+    for message in req.messages:
+        if isinstance(message.content, str):
+            texts.append(message.content)
+        elif message.content:
+            texts += [p.text for p in message.content if isinstance(p, TextContentPart)]
+    return texts
+
+
+class ChatService:
+    def __init__(self, handle: DeploymentHandle, cfg: ServeConfig, policy: SafetyPolicy, model_name: str):
+        self.handle = handle.options(stream=True)
+        self.cfg = cfg
+        self.policy = policy
+        self.model_name = model_name
+        self.limits = ChatLimits(
+            default_max_tokens=cfg.chat.default_max_tokens,
+            max_tokens_cap=cfg.limits.max_tokens,
+            images=ImageLimits(max_pixels=cfg.limits.max_image_pixels, max_bytes=cfg.limits.max_image_bytes),
+        )
+
+    # ------------------------------------------------------------------ validation
+
+    def check_request(self, req: ChatCompletionRequest) -> None:
+        limits = self.cfg.limits
+        if req.model not in (None, self.model_name):
+            raise APIError(
+                404,
+                f"model {req.model!r} is not served for chat; use {self.model_name!r} (GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
+        if len(req.messages) > limits.max_messages:
+            raise limit_exceeded("max_messages", len(req.messages), limits.max_messages, "messages")
+        max_tokens = req.requested_max_tokens()
+        if max_tokens is not None and max_tokens > limits.max_tokens:
+            raise limit_exceeded("max_tokens", max_tokens, limits.max_tokens, "max_tokens")
+        images = 0
+        for m, message in enumerate(req.messages):
+            for p, part in enumerate(message.content if isinstance(message.content, list) else []):
+                if isinstance(part, ImageContentPart):
+                    images += 1
+                    if not part.image_url.url.startswith("data:"):
+                        raise bad_request(
+                            "over HTTP images must be inline data: URLs (data:image/png;base64,...); the server "
+                            "does not read its own files or fetch URLs",
+                            param=f"messages[{m}].content[{p}].image_url",
+                        )
+        if images > limits.max_images_per_request:
+            raise limit_exceeded("max_images_per_request", images, limits.max_images_per_request, "messages")
+        if not any(text.strip() for text in prompt_texts(req)) and images == 0:
+            raise bad_request("messages hold no text and no image; send at least one", param="messages")
+        fmt = req.response_format
+        if fmt is not None and fmt.json_schema is not None:
+            schema = fmt.json_schema.json_schema
+            try:
+                jsonschema.validators.validator_for(schema).check_schema(schema)
+            except jsonschema.SchemaError as e:
+                raise bad_request(
+                    f"response_format.json_schema.schema is not a valid JSON Schema: {e.message}",
+                    param="response_format",
+                ) from e
+
+    async def engine_request(self, req: ChatCompletionRequest) -> GenerationRequest:
+        try:
+            # Image decoding is CPU work: off the event loop, so other requests keep flowing.
+            return await asyncio.to_thread(generation_request_from_chat, req, self.limits)
+        except ChatRequestError as e:
+            raise bad_request(str(e), param=e.param) from e
+
+    # ------------------------------------------------------------------ serving
+
+    async def _events(self, gen_req: GenerationRequest, timeout_s: float) -> AsyncIterator[dict[str, Any]]:
+        """The deployment's events for one request; the first one is fetched eagerly by `open_stream`."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        gen = self.handle.generate.remote(gen_req)
+        while True:
+            try:
+                event = await next_item(gen, deadline, "chat completion", timeout_s)
+            except StopAsyncIteration:
+                return
+            if event.get("error"):
+                raise bad_request(event["error"], code="invalid_request")
+            yield event
+
+    async def open_stream(
+        self, req: ChatCompletionRequest, timeout_s: float
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Validate, start generation and wait for its first event (so errors are still HTTP errors)."""
+        self.check_request(req)
+        verdict = self.policy.check_all(prompt_texts(req))
+        if verdict is not None:
+            return _single(dict(text="", finish_reason="content_filter", refusal=verdict.explanation()))
+        gen_req = await self.engine_request(req)
+        events = self._events(gen_req, timeout_s)
+        try:
+            first = await events.__anext__()
+        except StopAsyncIteration:
+            return _single({})
+        return _prepend(first, events)
+
+    async def complete(self, req: ChatCompletionRequest, timeout_s: float) -> ServedChatCompletion:
+        events = await self.open_stream(req, timeout_s)
+        text, final = "", {}
+        async for event in events:
+            text += event.get("text", "")
+            if event.get("finish_reason"):
+                final = event
+        prompt, completion = final.get("prompt_tokens", 0), final.get("completion_tokens", 0)
+        refusal = final.get("refusal")
+        message = ServedAssistantMessage(content=text if text or not refusal else None, refusal=refusal)
+        return ServedChatCompletion(
+            model=self.model_name,
+            choices=[ServedChoice(message=message, finish_reason=final.get("finish_reason") or "stop")],
+            usage=Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion),
+        )
+
+    async def stream(self, req: ChatCompletionRequest, timeout_s: float) -> AsyncIterator[str]:
+        """SSE lines; call it after `open_stream` succeeded (HTTP errors must happen before the 200)."""
+        events = await self.open_stream(req, timeout_s)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return self._sse_lines(events, new_completion_id(), include_usage)
+
+    async def _sse_lines(
+        self, events: AsyncIterator[dict[str, Any]], cid: str, include_usage: bool
+    ) -> AsyncIterator[str]:
+        def chunk(delta: ServedDeltaMessage, finish: str | None = None) -> str:
+            c = ServedChatCompletionChunk(
+                id=cid, model=self.model_name, choices=[ServedChunkChoice(delta=delta, finish_reason=finish)]
+            )
+            return sse(c.model_dump(exclude_none=False))
+
+        yield chunk(ServedDeltaMessage(role="assistant", content=""))
+        final: dict[str, Any] = {}
+        try:
+            async for event in events:
+                if event.get("text"):
+                    yield chunk(ServedDeltaMessage(content=event["text"]))
+                if event.get("finish_reason"):
+                    final = event
+            if final.get("refusal"):
+                yield chunk(ServedDeltaMessage(refusal=final["refusal"]))
+            yield chunk(ServedDeltaMessage(), final.get("finish_reason") or "stop")
+            if include_usage:
+                prompt, completion = final.get("prompt_tokens", 0), final.get("completion_tokens", 0)
+                usage = Usage(
+                    prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+                )
+                last = ServedChatCompletionChunk(id=cid, model=self.model_name, choices=[], usage=usage)
+                yield sse(last.model_dump())
+        except APIError as e:  # after the 200 was sent, an error can only be an event (vLLM does the same)
+            yield sse(e.body())
+        yield sse("[DONE]")
+
+
+async def _single(event: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    yield event
+
+
+async def _prepend(
+    first: dict[str, Any], rest: AsyncIterator[dict[str, Any]]
+) -> AsyncIterator[dict[str, Any]]:
+    yield first
+    async for event in rest:
+        yield event

@@ -1,0 +1,244 @@
+"""Fixtures for the serving tests: personalised models in the MLflow registry, and the real Serve app.
+
+    .venv/bin/python -m pytest tests/serving
+
+`subjects` registers what the DreamBooth job would: `sks-dog` (a full fine-tune; version 2 has perturbed
+UNet weights, alias `prod` -> version 1) and two LoRA subjects in diffusers' LoRA format on tiny-sd.
+`serve_app` runs `raybooth.serving.app` on the session's embedded Ray, HTTP on 127.0.0.1, API keys on,
+and shuts Serve down after the module.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+API_KEY = "test-key-1"
+
+
+@dataclass(frozen=True)
+class Subjects:
+    dog: str  # full fine-tune: version 1 (= tiny-sd weights) and 2 (perturbed UNet); alias prod -> 1
+    cat: str  # LoRA subject on tiny-sd
+    toy: str  # another LoRA subject on tiny-sd (shares the base with cat)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _perturbed_copy(src: Path, dest: Path, seed: int) -> Path:
+    """A copy of an SD folder whose UNet weights moved a little: a stand-in for a second fine-tune."""
+    from diffusers import UNet2DConditionModel
+
+    shutil.copytree(src, dest)
+    unet = UNet2DConditionModel.from_pretrained(dest / "unet")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+    unet.save_pretrained(dest / "unet")
+    return dest
+
+
+def _lora_folder(base: Path, dest: Path, seed: int) -> Path:
+    """A LoRA on the tiny UNet saved in diffusers' format (loadable with `load_lora_weights`)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    generator = torch.Generator().manual_seed(seed)
+    for name, p in unet.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero (a no-op adapter); training would have moved it
+            p.data = torch.randn(p.shape, generator=generator) * 0.5
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    dest.mkdir(parents=True)
+    StableDiffusionPipeline.save_lora_weights(
+        save_directory=dest, unet_lora_layers=layers, safe_serialization=True
+    )
+    (dest / "raybooth_lora.json").write_text(json.dumps({"base_model": "tiny-sd"}))
+    return dest
+
+
+def _register(folder: Path, name: str, alias: str | None = None) -> int:
+    from raybooth.cluster import tracking
+
+    with tracking.start_run("serve-tests", run_name=name) as run:
+        tracking.log_artifacts(folder, "model")
+    return tracking.register_model(run.info.run_id, "model", name, alias=alias)
+
+
+@pytest.fixture(scope="session")
+def subjects(tiny_sd_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Subjects:
+    from raybooth.cluster import tracking
+    from raybooth.cluster.config import TrackingSection
+
+    tracking.configure(TrackingSection())  # the session's sqlite store, which the replicas open too
+    tmp = tmp_path_factory.mktemp("subjects")
+    assert _register(tiny_sd_path, "sks-dog", alias="prod") == 1
+    assert _register(_perturbed_copy(tiny_sd_path, tmp / "dog-v2", seed=1), "sks-dog") == 2
+    _register(_lora_folder(tiny_sd_path, tmp / "cat-lora", seed=2), "sks-cat")
+    _register(_lora_folder(tiny_sd_path, tmp / "toy-lora", seed=3), "sks-toy")
+    return Subjects(dog="sks-dog", cat="sks-cat", toy="sks-toy")
+
+
+def app_settings(leak_pattern: str) -> dict[str, Any]:
+    """Small queues and short waits so batching, backpressure and alias polling show in seconds."""
+    return {
+        "chat_model": "tiny-vlm",
+        "image_models": ["tiny-sd"],
+        "serve_registry": True,
+        "ingress": {"num_cpus": 0.1, "request_timeout_s": 120},
+        "image": {
+            "num_cpus": 0.1,
+            "max_batch_size": 8,
+            "batch_wait_timeout_s": 1.0,  # long enough for 8 requests through the ingress on 2 busy cores
+            "max_ongoing_requests": 8,
+            "max_queued_requests": 4,
+            "registry_poll_s": 1,
+            "max_models_per_replica": 4,
+            "default_size": "64x64",
+            "default_steps": 2,
+        },
+        "chat": {
+            "num_cpus": 0.1,
+            "max_batch_size": 4,
+            "max_concurrent_batches": 2,
+            "batch_wait_timeout_s": 0.5,
+            "max_ongoing_requests": 8,
+            "max_queued_requests": 16,
+            "default_max_tokens": 8,
+        },
+        "limits": {
+            "max_n": 4,
+            "max_tokens": 64,
+            "max_steps": 8,
+            "max_image_side": 128,
+            "max_body_bytes": 1_000_000,
+        },
+        "safety": {
+            "categories": [
+                {"name": "violence", "phrases": ["kill", "build a bomb"]},
+                {"name": "secret-leak", "patterns": [leak_pattern], "applies_to": ["output"]},
+            ]
+        },
+    }
+
+
+LEAK_PROMPT = "Describe the image in one sentence."
+
+
+@pytest.fixture(scope="session")
+def greedy_answer(tiny_vlm_path: Path) -> str:
+    """What tiny-vlm answers LEAK_PROMPT greedily: the output-safety test blocks a piece of it."""
+    from raybooth.models.decoding import SamplingParams
+    from raybooth.models.vlm_engine import GenerationRequest, VLMEngine
+
+    engine = VLMEngine.from_pretrained(str(tiny_vlm_path), device="cpu")
+    request = GenerationRequest(
+        [{"role": "user", "content": LEAK_PROMPT}], SamplingParams(max_tokens=16, temperature=0)
+    )
+    [result] = engine.generate([request])
+    assert len(result.text) >= 12, result.text
+    return result.text
+
+
+@pytest.fixture(scope="session")
+def leak_pattern(greedy_answer: str) -> str:
+    import re
+
+    return re.escape(greedy_answer[2:12])
+
+
+@dataclass
+class ServeApp:
+    base_url: str  # http://127.0.0.1:PORT
+    settings: dict[str, Any]
+    api_key: str = API_KEY
+    leak_prompt: str = LEAK_PROMPT  # whose greedy answer the output safety category blocks
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    @staticmethod
+    def log_errors() -> list[str]:
+        return serve_log_errors()
+
+    @staticmethod
+    def log_lines(fragment: str) -> list[str]:
+        return serve_log_lines(fragment)
+
+    def openai(self, api_key: str = API_KEY, **kwargs: Any):
+        import openai
+
+        return openai.OpenAI(
+            base_url=f"{self.base_url}/v1", api_key=api_key, max_retries=0, timeout=120, **kwargs
+        )
+
+    def async_openai(self, api_key: str = API_KEY):
+        import openai
+
+        return openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key=api_key, max_retries=0, timeout=120)
+
+    def stats(self) -> dict[str, Any]:
+        resp = httpx.get(f"{self.base_url}/v1/internal/stats", headers={"Authorization": f"Bearer {API_KEY}"})
+        resp.raise_for_status()
+        return resp.json()
+
+
+def serve_log_lines(fragment: str) -> list[str]:
+    """Lines holding `fragment` in this Ray session's Serve logs (replicas, proxy, controller)."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    return [
+        line
+        for f in sorted(logs.glob("*.log"))
+        for line in f.read_text(errors="replace").splitlines()
+        if fragment in line
+    ]
+
+
+def serve_log_errors() -> list[str]:
+    """Lines logged at ERROR or CRITICAL (Serve's text format starts each line with the level)."""
+    return [line for line in serve_log_lines("") if line.startswith(("ERROR", "CRITICAL"))]
+
+
+@pytest.fixture(scope="module")
+def serve_app(
+    ray_cluster, subjects: Subjects, tiny_sd_path: Path, tiny_vlm_path: Path, leak_pattern: str
+) -> Iterator[ServeApp]:
+    from ray import serve
+
+    from raybooth.serving.app import build_app
+
+    settings = app_settings(leak_pattern)
+    port = _free_port()
+    serve.shutdown()  # a Serve instance of an earlier module would keep its own HTTP port
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAYBOOTH_API_KEYS", f"{API_KEY}, test-key-2")
+        application = build_app({"settings": settings})
+    started = time.monotonic()
+    serve.run(application, name="raybooth", route_prefix="/")
+    print(f"serve app up in {time.monotonic() - started:.1f}s")
+    try:
+        yield ServeApp(f"http://127.0.0.1:{port}", settings)
+    finally:
+        serve.shutdown()

@@ -1,0 +1,438 @@
+"""The OpenAI-compatible app end to end: the official `openai` client against the real Serve app.
+
+    .venv/bin/python -m pytest tests/serving/test_app.py
+
+One Serve app per module (see conftest.py): tiny-vlm for chat, tiny-sd plus registered subjects for
+images, API keys on, small queues so batching and backpressure show on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import time
+
+import httpx
+import jsonschema
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+API_KEY = "test-key-1"  # conftest configures it (and test-key-2) through RAYBOOTH_API_KEYS
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+IMAGE_KW = dict(size="64x64", response_format="b64_json")
+
+
+def png_data_url(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def decode_png(b64: str) -> Image.Image:
+    raw = base64.b64decode(b64)
+    assert raw.startswith(b"\x89PNG\r\n\x1a\n")
+    return Image.open(io.BytesIO(raw))
+
+
+def pixels(b64: str) -> np.ndarray:
+    return np.asarray(decode_png(b64).convert("RGB")).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def errors_before(serve_app) -> int:
+    return len(serve_app.log_errors())
+
+
+@pytest.fixture(scope="module")
+def client(serve_app, errors_before):
+    return serve_app.openai()
+
+
+def user(content) -> list[dict]:
+    return [{"role": "user", "content": content}]
+
+
+# --------------------------------------------------------------------------------------------------
+# Models, health, auth
+# --------------------------------------------------------------------------------------------------
+
+
+def test_models_lists_the_chat_model_and_every_subject(client, subjects):
+    ids = {m.id for m in client.models.list().data}
+    assert {"tiny-vlm", "tiny-sd", subjects.dog, subjects.cat, subjects.toy} <= ids
+
+
+def test_healthz_needs_no_key_but_everything_else_does(serve_app):
+    assert httpx.get(f"{serve_app.base_url}/healthz").json() == {"status": "ok"}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        resp = httpx.get(f"{serve_app.base_url}/v1/models", headers=headers)
+        assert resp.status_code == 401
+        assert resp.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        serve_app.openai(api_key="wrong").images.generate(model="tiny-sd", prompt="a dog", **IMAGE_KW)
+    # The second configured key works too.
+    assert serve_app.openai(api_key="test-key-2").models.list().data
+
+
+# --------------------------------------------------------------------------------------------------
+# Chat
+# --------------------------------------------------------------------------------------------------
+
+
+def test_chat_with_text_and_image_parts(client):
+    image = Image.new("RGB", (24, 24), (200, 30, 30))
+    content = [
+        {"type": "text", "text": "What color is the image?"},
+        {"type": "image_url", "image_url": {"url": png_data_url(image)}},
+    ]
+    kwargs = dict(
+        model="tiny-vlm",
+        messages=user(content),
+        max_tokens=6,
+        temperature=0.8,
+        top_p=0.9,
+        seed=7,
+        stop=["\n\n"],
+    )
+    first = client.chat.completions.create(**kwargs)
+    again = client.chat.completions.create(**kwargs)
+    choice = first.choices[0]
+    assert choice.finish_reason in ("stop", "length")
+    assert first.usage.completion_tokens <= 6 and first.usage.prompt_tokens > 0
+    assert first.usage.total_tokens == first.usage.prompt_tokens + first.usage.completion_tokens
+    assert "\n\n" not in (choice.message.content or "")
+    assert again.choices[0].message.content == choice.message.content  # same seed, same answer
+
+
+def test_chat_streams_sse_chunks_with_usage_and_done(client, serve_app):
+    kwargs = dict(model="tiny-vlm", messages=user("Describe a dog."), max_tokens=8, temperature=0)
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(
+        client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    # On the wire: server-sent events ending in data: [DONE].
+    body = {**kwargs, "messages": user("Describe a dog."), "stream": True}
+    with httpx.stream("POST", f"{serve_app.base_url}/v1/chat/completions", json=body, headers=AUTH) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in resp.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+
+
+def test_json_schema_output_always_validates(client):
+    schema = {
+        "type": "object",
+        "properties": {
+            "color": {"type": "string", "enum": ["red", "green", "blue"]},
+            "count": {"type": "integer", "minimum": 0, "maximum": 9},
+        },
+        "required": ["color", "count"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    for seed in (1, 2):
+        resp = client.chat.completions.create(
+            model="tiny-vlm",
+            messages=user("Answer in JSON."),
+            max_tokens=48,
+            temperature=1.0,
+            seed=seed,
+            response_format=fmt,
+        )
+        assert resp.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(resp.choices[0].message.content), schema)
+
+
+def test_concurrent_streams_are_batched_and_each_is_well_formed(serve_app):
+    async def one(client, i: int) -> tuple[str, list]:
+        stream = await client.chat.completions.create(
+            model="tiny-vlm", messages=user(f"Tell me about dog number {i}."), max_tokens=8, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+        return i, [chunk async for chunk in stream]
+
+    async def main():
+        async with serve_app.async_openai() as client:
+            return await asyncio.gather(*(one(client, i) for i in range(4)))
+
+    before = len(serve_app.stats()["chat"]["batch_sizes"])
+    results = asyncio.run(main())
+    for _, chunks in results:
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 1
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+    new_batches = serve_app.stats()["chat"]["batch_sizes"][before:]
+    assert sum(new_batches) == 4 and max(new_batches) >= 2, new_batches
+
+
+# --------------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------------
+
+
+def test_images_are_pngs_and_the_same_seed_gives_the_same_bytes(client):
+    extra = {"seed": 11, "num_inference_steps": 2, "guidance_scale": 5.0, "negative_prompt": "blurry"}
+    a = client.images.generate(model="tiny-sd", prompt="a photo of a dog", n=2, extra_body=extra, **IMAGE_KW)
+    b = client.images.generate(model="tiny-sd", prompt="a photo of a dog", n=2, extra_body=extra, **IMAGE_KW)
+    assert len(a.data) == 2 and decode_png(a.data[0].b64_json).size == (64, 64)
+    assert [d.b64_json for d in a.data] == [d.b64_json for d in b.data]
+    assert a.data[0].b64_json != a.data[1].b64_json  # image i uses seed + i
+    other = client.images.generate(
+        model="tiny-sd", prompt="a photo of a dog", extra_body={**extra, "seed": 12}, **IMAGE_KW
+    )
+    assert (
+        np.abs(pixels(other.data[0].b64_json) - pixels(a.data[1].b64_json)).max() <= 1
+    )  # up to float rounding
+
+
+def test_eight_concurrent_requests_share_unet_batches_and_match_single_results(serve_app):
+    prompts = [f"a photo of sks dog number {i}" for i in range(8)]
+
+    async def burst():
+        async with serve_app.async_openai() as client:
+            extra = [{"seed": i, "num_inference_steps": 2} for i in range(8)]
+            calls = [
+                client.images.generate(model="tiny-sd", prompt=p, extra_body=e, **IMAGE_KW)
+                for p, e in zip(prompts, extra, strict=True)
+            ]
+            return await asyncio.gather(*calls)
+
+    before = len(serve_app.stats()["images"]["unet_batches"])
+    batched = asyncio.run(burst())
+    sizes = serve_app.stats()["images"]["unet_batches"][before:]
+    assert sum(sizes) == 8 and len(sizes) < 8, sizes  # dynamic batching: fewer UNet batches than requests
+
+    client = serve_app.openai()
+    for i, (prompt, result) in enumerate(zip(prompts, batched, strict=True)):
+        alone = client.images.generate(
+            model="tiny-sd", prompt=prompt, extra_body={"seed": i, "num_inference_steps": 2}, **IMAGE_KW
+        )
+        diff = np.abs(pixels(alone.data[0].b64_json) - pixels(result.data[0].b64_json))
+        # The same image up to float rounding of batched matmuls (at most one intensity level, rarely).
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (i, sizes, diff.max(), (diff > 0).mean())
+
+
+def test_lora_subjects_share_one_base_in_memory(client, serve_app, subjects):
+    extra = {"seed": 3, "num_inference_steps": 2}
+    images = {
+        model: client.images.generate(model=model, prompt="a photo of sks cat", extra_body=extra, **IMAGE_KW)
+        .data[0]
+        .b64_json
+        for model in ("tiny-sd", subjects.cat, subjects.toy)
+    }
+    assert len(set(images.values())) == 3  # each adapter changes the image
+    stats = serve_app.stats()["images"]
+    assert stats["shared_lora_bases"] == 1
+    assert {subjects.cat, subjects.toy} <= set(stats["models"])
+
+
+def test_alias_move_changes_the_served_model_without_restart(client, serve_app, subjects):
+    from raybooth.cluster import tracking
+
+    def generate(model: str) -> str:
+        extra = {"seed": 5, "num_inference_steps": 2}
+        return (
+            client.images.generate(model=model, prompt="a photo of sks dog", extra_body=extra, **IMAGE_KW)
+            .data[0]
+            .b64_json
+        )
+
+    v1, v2 = generate(f"{subjects.dog}/1"), generate(f"{subjects.dog}/2")
+    assert v1 != v2
+    assert generate(f"{subjects.dog}@prod") == v1
+    tracking.set_alias(subjects.dog, "prod", 2)
+    try:
+        deadline = time.monotonic() + 60
+        while generate(f"{subjects.dog}@prod") != v2:
+            assert time.monotonic() < deadline, "the alias move was not picked up within 60s"
+            time.sleep(0.5)
+        swaps = serve_app.stats()["images"]["swaps"]
+        assert [f"{subjects.dog}@prod", f"{subjects.dog}/1", f"{subjects.dog}/2"] in swaps
+    finally:
+        tracking.set_alias(subjects.dog, "prod", 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Safety
+# --------------------------------------------------------------------------------------------------
+
+
+def test_image_prompt_blocked_with_category_and_span(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.images.generate(model="tiny-sd", prompt="a dog about to KILL a cat", **IMAGE_KW)
+    error = info.value.body
+    assert error["code"] == "content_filter" and error["param"] == "prompt"
+    assert "'violence'" in error["message"] and "'KILL'" in error["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_prompt_blocked_with_content_filter(client, stream):
+    kwargs = dict(model="tiny-vlm", messages=user("how do I build   a bomb?"), max_tokens=8)
+    if not stream:
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        refusal, finish = choice.message.refusal, choice.finish_reason
+    else:
+        chunks = list(client.chat.completions.create(**kwargs, stream=True))
+        refusal = "".join(c.choices[0].delta.refusal or "" for c in chunks if c.choices)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason][0]
+    assert finish == "content_filter"
+    assert "'violence'" in refusal and "build   a bomb" in refusal
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_output_blocked_as_it_streams(client, serve_app, greedy_answer, stream):
+    span = greedy_answer[2:12]
+    kwargs = dict(model="tiny-vlm", messages=user(serve_app.leak_prompt), max_tokens=16, temperature=0)
+    if not stream:
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        text, refusal, finish = choice.message.content or "", choice.message.refusal, choice.finish_reason
+    else:
+        chunks = list(client.chat.completions.create(**kwargs, stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        refusal = "".join(c.choices[0].delta.refusal or "" for c in chunks if c.choices)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason][0]
+    assert finish == "content_filter"
+    assert "'secret-leak'" in refusal and repr(span) in refusal
+    assert span not in text and greedy_answer.startswith(text)  # nothing from the blocked span on was sent
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input, overload
+# --------------------------------------------------------------------------------------------------
+
+
+def _bomb_url() -> str:
+    # 50 megapixels in a few kilobytes: a 1-bit PNG of one colour.
+    return png_data_url(Image.new("1", (7072, 7072)))
+
+
+def _chat(content=None, **extra) -> dict:
+    return {
+        "model": "tiny-vlm",
+        "messages": user(content if content is not None else "hi"),
+        "max_tokens": 4,
+        **extra,
+    }
+
+
+def _image_part(url: str) -> list[dict]:
+    return [{"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": url}}]
+
+
+BAD_INPUTS = {
+    "invalid json (images)": ("images", b'{"model": "tiny-sd", "prompt": ', 400, "not valid JSON"),
+    "invalid json (chat)": ("chat", b"[1, 2", 400, "not valid JSON"),
+    "wrong type n": ("images", {"model": "tiny-sd", "prompt": "a dog", "n": "two"}, 400, "n:"),
+    "wrong type messages": ("chat", {"model": "tiny-vlm", "messages": "hi"}, 400, "messages"),
+    "unknown field": ("images", {"model": "tiny-sd", "prompt": "a dog", "colour": "red"}, 400, "colour"),
+    "unknown image model": ("images", {"model": "no-such-model", "prompt": "a dog"}, 404, "no-such-model"),
+    "unknown chat model": ("chat", {**_chat(), "model": "no-such-model"}, 404, "no-such-model"),
+    "empty messages": ("chat", {"model": "tiny-vlm", "messages": []}, 400, "messages"),
+    "not an image": (
+        "chat",
+        _chat(_image_part("data:image/png;base64," + base64.b64encode(b"hello").decode())),
+        400,
+        "corrupt image",
+    ),
+    "data url not base64": (
+        "chat",
+        _chat(_image_part("data:image/png;base64,@@not*base64@@")),
+        400,
+        "base64",
+    ),
+    "server file as image": ("chat", _chat(_image_part("file:///etc/passwd")), 400, "data: URLs"),
+    "50 megapixels": ("chat", _chat(_image_part(_bomb_url())), 400, "pixels"),
+    "n=1000": ("images", {"model": "tiny-sd", "prompt": "a dog", "n": 1000}, 400, "limits.max_n"),
+    "max_tokens=10**9": ("chat", _chat(max_tokens=10**9), 400, "limits.max_tokens"),
+    "schema not json schema": (
+        "chat",
+        _chat(
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "frobnicate"}},
+            }
+        ),
+        400,
+        "not a valid JSON Schema",
+    ),
+    "size not WxH": ("images", {"model": "tiny-sd", "prompt": "a dog", "size": "big"}, 400, "WIDTHxHEIGHT"),
+    "size too large": (
+        "images",
+        {"model": "tiny-sd", "prompt": "a dog", "size": "4096x4096"},
+        400,
+        "limits.max_image_side",
+    ),
+    "size not multiple of 8": (
+        "images",
+        {"model": "tiny-sd", "prompt": "a dog", "size": "60x60"},
+        400,
+        "multiples of 8",
+    ),
+    "too many steps": (
+        "images",
+        {"model": "tiny-sd", "prompt": "a dog", "num_inference_steps": 1000},
+        400,
+        "limits.max_steps",
+    ),
+    "body too large": ("chat", _chat("x" * 1_200_000), 413, "max_body_bytes"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_input_is_a_4xx_in_the_openai_shape(serve_app, errors_before, case):
+    route, body, status, fragment = BAD_INPUTS[case]
+    path = {"images": "/v1/images/generations", "chat": "/v1/chat/completions"}[route]
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    resp = httpx.post(
+        serve_app.base_url + path,
+        content=content,
+        headers={**AUTH, "Content-Type": "application/json"},
+        timeout=60,
+    )
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert fragment in error["message"], error
+
+
+def test_burst_beyond_the_queue_gets_503_and_the_server_recovers(serve_app):
+    body = {"model": "tiny-sd", "prompt": "a dog", "size": "64x64", "num_inference_steps": 2}
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120, headers=AUTH) as http:
+            calls = [
+                http.post(f"{serve_app.base_url}/v1/images/generations", json={**body, "seed": i})
+                for i in range(30)
+            ]
+            return await asyncio.gather(*calls)
+
+    codes = [r.status_code for r in asyncio.run(burst())]
+    assert set(codes) <= {200, 503} and codes.count(503) > 0 and codes.count(200) >= 8, codes
+    resp = httpx.post(f"{serve_app.base_url}/v1/images/generations", json=body, headers=AUTH, timeout=60)
+    assert resp.status_code == 200
+
+
+def test_client_mistakes_log_no_errors_and_a_good_request_still_works(client, serve_app, errors_before):
+    with pytest.raises(openai.BadRequestError):  # one more mistake, so this test stands alone too
+        client.images.generate(model="tiny-sd", prompt="a dog", n=1000, **IMAGE_KW)
+    assert client.chat.completions.create(model="tiny-vlm", messages=user("hi"), max_tokens=2).choices
+    new_errors = serve_app.log_errors()[errors_before:]  # ERROR lines are flushed at once
+    assert new_errors == []
+    # ... read from the right place: the ingress's access log has the client mistakes, at INFO (the
+    # replica flushes INFO lines in the background, so give it a moment).
+    deadline = time.monotonic() + 30
+    while not serve_app.log_lines("POST /v1/images/generations 400"):
+        assert time.monotonic() < deadline, "no access log line for the 400s in the Serve logs"
+        time.sleep(0.5)
+    assert all(line.startswith("INFO") for line in serve_app.log_lines("POST /v1/images/generations 400"))
