@@ -194,6 +194,219 @@ def add_batch(sub: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# DreamBooth subcommands (Ray Train)
+# --------------------------------------------------------------------------------------------------
+
+
+@subcommand
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="DreamBooth-train one model (one or more subjects) on Ray Train",
+        description="Fine-tune Stable Diffusion on a few photos of each concept with prior preservation, "
+        "checkpointing to storage and MLflow, then register the final model. Continue a stopped run with "
+        "resume=<mlflow run id> or resume=<checkpoint URI> (and a larger steps=).",
+    )
+    add_job_config_args(p, default_config="configs/dreambooth.yaml")
+
+    def run(args: argparse.Namespace) -> int:
+        from raybooth.pipelines.train import run_train
+
+        return run_train(args.config, args.overrides, verbose=args.verbose)
+
+    p.set_defaults(func=run)
+
+
+@subcommand
+def add_fleet(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fleet",
+        help="DreamBooth-train many subjects at once, sharing the cluster",
+        description="Train every subject of a fleet manifest as its own training (its own MLflow run and "
+        "registered model), at most max_concurrent at a time; failures are reported, never contagious.",
+    )
+    p.add_argument("--manifest", default="configs/fleet.yaml", help="fleet YAML (default: configs/fleet.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override manifest keys, e.g. max_concurrent=4")
+
+    def run(args: argparse.Namespace) -> int:
+        from raybooth.pipelines.fleet import run_fleet
+
+        return run_fleet(args.manifest, args.overrides, verbose=args.verbose)
+
+    p.set_defaults(func=run)
+
+
+@subcommand
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="write images from a trained model (no server needed)",
+        description="Sample images from a registered model (models:/name/version, name@alias), a model "
+        "folder or a preset with the same loading and sampling code the image server uses.",
+    )
+    p.add_argument("--model", required=True, help="models:/<name>/<version>, name@alias, a folder or a preset")
+    p.add_argument("--prompt", required=True, help='e.g. "a photo of sks dog on the moon"')
+    p.add_argument("--negative-prompt", default="", help="what to steer away from")
+    p.add_argument("--out", default="generated", help="folder or s3:// prefix for the PNGs (default: generated)")
+    p.add_argument("--n", type=int, default=1, help="number of images (seeds seed..seed+n-1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--size", type=int, help="image side in pixels (default: the model's training resolution)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: the best available)")
+    add_job_config_args(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from raybooth.cluster import tracking
+        from raybooth.cluster.config import DreamBoothConfig, load_config
+        from raybooth.pipelines.generate import trained_resolution, write_generated_images
+        from raybooth.serving.image_models import ImageModelStore, model_folder
+
+        if args.n < 1 or args.steps < 1:
+            raise UserError("--n and --steps must be at least 1")
+        cfg = load_config(DreamBoothConfig, args.config, args.overrides)
+        tracking.configure(cfg.tracking)
+        store = ImageModelStore([args.model], lora_base_model=cfg.base_model, device=args.device, dtype="auto")
+        located = store.locate(args.model)
+        model = store.load(located)
+        size = args.size or trained_resolution(model_folder(located.path)) or 512
+        try:
+            uris = write_generated_images(
+                model.sample, args.prompt, args.out, n=args.n, seed=args.seed, steps=args.steps,
+                guidance_scale=args.guidance_scale, size=size, negative_prompt=args.negative_prompt,
+            )  # fmt: skip
+        except ValueError as e:  # a size the UNet cannot produce, say
+            raise UserError(str(e)) from e
+        print(f"raybooth generate: {len(uris)} image(s) from {located.version} ({size}x{size}):")
+        for uri in uris:
+            print(f"  {uri}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+@subcommand
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve chat and personalised images over the OpenAI HTTP API (Ray Serve)",
+        description="Start Ray Serve on the configured cluster with /v1/chat/completions, "
+        "/v1/images/generations and /v1/models; print the URL and routes; Ctrl-C stops it. Binding to "
+        "anything but loopback needs API keys (RAYBOOTH_API_KEYS or api_keys_file).",
+    )
+    add_job_config_args(p, default_config="configs/serve.yaml")
+
+    def run(args: argparse.Namespace) -> int:
+        from raybooth.serving.server import run_server
+
+        return run_server(args.config, args.overrides, verbose=args.verbose)
+
+    p.set_defaults(func=run)
+
+
+# --------------------------------------------------------------------------------------------------
+# Remote jobs (Ray Jobs API)
+# --------------------------------------------------------------------------------------------------
+
+ADDRESS_HELP = "Ray dashboard / Jobs API address, e.g. http://head:8265 (default: RAY_API_SERVER_ADDRESS)"
+
+
+def print_followed_logs(address: str | None, job_id: str) -> int:
+    """Stream a job's logs until it ends; exit 0 only if it SUCCEEDED."""
+    from raybooth.cluster.jobs import follow_logs, job_status
+
+    for chunk in follow_logs(address, job_id):
+        print(chunk, end="", flush=True)
+    status = job_status(address, job_id)
+    print(f"job {job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+@subcommand
+def add_submit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "submit",
+        help="run train/fleet/caption/batch on a remote Ray cluster",
+        description="Submit a raybooth job through the Ray Jobs API with a runtime env that ships this "
+        "checkout; prints the job id. Arguments submit does not know are passed to the job, e.g. "
+        "`raybooth submit caption --address http://head:8265 --input s3://b/imgs --output s3://b/caps`.",
+    )
+    p.add_argument("job", choices=["train", "fleet", "caption", "batch"], help="the raybooth subcommand to run")
+    p.add_argument("--address", default=None, help=ADDRESS_HELP)
+    p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
+    p.add_argument("--no-ship-project", action="store_true", help="use the raybooth installed in the cluster image")
+    p.add_argument("--working-dir", default=None, help="folder uploaded as the job's working dir (default: .)")
+    # The job's own arguments (`--input …`, `key=value`) are whatever submit does not know; `main` collects
+    # them with parse_known_args, so submit's options may come before or after the job name.
+    p.set_defaults(accepts_job_args=True)
+
+    def run(args: argparse.Namespace) -> int:
+        from raybooth.cluster.jobs import submit_job
+
+        job_id = submit_job(
+            args.address,
+            args.job,
+            list(args.job_args),
+            ship_project=not args.no_ship_project,
+            working_dir=args.working_dir,
+        )
+        print(job_id, flush=True)
+        return print_followed_logs(args.address, job_id) if args.follow else 0
+
+    p.set_defaults(func=run)
+
+
+@subcommand
+def add_logs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("logs", help="print (or follow) a submitted job's logs", description="Logs of a Ray job.")
+    p.add_argument("job_id", help="the id `raybooth submit` printed")
+    p.add_argument("--address", default=None, help=ADDRESS_HELP)
+    p.add_argument("--follow", action="store_true", help="keep streaming until the job ends")
+
+    def run(args: argparse.Namespace) -> int:
+        from raybooth.cluster.jobs import job_logs
+
+        if args.follow:
+            return print_followed_logs(args.address, args.job_id)
+        print(job_logs(args.address, args.job_id), end="")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+@subcommand
+def add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="show a submitted job's status", description="Status of a Ray job.")
+    p.add_argument("job_id", help="the id `raybooth submit` printed")
+    p.add_argument("--address", default=None, help=ADDRESS_HELP)
+
+    def run(args: argparse.Namespace) -> int:
+        from raybooth.cluster.jobs import describe_job
+
+        job = describe_job(args.address, args.job_id)
+        print(f"{job.job_id}: {job.status}" + (f" ({job.message})" if job.message else ""))
+        return 0
+
+    p.set_defaults(func=run)
+
+
+@subcommand
+def add_stop(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("stop", help="stop a submitted job", description="Stop a running Ray job.")
+    p.add_argument("job_id", help="the id `raybooth submit` printed")
+    p.add_argument("--address", default=None, help=ADDRESS_HELP)
+
+    def run(args: argparse.Namespace) -> int:
+        from raybooth.cluster.jobs import stop_job
+
+        stopped = stop_job(args.address, args.job_id)
+        print(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+# --------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------
 
@@ -214,7 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if getattr(args, "accepts_job_args", False):
+        args.job_args = unknown
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -1,0 +1,470 @@
+"""The DreamBooth train step in plain PyTorch: no Ray here, so a test (or a benchmark) calls it directly.
+
+    models = prepare_for_training(load_sd_components("tiny-sd"), train_mode="full", train_text_encoder=False,
+                                  plan=resolve_precision("no", "cpu"))
+    optimizer, lr_scheduler = make_optimizer(models, learning_rate=5e-6), ...
+    stats = train_step(models, optimizer, lr_scheduler, scaler, plan, data, cache, settings, step=0)
+
+One optimizer step, read top to bottom:
+  1. for each micro-batch: pick its rows (instance half, then class half), encode images to latents
+     and prompts to embeddings (or take both from the cache), draw noise and timesteps from a generator
+     seeded by (seed, step, micro-batch, rank), noise the latents, predict with the UNet, and take
+     MSE(instance half) + prior_loss_weight * MSE(class half) against the scheduler's target;
+  2. backward through the GradScaler (fp16) with DDP's all-reduce only on the last micro-batch;
+  3. unscale, clip, step the optimizer and the LR schedule.
+
+Trainable weights stay fp32 (master weights); autocast runs the maths in fp16/bf16; the frozen modules
+(VAE, a frozen text encoder, the UNet base under LoRA) are stored in the half dtype to save memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raybooth.models.device import PrecisionPlan, autocast
+from raybooth.models.dreambooth_data import DreamBoothData, View
+
+# LoRA targets: the attention projections, as diffusers' train_dreambooth_lora.py adapts them.
+UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@dataclass
+class TrainModels:
+    """The pieces of Stable Diffusion a train step touches; `unet`/`text_encoder` may be DDP-wrapped."""
+
+    unet: nn.Module
+    text_encoder: nn.Module
+    vae: nn.Module
+    tokenizer: Any
+    noise_scheduler: Any
+    train_mode: str  # "full" | "lora"
+    train_text_encoder: bool
+
+    def trainable(self) -> dict[str, nn.Module]:
+        """The modules whose weights a checkpoint holds, by name."""
+        out = {"unet": unwrap(self.unet)}
+        if self.train_text_encoder:
+            out["text_encoder"] = unwrap(self.text_encoder)
+        return out
+
+
+@dataclass
+class StepSettings:
+    """Knobs of one optimizer step (a subset of DreamBoothConfig, so models/ does not read configs)."""
+
+    batch_size: int = 1  # instance rows per micro-batch per rank; as many class rows join them
+    accumulation: int = 1  # micro-batches per optimizer step
+    prior_loss_weight: float = 1.0  # weight of the class-half MSE (the paper uses 1)
+    max_grad_norm: float = 1.0  # clipping keeps a lucky high-noise step from wrecking the weights
+    snr_gamma: float | None = None  # Min-SNR weighting; None trains on plain MSE
+    noise_offset: float = 0.0  # small (~0.05) values help very dark/bright images; 0 is the paper's
+    seed: int = 0
+
+
+@dataclass
+class StepStats:
+    loss: float
+    instance_loss: float
+    prior_loss: float
+    grad_norm: float
+    lr: float
+    grad_scale: float  # 1 without a GradScaler; drops when fp16 gradients overflowed
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class LossParts:
+    loss: torch.Tensor  # what backward runs on
+    instance: torch.Tensor  # detached, for logging
+    prior: torch.Tensor  # detached; 0 without prior preservation
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the module itself)."""
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+# --------------------------------------------------------------------------------------------------
+# Setting the models up
+# --------------------------------------------------------------------------------------------------
+
+
+def cast_frozen(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Store a frozen module in `dtype` (a no-op, and no diffusers warning, when it already is)."""
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype)
+    return module
+
+
+def use_sdpa(module: nn.Module) -> None:
+    """Route a diffusers model's attention through torch's fused scaled_dot_product_attention."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    module.set_attn_processor(AttnProcessor2_0())
+
+
+def add_lora(module: nn.Module, rank: int, alpha: int, targets: list[str]) -> None:
+    """Freeze `module` and add peft LoRA adapters (fp32) on its `targets`; only they will train."""
+    from peft import LoraConfig
+
+    module.requires_grad_(False)
+    # Gaussian init of A with B = 0: the adapted model starts exactly at the base model.
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
+    module.add_adapter(config)
+    for p in module.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # master weights in fp32 even when the base is half
+
+
+def prepare_for_training(
+    components: Any,
+    *,
+    train_mode: str,
+    train_text_encoder: bool,
+    plan: PrecisionPlan,
+    gradient_checkpointing: bool = False,
+    lora_rank: int = 4,
+    lora_alpha: int = 4,
+    seed: int = 0,
+) -> TrainModels:
+    """Freeze, cast, adapt and switch on SDPA/checkpointing as the run asks; returns the `TrainModels`.
+
+    `components` has unet, vae, text_encoder, tokenizer and noise_scheduler (presets.load_sd_components),
+    loaded in fp32 on the training device.
+    """
+    if train_mode not in ("full", "lora"):
+        raise ValueError(f"train_mode {train_mode!r}: use full or lora")
+    unet, vae, text_encoder = components.unet, components.vae, components.text_encoder
+    half = plan.frozen_dtype
+
+    cast_frozen(vae.requires_grad_(False).eval(), half)  # the VAE only encodes: never trained, always frozen
+    use_sdpa(unet)
+    use_sdpa(vae)
+
+    if train_mode == "lora":
+        cast_frozen(unet, half)  # the base is frozen: keep it in the half dtype, adapters in fp32
+        torch.manual_seed(seed)  # LoRA's random A matrices: the same on every rank and every resume
+        add_lora(unet, lora_rank, lora_alpha, UNET_LORA_TARGETS)
+        if train_text_encoder:
+            cast_frozen(text_encoder, half)
+            add_lora(text_encoder, lora_rank, lora_alpha, TEXT_ENCODER_LORA_TARGETS)
+    else:
+        unet.requires_grad_(True)
+        text_encoder.requires_grad_(train_text_encoder)
+
+    if not train_text_encoder:
+        cast_frozen(text_encoder.requires_grad_(False).eval(), half)
+    unet.train()
+    if train_text_encoder:
+        text_encoder.train()
+
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+
+    return TrainModels(
+        unet=unet,
+        text_encoder=text_encoder,
+        vae=vae,
+        tokenizer=components.tokenizer,
+        noise_scheduler=components.noise_scheduler,
+        train_mode=train_mode,
+        train_text_encoder=train_text_encoder,
+    )
+
+
+def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in unwrap(module).parameters() if p.requires_grad]
+
+
+def make_optimizer(
+    models: TrainModels,
+    learning_rate: float,
+    text_encoder_lr: float | None = None,
+    weight_decay: float = 1e-2,
+) -> torch.optim.Optimizer:
+    """AdamW over the trainable weights: one group for the UNet, one for the text encoder when it trains."""
+    groups = [{"params": trainable_parameters(models.unet), "lr": learning_rate}]
+    if models.train_text_encoder:
+        groups.append(
+            {"params": trainable_parameters(models.text_encoder), "lr": text_encoder_lr or learning_rate}
+        )
+    # foreach=False: the per-parameter loop is the same kernel sequence on every run (determinism on CPU).
+    return torch.optim.AdamW(groups, weight_decay=weight_decay, foreach=False)
+
+
+def make_lr_scheduler(
+    optimizer: torch.optim.Optimizer, warmup_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup_steps`, then constant (diffusers' DreamBooth default is constant)."""
+
+    def factor(step: int) -> float:
+        return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoding images and prompts (and caching both)
+# --------------------------------------------------------------------------------------------------
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """The CPU generator for one micro-batch of one rank: a pure function of its coordinates."""
+    state = np.random.SeedSequence([seed, step, micro, rank]).generate_state(2, dtype=np.uint32)
+    return torch.Generator("cpu").manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def tokenize(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
+    """(N, T) token ids padded to the tokenizer's max length, as the SD pipelines encode prompts."""
+    return tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def encode_prompts(text_encoder: nn.Module, tokenizer: Any, prompts: list[str]) -> torch.Tensor:
+    """(N, T, D) last hidden states, what the UNet cross-attends to."""
+    device = next(unwrap(text_encoder).parameters()).device
+    return text_encoder(tokenize(tokenizer, prompts).to(device))[0]
+
+
+@torch.no_grad()
+def latent_moments(vae: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, 3, R, R) in [-1, 1] → the VAE posterior's mean and std, each (N, 4, R/8, R/8), fp32."""
+    param = next(vae.parameters())
+    posterior = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
+    return posterior.mean.float(), posterior.std.float()
+
+
+def sample_latents(
+    mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator, scaling_factor: float
+) -> torch.Tensor:
+    """A draw from the posterior, scaled as SD's UNet expects; the noise comes from `generator` (CPU)."""
+    eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+    return (mean + std * eps) * scaling_factor
+
+
+@dataclass
+class EncodingCache:
+    """Posterior moments per view and embeddings per prompt, computed once (`cache_latents: true`).
+
+    Sampling the posterior stays per step (same generator draw as without the cache), so caching changes
+    speed, not results, up to float rounding of batched vs single VAE passes.
+    """
+
+    moments: dict[tuple[str, int, int, bool], tuple[torch.Tensor, torch.Tensor]]  # (C, h, w) each
+    embeddings: dict[str, torch.Tensor] | None  # prompt -> (T, D); None when the text encoder trains
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, models: TrainModels, data: DreamBoothData, batch: int = 8) -> EncodingCache:
+        views = data.all_views()
+        moments: dict[tuple[str, int, int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        for i in range(0, len(views), batch):
+            chunk = views[i : i + batch]
+            mean, std = latent_moments(models.vae, data.pixels(chunk))
+            for j, v in enumerate(chunk):
+                moments[_view_key(v)] = (mean[j], std[j])
+        embeddings = None
+        if not models.train_text_encoder:
+            prompts = data.all_prompts()
+            hidden = encode_prompts(models.text_encoder, models.tokenizer, prompts)
+            embeddings = {p: hidden[k] for k, p in enumerate(prompts)}
+        return cls(moments, embeddings)
+
+
+def _view_key(v: View) -> tuple[str, int, int, bool]:
+    return (v.kind, v.concept, v.index, v.flip)
+
+
+def batch_latents(
+    models: TrainModels,
+    data: DreamBoothData,
+    views: list[View],
+    generator: torch.Generator,
+    cache: EncodingCache | None,
+) -> torch.Tensor:
+    """(N, 4, h, w) fp32 latents for the rows, from the cache or through the VAE."""
+    if cache is not None:
+        mean = torch.stack([cache.moments[_view_key(v)][0] for v in views])
+        std = torch.stack([cache.moments[_view_key(v)][1] for v in views])
+    else:
+        mean, std = latent_moments(models.vae, data.pixels(views))
+    return sample_latents(mean, std, generator, models.vae.config.scaling_factor)
+
+
+def batch_embeddings(
+    models: TrainModels, data: DreamBoothData, views: list[View], cache: EncodingCache | None
+) -> torch.Tensor:
+    """(N, T, D) text embeddings for the rows (with grad when the text encoder trains)."""
+    prompts = data.prompts(views)
+    if cache is not None and cache.embeddings is not None:
+        return torch.stack([cache.embeddings[p] for p in prompts])
+    if models.train_text_encoder:
+        return encode_prompts(models.text_encoder, models.tokenizer, prompts)
+    with torch.no_grad():
+        return encode_prompts(models.text_encoder, models.tokenizer, prompts)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loss
+# --------------------------------------------------------------------------------------------------
+
+
+def training_target(
+    noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+):
+    """What the UNet must predict: the noise (epsilon) or the velocity, as the scheduler config says."""
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(
+        f"scheduler prediction_type {prediction_type!r} is not supported; use epsilon or v_prediction"
+    )
+
+
+def snr_weights(noise_scheduler: Any, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023), one per row: min(SNR, gamma) / SNR (or SNR+1 for v)."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
+
+
+def diffusion_loss(
+    unet: nn.Module,
+    noise_scheduler: Any,
+    latents: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    with_prior: bool,
+    prior_loss_weight: float = 1.0,
+    snr_gamma: float | None = None,
+    noise_offset: float = 0.0,
+) -> LossParts:
+    """DreamBooth's loss on one batch: rows [0, N/2) are the instance half, [N/2, N) the class half.
+
+    latents (N, C, h, w) fp32, encoder_hidden_states (N, T, D). Noise and timesteps come from `generator`.
+    """
+    n = latents.shape[0]
+    device = latents.device
+    noise = torch.randn(latents.shape, generator=generator).to(device)  # (N, C, h, w)
+    if noise_offset:
+        # A per-channel constant shift lets the model learn to change an image's mean brightness.
+        offset = torch.randn((n, latents.shape[1], 1, 1), generator=generator).to(device)
+        noise = noise + noise_offset * offset
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, num_timesteps, (n,), generator=generator).to(device)  # (N,)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)  # (N, C, h, w)
+    target = training_target(noise_scheduler, latents, noise, timesteps)
+
+    pred = unet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states).sample.float()  # (N, C, h, w)
+
+    if with_prior:
+        pred, prior_pred = pred.chunk(2)
+        target, prior_target = target.chunk(2)
+        timesteps = timesteps[: n // 2]
+        prior = F.mse_loss(prior_pred, prior_target.float(), reduction="mean")
+    else:
+        prior = torch.zeros((), device=device)
+
+    if snr_gamma is None:
+        instance = F.mse_loss(pred, target.float(), reduction="mean")
+    else:
+        per_row = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+        instance = (per_row * snr_weights(noise_scheduler, timesteps, snr_gamma)).mean()
+
+    loss = instance + prior_loss_weight * prior if with_prior else instance
+    return LossParts(loss, instance.detach(), prior.detach())
+
+
+# --------------------------------------------------------------------------------------------------
+# One optimizer step
+# --------------------------------------------------------------------------------------------------
+
+
+def _no_sync(modules: list[nn.Module], skip: bool) -> contextlib.ExitStack:
+    """Skip DDP's gradient all-reduce for every micro-batch but the last of an accumulation."""
+    stack = contextlib.ExitStack()
+    if skip:
+        for m in modules:
+            if isinstance(m, nn.parallel.DistributedDataParallel):
+                stack.enter_context(m.no_sync())
+    return stack
+
+
+def train_step(
+    models: TrainModels,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    plan: PrecisionPlan,
+    data: DreamBoothData,
+    cache: EncodingCache | None,
+    settings: StepSettings,
+    step: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> StepStats:
+    """One optimizer step (0-based `step`) over `settings.accumulation` micro-batches on this rank."""
+    trained = [models.unet] + ([models.text_encoder] if models.train_text_encoder else [])
+    totals = torch.zeros(3)  # loss, instance, prior: averaged over micro-batches for logging
+    for micro in range(settings.accumulation):
+        generator = step_generator(settings.seed, step, micro, rank)
+        views = data.select(step, micro, rank, world_size, settings.batch_size, settings.accumulation)
+        with _no_sync(trained, skip=micro < settings.accumulation - 1):
+            latents = batch_latents(models, data, views, generator, cache)  # (N, 4, h, w)
+            with autocast(plan):
+                hidden = batch_embeddings(models, data, views, cache)  # (N, T, D)
+                parts = diffusion_loss(
+                    models.unet,
+                    models.noise_scheduler,
+                    latents,
+                    hidden,
+                    generator,
+                    with_prior=data.with_prior,
+                    prior_loss_weight=settings.prior_loss_weight,
+                    snr_gamma=settings.snr_gamma,
+                    noise_offset=settings.noise_offset,
+                )
+            # Dividing by the micro-batch count makes the accumulated gradient a mean, like one big batch.
+            scaler.scale(parts.loss / settings.accumulation).backward()
+        totals += torch.stack([parts.loss.detach(), parts.instance, parts.prior]).float().cpu()
+
+    params = [p for m in trained for p in trainable_parameters(m)]
+    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+    scaler.step(optimizer)  # skipped (and the scale lowered) when fp16 gradients overflowed
+    scaler.update()
+    lr = optimizer.param_groups[0]["lr"]
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    loss, instance, prior = (totals / settings.accumulation).tolist()
+    return StepStats(
+        loss=loss,
+        instance_loss=instance,
+        prior_loss=prior,
+        grad_norm=float(grad_norm),
+        lr=lr,
+        grad_scale=float(scaler.get_scale()) if scaler.is_enabled() else 1.0,
+    )
