@@ -20,6 +20,7 @@ a wrong URI is a `TrackingError` in seconds. Credentials for a server (`MLFLOW_T
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -95,10 +96,16 @@ def resolve_tracking_uri(section: TrackingSection) -> str:
     return section.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
-def _ensure_sqlite_folder(uri: str) -> None:
-    # sqlite creates the file but not its folder; the default folder is ours to make.
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+def _init_sqlite_store(uri: str) -> None:
+    """Create a sqlite store's tables once, under a file lock.
+
+    Two processes opening a fresh store at once (a fleet's trainings, Ray workers) both run MLflow's
+    migrations and one fails with "table ... already exists"; the lock makes the first one create them."""
+    path = Path(uri[len("sqlite:///") :])
+    path.parent.mkdir(parents=True, exist_ok=True)  # sqlite creates the file but not its folder
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
 
 
 def configure(section: TrackingSection) -> str:
@@ -106,8 +113,8 @@ def configure(section: TrackingSection) -> str:
     global _configured_uri
     uri = resolve_tracking_uri(section)
     registry = section.registry_uri or os.environ.get("MLFLOW_REGISTRY_URI") or uri
-    if uri == default_tracking_uri():
-        _ensure_sqlite_folder(uri)
+    if uri.startswith("sqlite:///") and uri != _configured_uri:
+        _init_sqlite_store(uri)
     for u in {uri, registry}:
         if _is_http(u):
             ok, msg = check_tracking(u)

@@ -114,8 +114,8 @@ def run_subjects(fleet: FleetConfig, manifest: str | None = None) -> list[Subjec
         else:
             queue.append((name, cfg))
 
-    # Open each tracking store once here: trainings starting at the same moment on a fresh sqlite store
-    # would otherwise race to create its tables.
+    # Fail fast, before any training starts, on a tracking store that does not answer (configure also
+    # creates a fresh sqlite store's tables once, so trainings starting together do not race on them).
     for uri in {tracking.configure(cfg.tracking) for _, cfg in queue}:
         ok, message = tracking.check_tracking(uri)
         if not ok:
