@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -72,7 +73,9 @@ def add_build_models(sub: argparse._SubParsersAction) -> None:
         description="Build model presets (tiny seeded weights saved in diffusers/transformers format) so "
         "later jobs load them with from_pretrained. sd15-arch is large: build it only for GPU benchmarks.",
     )
-    p.add_argument("presets", nargs="*", default=["tiny-sd", "tiny-vlm"], help="preset names (default: tiny ones)")
+    p.add_argument(
+        "presets", nargs="*", default=["tiny-sd", "tiny-vlm"], help="preset names (default: tiny ones)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for the random weights")
 
     def run(args: argparse.Namespace) -> int:
@@ -225,8 +228,12 @@ def add_fleet(sub: argparse._SubParsersAction) -> None:
         description="Train every subject of a fleet manifest as its own training (its own MLflow run and "
         "registered model), at most max_concurrent at a time; failures are reported, never contagious.",
     )
-    p.add_argument("--manifest", default="configs/fleet.yaml", help="fleet YAML (default: configs/fleet.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="override manifest keys, e.g. max_concurrent=4")
+    p.add_argument(
+        "--manifest", default="configs/fleet.yaml", help="fleet YAML (default: configs/fleet.yaml)"
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="override manifest keys, e.g. max_concurrent=4"
+    )
 
     def run(args: argparse.Namespace) -> int:
         from raybooth.pipelines.fleet import run_fleet
@@ -244,10 +251,14 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         description="Sample images from a registered model (models:/name/version, name@alias), a model "
         "folder or a preset with the same loading and sampling code the image server uses.",
     )
-    p.add_argument("--model", required=True, help="models:/<name>/<version>, name@alias, a folder or a preset")
+    p.add_argument(
+        "--model", required=True, help="models:/<name>/<version>, name@alias, a folder or a preset"
+    )
     p.add_argument("--prompt", required=True, help='e.g. "a photo of sks dog on the moon"')
     p.add_argument("--negative-prompt", default="", help="what to steer away from")
-    p.add_argument("--out", default="generated", help="folder or s3:// prefix for the PNGs (default: generated)")
+    p.add_argument(
+        "--out", default="generated", help="folder or s3:// prefix for the PNGs (default: generated)"
+    )
     p.add_argument("--n", type=int, default=1, help="number of images (seeds seed..seed+n-1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image")
     p.add_argument("--steps", type=int, default=25, help="denoising steps")
@@ -266,7 +277,9 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
             raise UserError("--n and --steps must be at least 1")
         cfg = load_config(DreamBoothConfig, args.config, args.overrides)
         tracking.configure(cfg.tracking)
-        store = ImageModelStore([args.model], lora_base_model=cfg.base_model, device=args.device, dtype="auto")
+        store = ImageModelStore(
+            [args.model], lora_base_model=cfg.base_model, device=args.device, dtype="auto"
+        )
         located = store.locate(args.model)
         model = store.load(located)
         size = args.size or trained_resolution(model_folder(located.path)) or 512
@@ -331,11 +344,17 @@ def add_submit(sub: argparse._SubParsersAction) -> None:
         "checkout; prints the job id. Arguments submit does not know are passed to the job, e.g. "
         "`raybooth submit caption --address http://head:8265 --input s3://b/imgs --output s3://b/caps`.",
     )
-    p.add_argument("job", choices=["train", "fleet", "caption", "batch"], help="the raybooth subcommand to run")
+    p.add_argument(
+        "job", choices=["train", "fleet", "caption", "batch"], help="the raybooth subcommand to run"
+    )
     p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
-    p.add_argument("--no-ship-project", action="store_true", help="use the raybooth installed in the cluster image")
-    p.add_argument("--working-dir", default=None, help="folder uploaded as the job's working dir (default: .)")
+    p.add_argument(
+        "--no-ship-project", action="store_true", help="use the raybooth installed in the cluster image"
+    )
+    p.add_argument(
+        "--working-dir", default=None, help="folder uploaded as the job's working dir (default: .)"
+    )
     # The job's own arguments (`--input …`, `key=value`) are whatever submit does not know; `main` collects
     # them with parse_known_args, so submit's options may come before or after the job name.
     p.set_defaults(accepts_job_args=True)
@@ -358,7 +377,9 @@ def add_submit(sub: argparse._SubParsersAction) -> None:
 
 @subcommand
 def add_logs(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("logs", help="print (or follow) a submitted job's logs", description="Logs of a Ray job.")
+    p = sub.add_parser(
+        "logs", help="print (or follow) a submitted job's logs", description="Logs of a Ray job."
+    )
     p.add_argument("job_id", help="the id `raybooth submit` printed")
     p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.add_argument("--follow", action="store_true", help="keep streaming until the job ends")
@@ -440,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.verbose:
         # MLflow and alembic log every store migration at INFO; keep the terminal to raybooth's own output.
+        # MLflow sets its logger's level from MLFLOW_LOGGING_LEVEL when it is imported, so say it there too.
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
     try:

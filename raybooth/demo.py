@@ -107,9 +107,15 @@ def serve_and_ask(cfg: DemoConfig, image_model: str, report: DemoReport) -> None
         )  # fmt: skip
         png = base64.b64decode(image.data[0].b64_json)
         report.add("images.generate", f"{image_model}: a {len(png)}-byte 64x64 PNG")
+        from raybooth.samples import draw_sample_image, png_bytes
+
+        photo = base64.b64encode(png_bytes(draw_sample_image(0, seed=cfg.seed))).decode()
+        question = [
+            {"type": "text", "text": "Describe the image in one sentence."},
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{photo}"}},
+        ]
         chat = client.chat.completions.create(
-            model="tiny-vlm", messages=[{"role": "user", "content": "Describe the image in one sentence."}],
-            max_tokens=16, seed=cfg.seed,
+            model="tiny-vlm", messages=[{"role": "user", "content": question}], max_tokens=16, seed=cfg.seed,
         )  # fmt: skip
         answer = f"{chat.choices[0].message.content!r} ({chat.usage.completion_tokens} tokens)"
         report.add("chat.completions", answer)
@@ -127,7 +133,9 @@ def train_demo_subject(cfg: DemoConfig, root: str) -> TrainResult:
 
     subject = storage.join(root, "demo", "subject")  # where configs/dreambooth.yaml looks too
     for i in range(3):
-        storage.write_bytes_atomic(storage.join(subject, f"photo_{i}.png"), png_bytes(draw_sample_image(100 + i, seed=cfg.seed)))
+        storage.write_bytes_atomic(
+            storage.join(subject, f"photo_{i}.png"), png_bytes(draw_sample_image(100 + i, seed=cfg.seed))
+        )
     train_cfg = DreamBoothConfig(
         cluster=cfg.cluster, storage=cfg.storage, tracking=cfg.tracking, seed=cfg.seed,
         concepts=[{"instance_data": subject, "class_name": "dog", "num_class_images": 4}],
@@ -147,21 +155,23 @@ def run_demo(config: str | None, overrides: list[str], verbose: bool = False) ->
     started = time.time()
     report = DemoReport()
 
-    step("1/4 model presets (tiny, seeded, saved in diffusers/transformers format)")
+    step("1/7 model presets (tiny, seeded, saved in diffusers/transformers format)")
     for preset in ("tiny-sd", "tiny-vlm"):
         report.add(f"model {preset}", resolve_model(preset))
 
-    step("2/4 Ray")
+    step("2/7 Ray")
     with ray_session(cfg.cluster, verbose=verbose) as info:
-        report.add("ray", f"{'embedded' if info.embedded else info.address}: {info.cpus:g} CPUs, {info.gpus:g} GPUs")
+        report.add(
+            "ray", f"{'embedded' if info.embedded else info.address}: {info.cpus:g} CPUs, {info.gpus:g} GPUs"
+        )
 
-        step("3/4 storage")
+        step("3/7 storage")
         root = storage.storage_root(cfg.storage)
         images_uri = storage.join(root, "demo", "images")
         uris = write_sample_images_to_storage(images_uri, cfg.images, cfg.seed)
         report.add("sample images", f"{images_uri} ({len(uris)} PNGs)")
 
-        step("captions (Ray Data: decode on CPU tasks, tiny-vlm on an actor pool)")
+        step("4/7 captions (Ray Data: decode on CPU tasks, tiny-vlm on an actor pool)")
         captions = caption_sample_images(cfg, images_uri, storage.join(root, "demo", "captions"))
         report.add(
             "captions",
@@ -169,7 +179,7 @@ def run_demo(config: str | None, overrides: list[str], verbose: bool = False) ->
             f"{captions.skipped} already done; {captions.rows_per_s:.1f} rows/s)",
         )
 
-        step("4/4 MLflow")
+        step("5/7 MLflow")
         uri = tracking.configure(cfg.tracking)
         with tracking.start_run(cfg.tracking.experiment, run_name="demo") as run:
             tracking.log_params({"images": cfg.images, "seed": cfg.seed, "storage_root": root})
@@ -177,12 +187,12 @@ def run_demo(config: str | None, overrides: list[str], verbose: bool = False) ->
             run_id = run.info.run_id
         report.add("mlflow run", f"{uri} (experiment {cfg.tracking.experiment}, run {run_id})")
 
-        step("DreamBooth (Ray Train: 2 workers, prior preservation, checkpoints, MLflow registry)")
+        step("6/7 DreamBooth (Ray Train: 2 workers, prior preservation, checkpoints, MLflow registry)")
         trained = train_demo_subject(cfg, root)
         report.add("dreambooth", f"{trained.model_uri} (run {trained.run_id}, loss {trained.loss:.4f}, "
                    f"{trained.seconds:.0f}s; checkpoint {trained.checkpoint})")  # fmt: skip
 
-        step("serving (Ray Serve, OpenAI API: one image and one chat request through the openai client)")
+        step("7/7 serving (Ray Serve, OpenAI API: one image and one chat request through the openai client)")
         serve_and_ask(cfg, image_model=trained.model_name, report=report)
 
     report.print_summary(time.time() - started)

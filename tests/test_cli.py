@@ -14,7 +14,9 @@ from raybooth.cli import build_parser
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
     # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI for child processes; earlier tests in this
     # process may have pointed it at their own store or server, so each CLI run starts without it.
-    inherited = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    inherited = {
+        k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    }
     full_env = {**inherited, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "raybooth.cli", *args],

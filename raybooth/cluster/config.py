@@ -46,7 +46,9 @@ class ClusterSection(Strict):
     num_gpus: int | None = Field(
         None, ge=0, description="Embedded Ray only: GPUs to offer (default: those torch can see)."
     )
-    namespace: str = Field("raybooth", description="Ray namespace, so named actors of two projects never collide.")
+    namespace: str = Field(
+        "raybooth", description="Ray namespace, so named actors of two projects never collide."
+    )
     ship_project: bool = Field(
         True,
         description="On a remote cluster, upload this checkout of raybooth to the workers via runtime_env "
@@ -100,11 +102,19 @@ class InferenceJobConfig(JobConfig):
     input: str | None = Field(None, description="Input: folder, glob, parquet file/folder or s3:// prefix.")
     output: str | None = Field(None, description="Output folder/file, local or s3://.")
     model: str = Field("tiny-vlm", description="VLM: a preset name, a local path or a hub id.")
-    device: str = Field("auto", description="Device of each replica: auto (CUDA when the replica has a GPU), cpu, cuda.")
-    dtype: str | None = Field(None, description="Weights dtype (fp32, fp16, bf16); empty: the checkpoint's own.")
-    batch_size: int = Field(8, ge=1, description="Max rows per model batch (the token budget caps it further).")
+    device: str = Field(
+        "auto", description="Device of each replica: auto (CUDA when the replica has a GPU), cpu, cuda."
+    )
+    dtype: str | None = Field(
+        None, description="Weights dtype (fp32, fp16, bf16); empty: the checkpoint's own."
+    )
+    batch_size: int = Field(
+        8, ge=1, description="Max rows per model batch (the token budget caps it further)."
+    )
     max_batch_tokens: int = Field(
-        8192, ge=16, description="Token budget per batch: rows are packed until their padded length reaches it."
+        8192,
+        ge=16,
+        description="Token budget per batch: rows are packed until their padded length reaches it.",
     )
     packing: Literal["token_budget", "fifo"] = Field(
         "token_budget",
@@ -117,7 +127,9 @@ class InferenceJobConfig(JobConfig):
         description="Rows a replica receives per call and packs into batches; larger packs tighter but holds "
         "more decoded rows in memory.",
     )
-    replicas: str = Field("1:1", pattern=r"^\d+:\d+$", description="MIN:MAX model replicas (actor pool autoscaling).")
+    replicas: str = Field(
+        "1:1", pattern=r"^\d+:\d+$", description="MIN:MAX model replicas (actor pool autoscaling)."
+    )
     num_gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per model replica (0 on CPU machines).")
     num_cpus_per_replica: float = Field(1.0, gt=0, description="CPUs reserved per model replica.")
     max_prepare_tasks: int | None = Field(
@@ -130,10 +142,14 @@ class InferenceJobConfig(JobConfig):
     max_image_pixels: int = Field(
         25_000_000, ge=1, description="Images over this many pixels are refused (decompression-bomb guard)."
     )
-    max_image_bytes: int = Field(32 * 1024 * 1024, ge=1, description="Image files over this size are refused.")
+    max_image_bytes: int = Field(
+        32 * 1024 * 1024, ge=1, description="Image files over this size are refused."
+    )
     seed: int = Field(0, description="Seed for sampling when a request does not give one.")
     limit: int | None = Field(
-        None, ge=1, description="Process at most this many not-yet-done rows, then stop (a trial; rerun for the rest)."
+        None,
+        ge=1,
+        description="Process at most this many not-yet-done rows, then stop (a trial; rerun for the rest).",
     )
 
     @field_validator("replicas")
@@ -154,10 +170,14 @@ class CaptionConfig(InferenceJobConfig):
 
     prompt: str = Field("Describe the image.", description="Instruction sent with every image.")
     temperature: float = Field(
-        0.0, ge=0.0, le=2.0, description="Sampling temperature; 0 is greedy, so a rerun gives the same captions."
+        0.0,
+        ge=0.0,
+        le=2.0,
+        description="Sampling temperature; 0 is greedy, so a rerun gives the same captions.",
     )
     image_column: str | None = Field(
-        None, description="Parquet input: column with image bytes or paths (default: guessed: image, bytes, path)."
+        None,
+        description="Parquet input: column with image bytes or paths (default: guessed: image, bytes, path).",
     )
 
 
@@ -214,8 +234,12 @@ class DreamBoothConfig(JobConfig):
     """`raybooth train`: fine-tune Stable Diffusion on one or more concepts."""
 
     base_model: str = Field("tiny-sd", description="Base Stable Diffusion: preset, local path or hub id.")
-    concepts: list[ConceptConfig] = Field(default_factory=list, description="Subjects to learn (one or more).")
-    with_prior_preservation: bool = Field(True, description="Add the class-image loss (the DreamBooth paper's).")
+    concepts: list[ConceptConfig] = Field(
+        default_factory=list, description="Subjects to learn (one or more)."
+    )
+    with_prior_preservation: bool = Field(
+        True, description="Add the class-image loss (the DreamBooth paper's)."
+    )
     prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the class-half loss.")
     resolution: int = Field(32, ge=8, description="Training resolution in pixels; divisible by 8.")
     center_crop: bool = Field(True, description="Center crop (else random crop) after resizing.")
@@ -227,11 +251,15 @@ class DreamBoothConfig(JobConfig):
     )
     lr_warmup_steps: int = Field(0, ge=0, description="Steps of linear learning-rate warm-up, then constant.")
     adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay (diffusers' default).")
-    batch_size: int = Field(1, ge=1, description="Instance images per worker per step (class images match it).")
+    batch_size: int = Field(
+        1, ge=1, description="Instance images per worker per step (class images match it)."
+    )
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     mixed_precision: str = Field("no", pattern="^(no|fp16|bf16)$", description="no | fp16 | bf16.")
-    train_mode: str = Field("full", pattern="^(full|lora)$", description="full (UNet + text encoder) or lora.")
+    train_mode: str = Field(
+        "full", pattern="^(full|lora)$", description="full (UNet + text encoder) or lora."
+    )
     lora_rank: int = Field(4, ge=1, description="LoRA rank (train_mode: lora).")
     lora_alpha: int = Field(4, ge=1, description="LoRA alpha (train_mode: lora).")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the UNet.")
@@ -243,15 +271,22 @@ class DreamBoothConfig(JobConfig):
     snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting gamma (null: off).")
     noise_offset: float = Field(0.0, ge=0, description="Noise offset (0: off).")
     sample_steps: int = Field(25, ge=1, description="Denoising steps for class images and validation images.")
-    sample_guidance_scale: float = Field(7.5, ge=0, description="Guidance scale for class and validation images.")
+    sample_guidance_scale: float = Field(
+        7.5, ge=0, description="Guidance scale for class and validation images."
+    )
     checkpoint_every: int = Field(10, ge=1, description="Steps between checkpoints.")
     checkpoints_to_keep: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
     log_checkpoints_to_mlflow: bool = Field(
-        True, description="Also upload each checkpoint to the MLflow run's artifacts (off: only its URI is logged)."
+        True,
+        description="Also upload each checkpoint to the MLflow run's artifacts (off: only its URI is logged).",
     )
     validation_prompts: list[str] = Field(default_factory=list, description="Prompts sampled at validation.")
-    validation_every: int = Field(0, ge=0, description="Steps between validation images (0: only at the end).")
-    export_fp16: bool = Field(True, description="Save the final model in fp16 (half the size; what serving loads).")
+    validation_every: int = Field(
+        0, ge=0, description="Steps between validation images (0: only at the end)."
+    )
+    export_fp16: bool = Field(
+        True, description="Save the final model in fp16 (half the size; what serving loads)."
+    )
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks).")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (0: CPU training).")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
@@ -259,7 +294,9 @@ class DreamBoothConfig(JobConfig):
     seed: int = Field(0, description="Seed for weights, noise, data order and class images.")
     run_name: str | None = Field(None, description="MLflow run name (default: the model name).")
     model_name: str = Field(
-        "raybooth-subject", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Registered MLflow model name."
+        "raybooth-subject",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Registered MLflow model name.",
     )
     resume: str | None = Field(None, description="MLflow run id or checkpoint URI to continue from.")
 
@@ -275,7 +312,9 @@ class DreamBoothConfig(JobConfig):
                 f"resolution {self.resolution} is not divisible by 8 (the VAE downsamples by 8); use {lower} or {lower + 8}"
             )
         if self.cache_latents and not self.center_crop:
-            raise ValueError("cache_latents needs center_crop: true (random crops change every step); set one of them")
+            raise ValueError(
+                "cache_latents needs center_crop: true (random crops change every step); set one of them"
+            )
         if self.with_prior_preservation:
             for i, concept in enumerate(self.concepts):
                 if concept.num_class_images < 1:
@@ -322,18 +361,28 @@ class AutoscalingSection(Strict):
     """Ray Serve `autoscaling_config` for one deployment (replicas follow the ongoing requests)."""
 
     min_replicas: int = Field(1, ge=0, description="Replicas kept when idle (0 lets Serve scale to zero).")
-    max_replicas: int = Field(1, ge=1, description="Upper bound; each replica holds its own copy of the model.")
+    max_replicas: int = Field(
+        1, ge=1, description="Upper bound; each replica holds its own copy of the model."
+    )
     initial_replicas: int | None = Field(None, ge=0, description="Replicas at start (default: min_replicas).")
     target_ongoing_requests: float = Field(
-        2.0, gt=0, description="Ongoing requests per replica Serve aims for; batching deployments want ~max_batch_size."
+        2.0,
+        gt=0,
+        description="Ongoing requests per replica Serve aims for; batching deployments want ~max_batch_size.",
     )
-    upscale_delay_s: float = Field(30.0, ge=0, description="How long load must stay high before adding a replica.")
-    downscale_delay_s: float = Field(600.0, ge=0, description="How long load must stay low before removing one.")
+    upscale_delay_s: float = Field(
+        30.0, ge=0, description="How long load must stay high before adding a replica."
+    )
+    downscale_delay_s: float = Field(
+        600.0, ge=0, description="How long load must stay low before removing one."
+    )
 
     @model_validator(mode="after")
     def _min_le_max(self) -> AutoscalingSection:
         if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas}); raise max_replicas")
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas}); raise max_replicas"
+            )
         return self
 
     def to_serve(self) -> dict[str, Any]:
@@ -347,7 +396,9 @@ class DeploymentSection(Strict):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (0 on CPU machines).")
     max_ongoing_requests: int = Field(16, ge=1, description="Requests a replica works on at once.")
     max_queued_requests: int = Field(
-        64, ge=-1, description="Requests a caller queues for this deployment before answering 503 (-1: unbounded)."
+        64,
+        ge=-1,
+        description="Requests a caller queues for this deployment before answering 503 (-1: unbounded).",
     )
     autoscaling: AutoscalingSection = Field(default_factory=AutoscalingSection)
 
@@ -355,7 +406,9 @@ class DeploymentSection(Strict):
 class BatchingMixin(Strict):
     max_batch_size: int = Field(8, ge=1, description="Most requests `@serve.batch` puts in one model batch.")
     batch_wait_timeout_s: float = Field(
-        0.05, ge=0, description="How long the first request of a batch waits for company (latency vs throughput)."
+        0.05,
+        ge=0,
+        description="How long the first request of a batch waits for company (latency vs throughput).",
     )
     max_concurrent_batches: int = Field(1, ge=1, description="Batches a replica runs at once.")
 
@@ -376,35 +429,48 @@ class ImageServeSection(DeploymentSection, BatchingMixin):
 
     max_ongoing_requests: int = Field(16, ge=1, description="Requests a replica works on at once.")
     max_models_per_replica: int = Field(
-        4, ge=1, description="Subjects a replica keeps loaded (`@serve.multiplexed`, least recently used evicted)."
+        4,
+        ge=1,
+        description="Subjects a replica keeps loaded (`@serve.multiplexed`, least recently used evicted).",
     )
     registry_poll_s: float = Field(
         30.0, gt=0, description="How often a replica re-resolves its loaded models' aliases in MLflow."
     )
     lora_base_model: str = Field(
-        "tiny-sd", description="Base model for LoRA subjects whose artifact does not name one (raybooth_lora.json)."
+        "tiny-sd",
+        description="Base model for LoRA subjects whose artifact does not name one (raybooth_lora.json).",
     )
     device: str | None = Field(None, description="cpu | cuda | mps (default: the best one available).")
     dtype: str = Field("auto", pattern="^(auto|float32|float16|bfloat16)$", description="auto: fp16 on GPU.")
     default_steps: int = Field(25, ge=1, description="num_inference_steps when a request does not give one.")
-    default_guidance_scale: float = Field(7.5, ge=0, description="guidance_scale when a request does not give one.")
-    default_size: str = Field("512x512", pattern=r"^\d+x\d+$", description="size when a request does not give one.")
+    default_guidance_scale: float = Field(
+        7.5, ge=0, description="guidance_scale when a request does not give one."
+    )
+    default_size: str = Field(
+        "512x512", pattern=r"^\d+x\d+$", description="size when a request does not give one."
+    )
 
 
 class ChatServeSection(DeploymentSection, BatchingMixin):
     """The chat deployment (`ChatDeployment`)."""
 
-    max_concurrent_batches: int = Field(2, ge=1, description="Batches decoding at once (a new batch need not wait).")
+    max_concurrent_batches: int = Field(
+        2, ge=1, description="Batches decoding at once (a new batch need not wait)."
+    )
     batch_wait_timeout_s: float = Field(0.02, ge=0, description="How long a batch waits for more callers.")
     device: str | None = Field(None, description="cpu | cuda | mps (default: the best one available).")
-    dtype: str = Field("auto", pattern="^(auto|float32|float16|bfloat16)$", description="auto: bf16/fp16 on GPU.")
+    dtype: str = Field(
+        "auto", pattern="^(auto|float32|float16|bfloat16)$", description="auto: bf16/fp16 on GPU."
+    )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request does not give one.")
 
 
 class IngressSection(DeploymentSection):
     """The FastAPI ingress (`Ingress`): cheap, so many requests per replica."""
 
-    num_cpus: float = Field(0.25, ge=0, description="CPUs per ingress replica (it only validates and routes).")
+    num_cpus: float = Field(
+        0.25, ge=0, description="CPUs per ingress replica (it only validates and routes)."
+    )
     max_ongoing_requests: int = Field(256, ge=1, description="Requests one ingress replica holds at once.")
     max_queued_requests: int = Field(512, ge=-1, description="Queued at the proxy before it answers 503.")
     request_timeout_s: float = Field(300.0, gt=0, description="A request still running after this gets 504.")
@@ -414,13 +480,19 @@ class LimitsSection(Strict):
     """Request limits; a request over one gets a 4xx naming the limit."""
 
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest HTTP body (413 above).")
-    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest decoded image in a chat request.")
+    max_image_bytes: int = Field(
+        10 * 1024 * 1024, ge=1, description="Largest decoded image in a chat request."
+    )
     max_image_pixels: int = Field(
-        16_777_216, ge=1, description="Largest image (width*height) in a chat request; a decompression-bomb guard."
+        16_777_216,
+        ge=1,
+        description="Largest image (width*height) in a chat request; a decompression-bomb guard.",
     )
     max_images_per_request: int = Field(4, ge=0, description="image_url parts in one chat request.")
     max_messages: int = Field(64, ge=1, description="Messages in one chat request.")
-    max_tokens: int = Field(1024, ge=1, description="Largest max_tokens (max_completion_tokens) a request may ask.")
+    max_tokens: int = Field(
+        1024, ge=1, description="Largest max_tokens (max_completion_tokens) a request may ask."
+    )
     max_n: int = Field(4, ge=1, description="Largest n for images (and chat).")
     max_steps: int = Field(100, ge=1, description="Largest num_inference_steps.")
     max_image_side: int = Field(1024, ge=8, description="Largest width or height of a generated image.")
@@ -428,11 +500,19 @@ class LimitsSection(Strict):
 
 
 class SafetyCategory(Strict):
-    name: str = Field(..., min_length=1, description="Category named in the block explanation, e.g. violence.")
-    phrases: list[str] = Field(default_factory=list, description="Whole-word phrases, matched case-insensitively.")
-    patterns: list[str] = Field(default_factory=list, description="Python regular expressions (case-insensitive).")
+    name: str = Field(
+        ..., min_length=1, description="Category named in the block explanation, e.g. violence."
+    )
+    phrases: list[str] = Field(
+        default_factory=list, description="Whole-word phrases, matched case-insensitively."
+    )
+    patterns: list[str] = Field(
+        default_factory=list, description="Python regular expressions (case-insensitive)."
+    )
     weight: float = Field(1.0, gt=0, description="Score each match adds to the category.")
-    threshold: float | None = Field(None, gt=0, description="Score that blocks (default: the policy's threshold).")
+    threshold: float | None = Field(
+        None, gt=0, description="Score that blocks (default: the policy's threshold)."
+    )
     applies_to: list[Literal["prompt", "output"]] = Field(
         default_factory=lambda: ["prompt", "output"],
         description="Check prompts (both routes), chat output, or both (e.g. a leak pattern only on output).",
@@ -456,7 +536,9 @@ class SafetySection(Strict):
     threshold: float = Field(1.0, gt=0, description="Default score at which a category blocks.")
     check_output: bool = Field(True, description="Also check chat output while it is generated.")
     stream_holdback_chars: int = Field(
-        32, ge=0, description="Streamed text held back so a pattern split across tokens is caught before it is sent."
+        32,
+        ge=0,
+        description="Streamed text held back so a pattern split across tokens is caught before it is sent.",
     )
     categories: list[SafetyCategory] = Field(default_factory=list, description="The categories checked.")
 
@@ -471,7 +553,8 @@ class ServeConfig(JobConfig):
         None, description="Model id clients send for chat (default: chat_model's last path part)."
     )
     image_models: list[str] = Field(
-        default_factory=list, description="Image models: registered names (name, name/version, name@alias) or paths."
+        default_factory=list,
+        description="Image models: registered names (name, name/version, name@alias) or paths.",
     )
     serve_registry: bool = Field(
         True, description="Also serve (and list) every model in the MLflow registry, not only image_models."
@@ -516,7 +599,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, raw = pair.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ConfigError(f"override {pair!r} is not key=value (example: steps=100 or tracking.experiment=dogs)")
+            raise ConfigError(
+                f"override {pair!r} is not key=value (example: steps=100 or tracking.experiment=dogs)"
+            )
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:
@@ -570,7 +655,11 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         if item["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; README lists every key)"
         got = item.get("input")
-        shown = "" if item["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        shown = (
+            ""
+            if item["type"] in ("extra_forbidden", "missing") or isinstance(got, dict)
+            else f" (got {got!r})"
+        )
         lines.append(f"{source}: key {key}: {msg}{shown}")
     return "; ".join(lines)
 
@@ -592,7 +681,9 @@ def config_kind_for(path: str | os.PathLike[str], data: dict[str, Any]) -> str:
     return kind
 
 
-def load_config(cls: type[T], path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> T:
+def load_config(
+    cls: type[T], path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None
+) -> T:
     """Load `path` (optional) into `cls`, then apply `key=value` overrides; errors name the key."""
     data: dict[str, Any] = {}
     source = "defaults"

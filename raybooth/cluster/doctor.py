@@ -84,7 +84,13 @@ def check_presets(build: bool) -> Check:
 
 def run_doctor(config: str | None, overrides: list[str], build: bool = False, verbose: bool = False) -> int:
     cfg = load_sections(config, overrides)
-    checks = [check_ray(cfg, verbose), check_torch(), check_storage(cfg), check_mlflow(cfg), check_presets(build)]
+    checks = [
+        check_ray(cfg, verbose),
+        check_torch(),
+        check_storage(cfg),
+        check_mlflow(cfg),
+        check_presets(build),
+    ]
     width = max(len(c.name) for c in checks)
     for c in checks:
         print(f"{'ok ' if c.ok else 'BAD'} {c.name:<{width}}  {c.detail}")

@@ -78,7 +78,9 @@ def _check_reachable(address: str, timeout_s: float = 3.0) -> None:
     parsed = urlparse(f"//{target}")
     host, port = parsed.hostname, parsed.port
     if not host or not port:
-        raise UserError(f"Ray address {address!r} is not host:port (example: 10.0.0.5:6379 or ray://head:10001)")
+        raise UserError(
+            f"Ray address {address!r} is not host:port (example: 10.0.0.5:6379 or ray://head:10001)"
+        )
     try:
         with socket.create_connection((host, port), timeout=timeout_s):
             pass
@@ -121,6 +123,9 @@ def init_ray(section: ClusterSection, verbose: bool = False) -> ClusterInfo:
 
             num_gpus = torch.cuda.device_count()
         ray.init(
+            # "local" always starts a new instance; None would attach to any `ray start` cluster on this
+            # machine, which is not what "embedded" promises.
+            address="local",
             num_cpus=section.num_cpus or os.cpu_count(),
             num_gpus=num_gpus,
             object_store_memory=EMBEDDED_OBJECT_STORE_BYTES,

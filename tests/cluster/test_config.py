@@ -21,7 +21,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_overrides_nest_and_parse_yaml_scalars():
     tree = parse_overrides(["steps=50", "tracking.experiment=dogs", "validation_prompts=[a, b]", "seed="])
-    assert tree == {"steps": 50, "tracking": {"experiment": "dogs"}, "validation_prompts": ["a", "b"], "seed": None}
+    assert tree == {
+        "steps": 50,
+        "tracking": {"experiment": "dogs"},
+        "validation_prompts": ["a", "b"],
+        "seed": None,
+    }
 
 
 def test_override_without_equals_is_an_error():
