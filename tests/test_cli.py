@@ -101,3 +101,21 @@ def test_doctor_reports_a_dead_mlflow_uri_as_broken(tmp_path):
     bad = [line for line in result.stdout.splitlines() if line.startswith("BAD")]
     assert len(bad) == 1 and "mlflow" in bad[0] and dead in bad[0]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_doctor_reports_an_unreachable_s3_endpoint_as_broken(tmp_path):
+    dead = "http://127.0.0.1:9"  # nothing listens on the discard port
+    env = {
+        "RAYBOOTH_HOME": str(tmp_path),
+        "AWS_ENDPOINT_URL": dead,
+        "AWS_ENDPOINT_URL_S3": dead,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    result = run_cli("doctor", "cluster.num_cpus=1", "storage.root=s3://raybooth-bucket/prefix", env=env)
+    assert result.returncode == 2
+    bad = [line for line in result.stdout.splitlines() if line.startswith("BAD")]
+    assert len(bad) == 1 and "storage" in bad[0] and "s3://raybooth-bucket/prefix" in bad[0]
+    assert "Traceback" not in result.stderr
