@@ -407,13 +407,14 @@ def test_bad_input_is_a_4xx_in_the_openai_shape(serve_app, errors_before, case):
 
 
 def test_burst_beyond_the_queue_gets_503_and_the_server_recovers(serve_app):
-    body = {"model": "tiny-sd", "prompt": "a dog", "size": "64x64", "num_inference_steps": 2}
+    # The most steps the limits allow, so batches stay busy while the burst arrives and the queue fills.
+    body = {"model": "tiny-sd", "prompt": "a dog", "size": "64x64", "num_inference_steps": 8}
 
     async def burst():
         async with httpx.AsyncClient(timeout=120, headers=AUTH) as http:
             calls = [
                 http.post(f"{serve_app.base_url}/v1/images/generations", json={**body, "seed": i})
-                for i in range(30)
+                for i in range(60)
             ]
             return await asyncio.gather(*calls)
 
