@@ -50,6 +50,7 @@ from raybooth.cluster.config import (
     load_config,
     read_yaml,
 )
+from raybooth.cluster.workdir import work_dir
 from raybooth.errors import ConfigError, UserError
 
 logger = logging.getLogger(__name__)
@@ -235,8 +236,7 @@ def _job_env(*, remote: bool, extra: Mapping[str, str] | None) -> dict[str, str]
     if not remote:
         # The job's cwd is a copy of the working dir inside Ray's session folder; keep the embedded
         # defaults (storage, MLflow store, built presets) in the submitter's work dir instead.
-        home = Path(os.environ.get("RAYBOOTH_HOME", ".raybooth")).expanduser().resolve()
-        env.setdefault("RAYBOOTH_HOME", str(home))
+        env.setdefault("RAYBOOTH_HOME", str(work_dir()))
     env.update(extra or {})
     return env
 

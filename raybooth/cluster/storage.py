@@ -49,9 +49,6 @@ S3_CONNECT_TIMEOUT_S = 3
 S3_READ_TIMEOUT_S = 60
 S3_MAX_ATTEMPTS = 2
 
-# Variables forwarded to Ray workers so they reach the same S3 endpoint and MLflow server.
-_FORWARDED_ENV_PREFIXES = ("AWS_", "MLFLOW_")
-
 _s3_cache: dict[tuple[str, ...], fsspec.AbstractFileSystem] = {}
 _s3_cache_lock = threading.Lock()
 
@@ -397,15 +394,6 @@ def check_writable(uri: str) -> tuple[bool, str]:
     except StorageError as e:
         return False, f"storage not writable: {e}"
     return True, f"{uri} is writable"
-
-
-def aws_env() -> dict[str, str]:
-    """The AWS_* / MLFLOW_* variables of this process, for Ray `runtime_env={"env_vars": ...}`.
-
-    Workers on other nodes need the same endpoint and credentials; passing them in memory keeps
-    secrets out of every file (never write the result to disk or a config).
-    """
-    return {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_ENV_PREFIXES)}
 
 
 def local_path(uri: str) -> Path:

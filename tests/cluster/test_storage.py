@@ -189,15 +189,6 @@ def test_unreachable_endpoint_fails_fast(monkeypatch: pytest.MonkeyPatch) -> Non
         assert time.monotonic() - started < 10
 
 
-def test_aws_env_forwards_only_aws_and_mlflow(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
-    monkeypatch.setenv("UNRELATED_SECRET", "x")
-    env = storage.aws_env()
-    assert env["AWS_ACCESS_KEY_ID"] == "k" and env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:1"
-    assert "UNRELATED_SECRET" not in env and "RAYBOOTH_HOME" not in env
-
-
 def test_pyarrow_filesystem_pickles_without_secrets(s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ray ships the filesystem to workers by pickle: it must work there and carry no credentials."""
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-value")  # moto accepts any secret
