@@ -14,7 +14,6 @@ new version: batches already running keep the old one until they finish.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import threading
 import time
@@ -24,13 +23,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image
 from ray import serve
 from ray.serve import metrics
 
 from raybooth.cluster import tracking
 from raybooth.cluster.config import ImageServeSection, TrackingSection
 from raybooth.models.sampling import guidance_on
+from raybooth.samples import png_bytes
 from raybooth.serving.image_models import ImageModelStore, LoadedImageModel
 
 logger = logging.getLogger("ray.serve")
@@ -57,12 +56,6 @@ class ImageJob:
 def images_in(jobs: list[ImageJob]) -> int:
     """Batch size in images, so `max_batch_size` bounds the UNet batch rather than the request count."""
     return sum(job.n for job in jobs)
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 class ModelSlot:
