@@ -440,6 +440,14 @@ class ImageServeSection(DeploymentSection, BatchingMixin):
         "tiny-sd",
         description="Base model for LoRA subjects whose artifact does not name one (raybooth_lora.json).",
     )
+    batch_invariant: bool = Field(
+        True,
+        description=(
+            "Each image is byte-identical to its single-request result for the same seed, whatever it was "
+            "batched with (per-row kernels, models/batch_invariance.py). false: faster batches whose images "
+            "equal the single-request ones only up to float rounding."
+        ),
+    )
     device: str | None = Field(None, description="cpu | cuda | mps (default: the best one available).")
     dtype: str = Field("auto", pattern="^(auto|float32|float16|bfloat16)$", description="auto: fp16 on GPU.")
     default_steps: int = Field(25, ge=1, description="num_inference_steps when a request does not give one.")

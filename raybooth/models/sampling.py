@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from raybooth.models.batch_invariance import batch_invariant as per_row_kernels
+
 
 @dataclass
 class SamplingParts:
@@ -112,12 +114,16 @@ def sample_images(
     num_inference_steps: int,
     guidance_scale: float | Sequence[float],
     seeds: Sequence[int],
+    batch_invariant: bool = False,
 ) -> list[Image.Image]:
     """Sample one image per prompt; `guidance_scale` may be one value or one per row.
 
+    With `batch_invariant`, a row's image is byte-identical to the one it gets alone (or in any other
+    batch) for the same seed: see models/batch_invariance.py for how, and what it costs.
+
     Guidance is on when any row's scale is above 1 (the diffusers convention); then every step runs the
     UNet once on `2B` rows. Callers that want a row's image to be independent of its batch group rows
-    by `guidance_on(scale)` as well as by size and steps (see serving/images.py).
+    by `guidance_on(scale)` as well as by size and steps (see serving/image_deployment.py).
     """
     c = SamplingParts.of(components_or_pipeline)
     batch = len(prompts)
@@ -134,7 +140,21 @@ def sample_images(
     if len(scales) != batch:
         raise ValueError(f"got {len(scales)} guidance scales for {batch} prompts")
     check_size(c, height, width)
+    with per_row_kernels(batch_invariant):
+        return _sample(c, prompts, negative_prompts, scales, seeds, height, width, num_inference_steps)
 
+
+def _sample(
+    c: SamplingParts,
+    prompts: Sequence[str],
+    negative_prompts: list[str],
+    scales: list[float],
+    seeds: Sequence[int],
+    height: int,
+    width: int,
+    num_inference_steps: int,
+) -> list[Image.Image]:
+    batch = len(prompts)
     device, dtype = c.unet.device, c.unet.dtype
     # A private scheduler: set_timesteps mutates it, and two batches may sample from one model at once.
     scheduler = copy.deepcopy(c.scheduler)

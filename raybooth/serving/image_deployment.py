@@ -5,8 +5,9 @@
 Requests for one model that arrive within `batch_wait_timeout_s` are batched by `@serve.batch` (Serve
 splits a batch by multiplexed model id first); inside a batch, jobs with the same size, steps and
 guidance on/off run as ONE `sample_images` call, i.e. one UNet pass per denoising step for all their
-images with classifier-free guidance. Each image's noise comes from its own seed, so a request's bytes
-do not depend on its batch. Loaded models sit in slots (`@serve.multiplexed`, LRU); a background task
+images with classifier-free guidance. Each image's noise comes from its own seed and, with
+`batch_invariant` (the default), its kernels are called per row, so a request's bytes do not depend on
+what it was batched with. Loaded models sit in slots (`@serve.multiplexed`, LRU); a background task
 re-resolves floating registry ids (`dog`, `dog@prod`) every `registry_poll_s` and swaps the slot to the
 new version: batches already running keep the old one until they finish.
 """
@@ -199,6 +200,7 @@ class ImageDeployment:
             num_inference_steps=steps,
             guidance_scale=scales,
             seeds=seeds,
+            batch_invariant=self.cfg.batch_invariant,
         )
         self.unet_batches.append(len(prompts))
         self._batch_images.observe(len(prompts), tags={"model": model.located.model_id})
@@ -260,13 +262,15 @@ class ImageDeployment:
     # ------------------------------------------------------------------ control
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """`user_config` in the Serve YAML: batching knobs and `refresh` (any new value re-resolves now)."""
+        """`user_config` in the Serve YAML: batching knobs, `batch_invariant` and `refresh` (any new value re-resolves now)."""
         if "max_batch_size" in user_config:
             self.generate_batch.set_max_batch_size(int(user_config["max_batch_size"]))
         if "batch_wait_timeout_s" in user_config:
             self.generate_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
         if "registry_poll_s" in user_config:
             self.cfg.registry_poll_s = float(user_config["registry_poll_s"])
+        if "batch_invariant" in user_config:
+            self.cfg.batch_invariant = bool(user_config["batch_invariant"])
         self._refresh_now.set()
 
     def stats(self) -> dict[str, Any]:
