@@ -25,7 +25,7 @@ back as that row's `error`; the other rows run. Plain PyTorch + transformers: no
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,7 +65,9 @@ class PreparedRequest:
 @dataclass
 class GenerationResult:
     text: str
-    finish_reason: str | None  # "stop" (EOS, stop string, grammar complete) | "length" | None on error
+    finish_reason: (
+        str | None
+    )  # "stop" (EOS, stop string, grammar complete) | "length" | "cancelled" | None on error
     prompt_tokens: int
     completion_tokens: int
     token_ids: list[int] = field(default_factory=list)
@@ -252,12 +254,19 @@ class VLMEngine:
         return [r for r in results if r is not None]
 
     def generate_stream(
-        self, requests: Sequence[GenerationRequest | PreparedRequest]
+        self,
+        requests: Sequence[GenerationRequest | PreparedRequest],
+        cancelled: Container[int] = frozenset(),
     ) -> Iterator[list[StreamDelta | None]]:
         """Yield one list per step, `len(requests)` slots: a `StreamDelta` for each row still running this
         step (its `text` may be "" while a stop string or a UTF-8 character is pending), None for rows
         already done. A row's last delta has `done` set. Rows that fail before decoding report their
-        `error` in the first list."""
+        `error` in the first list.
+
+        `cancelled` holds indices (into `requests`) of rows nobody wants any more (the client left, the
+        safety policy ended the stream); the caller may add to it between steps. At the next step each
+        such row ends with `finish_reason="cancelled"`, samples nothing and leaves the batch and the KV
+        cache, so the rest of the batch stops paying for it."""
         rows, first = self._start_rows(requests)
         if rows:
             logits, cache, mask, positions = self._prefill([row.prepared for row in rows])
@@ -268,6 +277,9 @@ class VLMEngine:
             next_tokens: list[int] = []
             self._mask_with_grammars(logits, rows)
             for b, row in enumerate(rows):
+                if row.index in cancelled:
+                    step[row.index] = row.finish("cancelled")
+                    continue
                 token = sample_token(logits[b], row.params, row.generator)
                 delta = self._advance(row, token)
                 delta.token_ids.append(token)
@@ -276,7 +288,17 @@ class VLMEngine:
                     keep.append(b)
                     next_tokens.append(token)
             yield step
+            # Rows cancelled while the caller held this step leave before the next forward pass.
+            gone = [b for b in keep if rows[b].index in cancelled]
+            if gone:
+                first = [None] * len(requests)  # reported with the next step
+                for b in gone:
+                    first[rows[b].index] = rows[b].finish("cancelled")
+                next_tokens = [t for b, t in zip(keep, next_tokens, strict=True) if b not in gone]
+                keep = [b for b in keep if b not in gone]
             if not keep:
+                if first is not None:
+                    yield first
                 return
             if len(keep) < len(rows):
                 # Drop finished rows from every per-row tensor and from the KV cache.

@@ -8,7 +8,9 @@ Callers that arrive within `batch_wait_timeout_s` of each other are batched by `
 an async generator that yields one list per step (a `ChatEvent` per caller, `StopIteration` for callers
 already finished), so each caller streams its own tokens as they are produced. Generated text goes
 through the safety policy's streaming filter before it leaves: a match ends that caller's stream with
-`finish_reason: content_filter` and a refusal naming the category and span.
+`finish_reason: content_filter` and a refusal naming the category and span. A row whose stream ended
+that way, or whose client disconnected, is cancelled in the engine: it leaves the batch (and its KV
+cache) at the next step instead of decoding on to EOS or `max_tokens` for nobody.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, TypedDict
 
 from ray import serve
@@ -51,14 +54,25 @@ def final_event(delta: StreamDelta, text: str, **extra: Any) -> ChatEvent:
     )
 
 
+@dataclass(eq=False)
+class Caller:
+    """One caller's request as the batch sees it; `gone` is set when the caller stops listening."""
+
+    request: GenerationRequest
+    gone: bool = False
+
+
 class RowFilter:
     """Per caller: the safety filter on its output, and whether its stream has ended."""
 
-    def __init__(self, policy: SafetyPolicy):
+    def __init__(self, policy: SafetyPolicy, caller: Caller):
         self.safety: StreamingSafetyFilter = policy.stream_filter()
+        self.caller = caller
         self.finished = False
 
     def event(self, delta: StreamDelta | None) -> ChatEvent | type[StopIteration]:
+        if self.caller.gone:
+            self.finished = True
         if self.finished:
             return StopIteration
         if delta is None:
@@ -94,6 +108,7 @@ class ChatDeployment:
             max_concurrent_batches=self.cfg.max_concurrent_batches,
         )(self._generate_batch)
         self.batch_sizes: deque[int] = deque(maxlen=10_000)
+        self.cancelled_rows: deque[int] = deque(maxlen=10_000)  # tokens each cancelled row had decoded
         self._batch_rows = metrics.Histogram(
             "raybooth_chat_batch_rows",
             description="Requests decoded together in one engine batch.",
@@ -103,30 +118,43 @@ class ChatDeployment:
 
     async def generate(self, request: GenerationRequest):
         """Stream `ChatEvent`s for one request (batched with concurrent callers)."""
-        async for event in self.generate_batch(request):
-            yield event
+        caller = Caller(request)
+        try:
+            async for event in self.generate_batch(caller):
+                yield event
+        finally:
+            # A client that disconnects cancels this call (the ingress cancels its handle call); the batch
+            # then drops the row instead of decoding for nobody.
+            caller.gone = True
 
-    async def _generate_batch(self, requests: list[GenerationRequest]):
-        self.batch_sizes.append(len(requests))
-        self._batch_rows.observe(len(requests))
-        rows = [RowFilter(self.policy) for _ in requests]
-        steps = self.engine.generate_stream(requests)
+    async def _generate_batch(self, callers: list[Caller]):
+        self.batch_sizes.append(len(callers))
+        self._batch_rows.observe(len(callers))
+        rows = [RowFilter(self.policy, caller) for caller in callers]
+        cancelled: set[int] = set()  # rows the engine drops at its next step
+        steps = self.engine.generate_stream([caller.request for caller in callers], cancelled)
         while True:
+            cancelled.update(i for i, row in enumerate(rows) if row.finished or row.caller.gone)
             # Each decode step runs in a worker thread so the replica keeps answering health checks.
             step = await asyncio.to_thread(next, steps, _END)
             if step is _END:
                 break
             events = [row.event(delta) for row, delta in zip(rows, step, strict=True)]
-            finished_tokens = sum(d.completion_tokens for d in step if d is not None and d.done)
-            if finished_tokens:
-                self._tokens.inc(finished_tokens)
-            yield events
-            if all(row.finished for row in rows):
-                break
+            done = [d for d in step if d is not None and d.done]
+            if done:
+                self._tokens.inc(sum(d.completion_tokens for d in done))
+                self.cancelled_rows.extend(
+                    d.completion_tokens for d in done if d.finish_reason == "cancelled"
+                )
+            yield events  # once every row has finished, the next step only reports the cancels and ends
         steps.close()
 
     def stats(self) -> dict[str, Any]:
-        return {"time": time.time(), "batch_sizes": list(self.batch_sizes)}
+        return {
+            "time": time.time(),
+            "batch_sizes": list(self.batch_sizes),
+            "cancelled_rows": list(self.cancelled_rows),
+        }
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """`user_config` in the Serve YAML may retune batching without a restart."""

@@ -127,14 +127,20 @@ class ChatService:
         """The deployment's events for one request; the first one is fetched eagerly by `open_stream`."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         gen = self.handle.generate.remote(gen_req)
-        while True:
-            try:
-                event = await next_item(gen, deadline, "chat completion", timeout_s)
-            except StopAsyncIteration:
-                return
-            if event.get("error"):
-                raise bad_request(event["error"], code="invalid_request")
-            yield event
+        ended = False
+        try:
+            while True:
+                try:
+                    event = await next_item(gen, deadline, "chat completion", timeout_s)
+                except StopAsyncIteration:
+                    ended = True
+                    return
+                if event.get("error"):
+                    raise bad_request(event["error"], code="invalid_request")
+                yield event
+        finally:
+            if not ended:  # the client left (its request was cancelled) or the stream failed
+                gen.cancel()  # so the chat replica drops the row instead of decoding for nobody
 
     async def open_stream(
         self, req: ChatCompletionRequest, timeout_s: float

@@ -152,6 +152,53 @@ def test_stream_deltas_add_up_to_the_result(engine):
     assert texts[:-1] == [r.text for r in expected[:-1]]
 
 
+def test_a_cancelled_row_stops_decoding_and_leaves_the_batch(engine):
+    requests = [
+        request("a cat", max_tokens=40, temperature=0.0),
+        request("a dog", max_tokens=40, temperature=0.0),
+    ]
+    alone = engine.generate([requests[1]])[0]
+    assert alone.finish_reason == "length"  # the neighbour runs to its budget: the test sees the whole run
+    batch_rows: list[int] = []
+    real_forward = engine._forward
+
+    def counting_forward(**inputs):
+        batch_rows.append(int(inputs["input_ids"].shape[0]))
+        return real_forward(**inputs)
+
+    engine._forward = counting_forward
+    cancelled: set[int] = set()
+    finals: dict[int, object] = {}
+    tokens = [0, 0]
+    try:
+        for step_no, step in enumerate(engine.generate_stream(requests, cancelled)):
+            for i, delta in enumerate(step):
+                if delta is not None:
+                    tokens[i] += len(delta.token_ids)
+                    if delta.done:
+                        finals[i] = delta
+            if step_no == 2:
+                cancelled.add(0)  # e.g. the client went away after three tokens
+    finally:
+        engine._forward = real_forward
+    assert finals[0].finish_reason == "cancelled" and finals[0].completion_tokens == 3 == tokens[0]
+    assert finals[0].token_ids == []  # nothing sampled for it after the cancel
+    # The neighbour is untouched, and decodes alone from the cancel on: prefill + 2 steps of 2 rows.
+    assert finals[1].finish_reason == "length" and tokens[1] == 40
+    assert batch_rows[:3] == [2, 2, 2] and set(batch_rows[3:]) == {1}
+    assert engine.generate([requests[1]])[0].token_ids == alone.token_ids
+
+
+def test_cancelling_every_row_ends_the_stream(engine):
+    cancelled = {0, 1}
+    steps = list(
+        engine.generate_stream([request("a", max_tokens=30), request("b", max_tokens=30)], cancelled)
+    )
+    assert len(steps) == 1 and all(
+        d.finish_reason == "cancelled" and d.completion_tokens == 0 for d in steps[0]
+    )
+
+
 class CharTokenizer:
     """Token i decodes to VOCAB[i]; enough to drive TextTracker without a model."""
 

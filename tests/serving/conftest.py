@@ -128,7 +128,7 @@ def app_settings(leak_pattern: str) -> dict[str, Any]:
         },
         "limits": {
             "max_n": 4,
-            "max_tokens": 64,
+            "max_tokens": 900,  # room for a long stream that a test cancels part-way
             "max_steps": 8,
             "max_image_side": 128,
             "max_body_bytes": 1_000_000,

@@ -299,6 +299,48 @@ def test_chat_output_blocked_as_it_streams(client, serve_app, greedy_answer, str
     assert span not in text and greedy_answer.startswith(text)  # nothing from the blocked span on was sent
 
 
+def _new_cancelled_rows(serve_app, before: int, timeout_s: float = 60) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = serve_app.stats()["chat"]["cancelled_rows"][before:]
+        if rows or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.2)
+
+
+def test_a_blocked_stream_stops_decoding(client, serve_app):
+    # Greedy tiny-vlm never says EOS on this prompt: without a cancel the row would decode all 600 tokens.
+    before = len(serve_app.stats()["chat"]["cancelled_rows"])
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny-vlm", messages=user(serve_app.leak_prompt), max_tokens=600, temperature=0, stream=True
+        )
+    )
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        "content_filter"
+    ]
+    cancelled = _new_cancelled_rows(serve_app, before)
+    assert len(cancelled) == 1 and cancelled[0] < 32, cancelled  # it left the batch right after the block
+
+
+def test_a_client_that_disconnects_frees_its_row(client, serve_app):
+    before = len(serve_app.stats()["chat"]["cancelled_rows"])
+    stream = client.chat.completions.create(
+        model="tiny-vlm",
+        messages=user("Tell me a very long story."),
+        max_tokens=900,
+        temperature=0,
+        stream=True,
+    )
+    first = next(iter(stream))
+    assert first.choices[0].delta.role == "assistant"
+    stream.close()  # the client goes away after its first chunk
+    cancelled = _new_cancelled_rows(serve_app, before)
+    assert len(cancelled) == 1 and cancelled[0] < 900, cancelled
+    # The replica keeps serving.
+    assert client.chat.completions.create(model="tiny-vlm", messages=user("hi"), max_tokens=2).choices
+
+
 # --------------------------------------------------------------------------------------------------
 # Bad input, overload
 # --------------------------------------------------------------------------------------------------
