@@ -14,8 +14,8 @@ How: inside the context every op whose kernel reduces over features with a shape
 (linear, conv, group/layer norm, scaled-dot-product attention) runs once per row of its leading batch
 dimension, on a contiguous `(1, ...)` slice, so a row always meets the exact kernel call it meets when it
 is alone. Everything else (elementwise ops, the scheduler, the Python control flow, one model forward for
-the whole batch) stays batched. The price, measured on the tiny CPU preset: a batch of 8 is 2.0x faster
-than 8 single requests instead of 3.0x. The mode is thread-local (torch function modes are), so two
+the whole batch) stays batched. The price, measured on the tiny CPU preset: a batch of 8 is 1.7x faster
+than 8 single requests instead of 2.8x. The mode is thread-local (torch function modes are), so two
 batches sampling in two threads do not see each other's mode.
 """
 

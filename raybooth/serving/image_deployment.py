@@ -150,6 +150,7 @@ class ImageDeployment:
         )  # images per sample_images call (= per UNet pass)
         self.requests_per_batch: deque[int] = deque(maxlen=10_000)
         self.swaps: deque[tuple[str, str, str]] = deque(maxlen=1_000)
+        self.running: list[tuple[str, str]] = []  # (model id, version) of each batch sampling right now
         self._batch_images = metrics.Histogram(
             "raybooth_image_batch_images",
             description="Images per UNet batch (one sample_images call).",
@@ -174,12 +175,17 @@ class ImageDeployment:
             groups[job.group_key()].append(i)
         self.requests_per_batch.append(len(jobs))
         with slot.use() as model:
-            for (width, height, steps, _), members in groups.items():
-                images = await asyncio.to_thread(
-                    self._sample_group, model, [jobs[i] for i in members], width, height, steps
-                )
-                for i in members:
-                    results[i], images = images[: jobs[i].n], images[jobs[i].n :]
+            running = (model_id, model.located.version)
+            self.running.append(running)
+            try:
+                for (width, height, steps, _), members in groups.items():
+                    images = await asyncio.to_thread(
+                        self._sample_group, model, [jobs[i] for i in members], width, height, steps
+                    )
+                    for i in members:
+                        results[i], images = images[: jobs[i].n], images[jobs[i].n :]
+            finally:
+                self.running.remove(running)
         return results  # type: ignore[return-value]
 
     def _sample_group(
@@ -282,4 +288,5 @@ class ImageDeployment:
             "models": {mid: s.current.located.version for mid, s in self.slots.items() if not s.evicted},
             "shared_lora_bases": self.store.shared_bases(),
             "swaps": list(self.swaps),
+            "running": list(self.running),
         }

@@ -129,7 +129,7 @@ def app_settings(leak_pattern: str) -> dict[str, Any]:
         "limits": {
             "max_n": 4,
             "max_tokens": 900,  # room for a long stream that a test cancels part-way
-            "max_steps": 8,
+            "max_steps": 100,  # a request slow enough to still run while an alias moves
             "max_image_side": 128,
             "max_body_bytes": 1_000_000,
         },
