@@ -212,6 +212,7 @@ def settings_for(args: argparse.Namespace, max_batch_size: int) -> dict[str, Any
             "batch_wait_timeout_s": 0.05,
             "dtype": dtype,
             "default_size": f"{args.size}x{args.size}",
+            "batch_invariant": args.batch_invariant,
         },  # fmt: skip
         "chat": {
             **batching,
@@ -284,6 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=4, help="num_inference_steps")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument(
+        "--no-batch-invariant",
+        dest="batch_invariant",
+        action="store_false",
+        help="images: fully batched kernels (faster; bytes then depend on the batch up to rounding)",
+    )
     p.add_argument(
         "--num-cpus", type=int, default=None, help="embedded Ray logical CPUs (default: all, at least 2)"
     )
