@@ -86,6 +86,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="session")
+def port_picker() -> Callable[[], int]:
+    """`free_port` for test modules and sub-conftests (which cannot import this file under importlib mode)."""
+    return free_port
+
+
 def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as resp:

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -52,12 +52,6 @@ _RAY_PORT_FLAGS = (
     "metrics-export-port",
     "runtime-env-agent-port",
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _free_port_range(size: int) -> int:
@@ -124,10 +118,10 @@ def _stop_head(proc: subprocess.Popen[bytes], temp_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_head() -> Iterator[str]:
+def ray_head(port_picker: Callable[[], int]) -> Iterator[str]:
     """Dashboard URL (http://127.0.0.1:PORT) of a single-node Ray head that only this module uses."""
     temp_dir = tempfile.mkdtemp(prefix="rbinfra-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    ports = {flag: _free_port() for flag in _RAY_PORT_FLAGS}
+    ports = {flag: port_picker() for flag in _RAY_PORT_FLAGS}
     workers = _free_port_range(40)
     cmd = [
         str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
@@ -247,9 +241,9 @@ def test_cli_names_an_unknown_job_id_in_one_line(ray_head):
     assert line.startswith("raybooth status: error:") and "'raysubmit_doesnotexist'" in line, line
 
 
-def test_cli_submit_to_a_closed_port_is_one_line_and_exit_2(tmp_path, monkeypatch):
+def test_cli_submit_to_a_closed_port_is_one_line_and_exit_2(tmp_path, monkeypatch, port_picker):
     monkeypatch.chdir(tmp_path)
-    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    url = f"http://127.0.0.1:{port_picker()}"  # nothing listens there
     result = _cli("submit", "caption", "--address", url, "--input", "imgs", "--output", "out")
     line = _one_line_error(result)
     assert line.startswith("raybooth submit: error:") and url in line and "does not answer" in line, line
@@ -346,8 +340,8 @@ def test_config_errors_are_found_before_anything_is_uploaded(ray_head, tmp_path)
         jobs.submit_job(ray_head, "train", ["--config", str(config)], working_dir=tmp_path)
 
 
-def test_address_that_refuses_connections_fails_fast():
-    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+def test_address_that_refuses_connections_fails_fast(port_picker):
+    url = f"http://127.0.0.1:{port_picker()}"  # nothing listens there
     started = time.monotonic()
     with pytest.raises(UserError, match="does not answer"):
         jobs.job_status(url, "raysubmit_x")

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,12 +30,6 @@ class Subjects:
     dog: str  # full fine-tune: version 1 (= tiny-sd weights) and 2 (perturbed UNet); alias prod -> 1
     cat: str  # LoRA subject on tiny-sd
     toy: str  # another LoRA subject on tiny-sd (shares the base with cat)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _perturbed_copy(src: Path, dest: Path, seed: int) -> Path:
@@ -224,14 +217,19 @@ def serve_log_errors() -> list[str]:
 
 @pytest.fixture(scope="module")
 def serve_app(
-    ray_cluster, subjects: Subjects, tiny_sd_path: Path, tiny_vlm_path: Path, leak_pattern: str
+    ray_cluster,
+    subjects: Subjects,
+    tiny_sd_path: Path,
+    tiny_vlm_path: Path,
+    leak_pattern: str,
+    port_picker: Callable[[], int],
 ) -> Iterator[ServeApp]:
     from ray import serve
 
     from raybooth.serving.app import build_app
 
     settings = app_settings(leak_pattern)
-    port = _free_port()
+    port = port_picker()
     serve.shutdown()  # a Serve instance of an earlier module would keep its own HTTP port
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     with pytest.MonkeyPatch.context() as mp:
