@@ -75,6 +75,30 @@ def test_healthz_needs_no_key_but_everything_else_does(serve_app):
     assert serve_app.openai(api_key="test-key-2").models.list().data
 
 
+def test_prometheus_metrics_cover_serve_and_the_batchers(client):
+    from raybooth.serving.server import metrics_port
+
+    client.images.generate(model="tiny-sd", prompt="a dog", extra_body={"num_inference_steps": 1}, **IMAGE_KW)
+    client.chat.completions.create(model="tiny-vlm", messages=user("hi"), max_tokens=2)
+    wanted = {
+        "ray_serve_num_http_requests_total",  # Serve's own: requests per route and status
+        "ray_serve_deployment_processing_latency_ms_bucket",
+        "ray_raybooth_image_batch_images_bucket",  # images per UNet batch
+        "ray_raybooth_chat_batch_rows_bucket",  # callers per engine batch
+        "ray_raybooth_chat_completion_tokens_total",
+    }
+    url = f"http://127.0.0.1:{metrics_port()}/metrics"
+    deadline = time.monotonic() + 90  # replicas push their metrics to the node agent every few seconds
+    while True:
+        text = httpx.get(url, timeout=10).text
+        names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if not line.startswith("#")}
+        if wanted <= names or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert wanted <= names, sorted(wanted - names)
+    assert 'route="/v1/images/generations"' in text or "/v1/images/generations" in text
+
+
 # --------------------------------------------------------------------------------------------------
 # Chat
 # --------------------------------------------------------------------------------------------------
