@@ -128,8 +128,6 @@ class ChatCompletionRequest(_Lenient):
 
     @model_validator(mode="after")
     def _supported(self) -> ChatCompletionRequest:
-        if self.n != 1:
-            raise ValueError("n must be 1: raybooth returns one choice per request")
         if self.logprobs:
             raise ValueError("logprobs is not supported")
         return self

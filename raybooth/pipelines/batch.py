@@ -175,6 +175,14 @@ def prepare_request_line(
             )
         param = param.removeprefix("body.") if param else None
         return fail("request", "invalid_request", f"line {line_no}: invalid request: {message}", param)
+    if request.body.n != 1:
+        return fail(
+            "request",
+            "invalid_request",
+            f"line {line_no}: n={request.body.n}: a batch job answers each line with one choice; repeat the "
+            "line with its own custom_id (and seed) for more",
+            "n",
+        )
     try:
         generation = generation_request_from_chat(request.body, limits, default_seed=seed + line_no)
         prepared = prepare_request(processor, generation)

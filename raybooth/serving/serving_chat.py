@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import jsonschema
@@ -85,6 +86,8 @@ class ChatService:
             )
         if len(req.messages) > limits.max_messages:
             raise limit_exceeded("max_messages", len(req.messages), limits.max_messages, "messages")
+        if req.n > limits.max_n:
+            raise limit_exceeded("max_n", req.n, limits.max_n, "n")
         max_tokens = req.requested_max_tokens()
         if max_tokens is not None and max_tokens > limits.max_tokens:
             raise limit_exceeded("max_tokens", max_tokens, limits.max_tokens, "max_tokens")
@@ -124,7 +127,7 @@ class ChatService:
     # ------------------------------------------------------------------ serving
 
     async def _events(self, gen_req: GenerationRequest, timeout_s: float) -> AsyncIterator[dict[str, Any]]:
-        """The deployment's events for one request; the first one is fetched eagerly by `open_stream`."""
+        """The deployment's events for one request; the first one is fetched eagerly by `_open`."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         gen = self.handle.generate.remote(gen_req)
         ended = False
@@ -142,15 +145,8 @@ class ChatService:
             if not ended:  # the client left (its request was cancelled) or the stream failed
                 gen.cancel()  # so the chat replica drops the row instead of decoding for nobody
 
-    async def open_stream(
-        self, req: ChatCompletionRequest, timeout_s: float
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Validate, start generation and wait for its first event (so errors are still HTTP errors)."""
-        self.check_request(req)
-        verdict = self.policy.check_all(prompt_texts(req))
-        if verdict is not None:
-            return _single(dict(text="", finish_reason="content_filter", refusal=verdict.explanation()))
-        gen_req = await self.engine_request(req)
+    async def _open(self, gen_req: GenerationRequest, timeout_s: float) -> AsyncIterator[dict[str, Any]]:
+        """Start one choice and wait for its first event (so errors are still HTTP errors)."""
         events = self._events(gen_req, timeout_s)
         try:
             first = await events.__anext__()
@@ -158,50 +154,83 @@ class ChatService:
             return _single({})
         return _prepend(first, events)
 
+    async def open_choices(
+        self, req: ChatCompletionRequest, timeout_s: float
+    ) -> list[AsyncIterator[dict[str, Any]]]:
+        """Validate, then start the request's `n` choices as `n` engine rows (batched together by the chat
+        deployment like any concurrent callers). Choice i samples with `seed + i` when a seed is given."""
+        self.check_request(req)
+        verdict = self.policy.check_all(prompt_texts(req))
+        if verdict is not None:
+            refusal = dict(text="", finish_reason="content_filter", refusal=verdict.explanation())
+            return [_single(refusal) for _ in range(req.n)]
+        first = await self.engine_request(req)
+        rows = [first] + [
+            replace(first, params=replace(first.params, seed=None if req.seed is None else req.seed + i))
+            for i in range(1, req.n)
+        ]
+        opened = await asyncio.gather(*(self._open(row, timeout_s) for row in rows), return_exceptions=True)
+        failures = [o for o in opened if isinstance(o, BaseException)]
+        if failures:
+            for o in opened:  # started choices must not decode on for a request that failed
+                if not isinstance(o, BaseException):
+                    await o.aclose()
+            raise failures[0]
+        return opened  # type: ignore[return-value]
+
     async def complete(self, req: ChatCompletionRequest, timeout_s: float) -> ServedChatCompletion:
-        events = await self.open_stream(req, timeout_s)
-        text, final = "", {}
-        async for event in events:
-            text += event.get("text", "")
-            if event.get("finish_reason"):
-                final = event
-        prompt, completion = final.get("prompt_tokens", 0), final.get("completion_tokens", 0)
-        refusal = final.get("refusal")
-        message = ServedAssistantMessage(content=text if text or not refusal else None, refusal=refusal)
+        streams = await self.open_choices(req, timeout_s)
+        collected = await asyncio.gather(*(_collect(events) for events in streams))
+        choices, prompt, completion = [], 0, 0
+        for index, (text, final) in enumerate(collected):
+            refusal = final.get("refusal")
+            message = ServedAssistantMessage(content=text if text or not refusal else None, refusal=refusal)
+            choices.append(
+                ServedChoice(index=index, message=message, finish_reason=final.get("finish_reason") or "stop")
+            )
+            prompt = final.get("prompt_tokens", 0)  # the same prompt for every choice: counted once
+            completion += final.get("completion_tokens", 0)
         return ServedChatCompletion(
             model=self.model_name,
-            choices=[ServedChoice(message=message, finish_reason=final.get("finish_reason") or "stop")],
+            choices=choices,
             usage=Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion),
         )
 
     async def stream(self, req: ChatCompletionRequest, timeout_s: float) -> AsyncIterator[str]:
-        """SSE lines; call it after `open_stream` succeeded (HTTP errors must happen before the 200)."""
-        events = await self.open_stream(req, timeout_s)
+        """SSE lines; call it after `open_choices` succeeded (HTTP errors must happen before the 200)."""
+        streams = await self.open_choices(req, timeout_s)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return self._sse_lines(events, new_completion_id(), include_usage)
+        return self._sse_lines(streams, new_completion_id(), include_usage)
 
     async def _sse_lines(
-        self, events: AsyncIterator[dict[str, Any]], cid: str, include_usage: bool
+        self, streams: list[AsyncIterator[dict[str, Any]]], cid: str, include_usage: bool
     ) -> AsyncIterator[str]:
-        def chunk(delta: ServedDeltaMessage, finish: str | None = None) -> str:
-            c = ServedChatCompletionChunk(
-                id=cid, model=self.model_name, choices=[ServedChunkChoice(delta=delta, finish_reason=finish)]
+        def chunk(index: int, delta: ServedDeltaMessage, finish: str | None = None) -> str:
+            choice = ServedChunkChoice(index=index, delta=delta, finish_reason=finish)
+            return sse(
+                ServedChatCompletionChunk(id=cid, model=self.model_name, choices=[choice]).model_dump()
             )
-            return sse(c.model_dump(exclude_none=False))
 
-        yield chunk(ServedDeltaMessage(role="assistant", content=""))
-        final: dict[str, Any] = {}
+        for index in range(len(streams)):
+            yield chunk(index, ServedDeltaMessage(role="assistant", content=""))
+        prompt, completion = 0, 0
+        finished: set[int] = set()
         try:
-            async for event in events:
+            async for index, event in _merge(streams):
                 if event.get("text"):
-                    yield chunk(ServedDeltaMessage(content=event["text"]))
-                if event.get("finish_reason"):
-                    final = event
-            if final.get("refusal"):
-                yield chunk(ServedDeltaMessage(refusal=final["refusal"]))
-            yield chunk(ServedDeltaMessage(), final.get("finish_reason") or "stop")
+                    yield chunk(index, ServedDeltaMessage(content=event["text"]))
+                if event.get("finish_reason"):  # a choice's last event
+                    if event.get("refusal"):
+                        yield chunk(index, ServedDeltaMessage(refusal=event["refusal"]))
+                    yield chunk(index, ServedDeltaMessage(), event["finish_reason"])
+                    finished.add(index)
+                    prompt = event.get("prompt_tokens", 0)
+                    completion += event.get("completion_tokens", 0)
+            for index in sorted(
+                set(range(len(streams))) - finished
+            ):  # every choice ends with a finish_reason
+                yield chunk(index, ServedDeltaMessage(), "stop")
             if include_usage:
-                prompt, completion = final.get("prompt_tokens", 0), final.get("completion_tokens", 0)
                 usage = Usage(
                     prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
                 )
@@ -210,6 +239,51 @@ class ChatService:
         except APIError as e:  # after the 200 was sent, an error can only be an event (vLLM does the same)
             yield sse(e.body())
         yield sse("[DONE]")
+
+
+async def _collect(events: AsyncIterator[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """One choice's whole text and its final event."""
+    text, final = "", {}
+    async for event in events:
+        text += event.get("text", "")
+        if event.get("finish_reason"):
+            final = event
+    return text, final
+
+
+async def _merge(streams: list[AsyncIterator[dict[str, Any]]]) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+    """`(choice index, event)` from several event streams, in the order events arrive."""
+    if len(streams) == 1:  # the common case needs no tasks
+        async for event in streams[0]:
+            yield 0, event
+        return
+    queue: asyncio.Queue[tuple[int, dict[str, Any] | None, BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, events: AsyncIterator[dict[str, Any]]) -> None:
+        try:
+            async for event in events:
+                await queue.put((index, event, None))
+        except Exception as e:
+            await queue.put((index, None, e))
+            return
+        await queue.put((index, None, None))
+
+    tasks = [asyncio.create_task(pump(i, events)) for i, events in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, event, error = await queue.get()
+            if error is not None:
+                raise error
+            if event is None:
+                running -= 1
+                continue
+            yield index, event
+    finally:
+        # The client left or a choice failed: stop the others (each stream cancels its replica call).
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _single(event: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:

@@ -368,6 +368,38 @@ def _new_cancelled_rows(serve_app, before: int, timeout_s: float = 60) -> list[i
         time.sleep(0.2)
 
 
+def test_n_choices_are_seeded_rows_batched_together(client, serve_app):
+    kwargs = dict(model="tiny-vlm", messages=user("Name three colours."), max_tokens=8, temperature=1.0)
+    before = len(serve_app.stats()["chat"]["batch_sizes"])
+    many = client.chat.completions.create(**kwargs, n=3, seed=40)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    assert max(serve_app.stats()["chat"]["batch_sizes"][before:]) >= 2  # the choices decoded as one batch
+    # Choice i is what a single request with seed + i samples (rows do not depend on their batch).
+    singles = [client.chat.completions.create(**kwargs, seed=40 + i).choices[0] for i in range(3)]
+    assert [c.message.content for c in many.choices] == [c.message.content for c in singles]
+    assert len({c.message.content for c in many.choices}) > 1
+    one = client.chat.completions.create(**kwargs, seed=40)
+    assert many.usage.prompt_tokens == one.usage.prompt_tokens  # the shared prompt counts once
+    assert many.usage.completion_tokens == sum(
+        client.chat.completions.create(**kwargs, seed=40 + i).usage.completion_tokens for i in range(3)
+    )
+
+    chunks = list(
+        client.chat.completions.create(
+            **kwargs, n=3, seed=40, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    texts, finishes = ["", "", ""], [[], [], []]
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finishes[choice.index].append(choice.finish_reason)
+    assert texts == [c.message.content for c in many.choices]
+    assert finishes == [[c.finish_reason] for c in many.choices]  # one finish chunk per choice
+    assert chunks[-1].usage.completion_tokens == many.usage.completion_tokens
+
+
 def test_a_blocked_stream_stops_decoding(client, serve_app):
     # Greedy tiny-vlm never says EOS on this prompt: without a cancel the row would decode all 600 tokens.
     before = len(serve_app.stats()["chat"]["cancelled_rows"])
@@ -448,6 +480,7 @@ BAD_INPUTS = {
     "server file as image": ("chat", _chat(_image_part("file:///etc/passwd")), 400, "data: URLs"),
     "50 megapixels": ("chat", _chat(_image_part(_bomb_url())), 400, "pixels"),
     "n=1000": ("images", {"model": "tiny-sd", "prompt": "a dog", "n": 1000}, 400, "limits.max_n"),
+    "chat n=1000": ("chat", _chat(n=1000), 400, "limits.max_n"),
     "max_tokens=10**9": ("chat", _chat(max_tokens=10**9), 400, "limits.max_tokens"),
     "schema not json schema": (
         "chat",
