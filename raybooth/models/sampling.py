@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,14 @@ import torch
 from PIL import Image
 
 from raybooth.models.batch_invariance import batch_invariant as per_row_kernels
+
+
+class SamplingStopped(Exception):
+    """`sample_images` stopped early because `should_stop` said so."""
+
+    def __init__(self, steps_done: int, steps: int):
+        super().__init__(f"sampling stopped after {steps_done} of {steps} steps")
+        self.steps_done, self.steps = steps_done, steps
 
 
 @dataclass
@@ -115,11 +123,14 @@ def sample_images(
     guidance_scale: float | Sequence[float],
     seeds: Sequence[int],
     batch_invariant: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[Image.Image]:
     """Sample one image per prompt; `guidance_scale` may be one value or one per row.
 
     With `batch_invariant`, a row's image is byte-identical to the one it gets alone (or in any other
     batch) for the same seed: see models/batch_invariance.py for how, and what it costs.
+    `should_stop` is asked before every UNet pass; when it says yes (nobody wants the images any more,
+    e.g. every client of a serving batch left) sampling raises `SamplingStopped` instead of finishing.
 
     Guidance is on when any row's scale is above 1 (the diffusers convention); then every step runs the
     UNet once on `2B` rows. Callers that want a row's image to be independent of its batch group rows
@@ -141,7 +152,9 @@ def sample_images(
         raise ValueError(f"got {len(scales)} guidance scales for {batch} prompts")
     check_size(c, height, width)
     with per_row_kernels(batch_invariant):
-        return _sample(c, prompts, negative_prompts, scales, seeds, height, width, num_inference_steps)
+        return _sample(
+            c, prompts, negative_prompts, scales, seeds, height, width, num_inference_steps, should_stop
+        )
 
 
 def _sample(
@@ -153,6 +166,7 @@ def _sample(
     height: int,
     width: int,
     num_inference_steps: int,
+    should_stop: Callable[[], bool] | None,
 ) -> list[Image.Image]:
     batch = len(prompts)
     device, dtype = c.unet.device, c.unet.dtype
@@ -171,7 +185,9 @@ def _sample(
         {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     )
 
-    for t in scheduler.timesteps:
+    for done, t in enumerate(scheduler.timesteps):
+        if should_stop is not None and should_stop():
+            raise SamplingStopped(done, len(scheduler.timesteps))
         model_in = torch.cat([latents, latents]) if use_cfg else latents  # (2B, C, h, w) with guidance
         model_in = scheduler.scale_model_input(model_in, t)
         noise = c.unet(model_in, t, encoder_hidden_states=embeddings).sample

@@ -9,7 +9,8 @@ images with classifier-free guidance. Each image's noise comes from its own seed
 `batch_invariant` (the default), its kernels are called per row, so a request's bytes do not depend on
 what it was batched with. Loaded models sit in slots (`@serve.multiplexed`, LRU); a background task
 re-resolves floating registry ids (`dog`, `dog@prod`) every `registry_poll_s` and swaps the slot to the
-new version: batches already running keep the old one until they finish.
+new version: batches already running keep the old one until they finish. A UNet batch whose callers
+have all gone (client disconnected, ingress timeout) stops at its next denoising step.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from ray.serve import metrics
 
 from raybooth.cluster import tracking
 from raybooth.cluster.config import ImageServeSection, TrackingSection
-from raybooth.models.sampling import guidance_on
+from raybooth.models.sampling import SamplingStopped, guidance_on
 from raybooth.samples import png_bytes
 from raybooth.serving.image_models import ImageModelStore, LoadedImageModel
 
@@ -54,9 +55,17 @@ class ImageJob:
         return (self.width, self.height, self.steps, guidance_on(self.guidance_scale))
 
 
-def images_in(jobs: list[ImageJob]) -> int:
+@dataclass(eq=False)
+class ImageCaller:
+    """One caller's job as the batch sees it; `gone` is set when the caller stops waiting."""
+
+    job: ImageJob
+    gone: bool = False
+
+
+def images_in(callers: list[ImageCaller]) -> int:
     """Batch size in images, so `max_batch_size` bounds the UNet batch rather than the request count."""
-    return sum(job.n for job in jobs)
+    return sum(caller.job.n for caller in callers)
 
 
 class ModelSlot:
@@ -151,6 +160,7 @@ class ImageDeployment:
         self.requests_per_batch: deque[int] = deque(maxlen=10_000)
         self.swaps: deque[tuple[str, str, str]] = deque(maxlen=1_000)
         self.running: list[tuple[str, str]] = []  # (model id, version) of each batch sampling right now
+        self.abandoned: deque[tuple[int, int]] = deque(maxlen=1_000)  # (steps done, steps): callers all left
         self._batch_images = metrics.Histogram(
             "raybooth_image_batch_images",
             description="Images per UNet batch (one sample_images call).",
@@ -164,33 +174,45 @@ class ImageDeployment:
     async def generate(self, job: ImageJob) -> list[bytes]:
         """PNG bytes for one job; the job waits a moment in `generate_batch` for company."""
         self._ensure_poller()
-        return await self.generate_batch(job)
+        caller = ImageCaller(job)
+        try:
+            return await self.generate_batch(caller)
+        finally:
+            # A client that disconnects (or an ingress timeout) cancels this call; a UNet batch whose
+            # callers have all gone stops at its next step instead of finishing images for nobody.
+            caller.gone = True
 
-    async def _generate_batch(self, jobs: list[ImageJob]) -> list[list[bytes]]:
+    async def _generate_batch(self, callers: list[ImageCaller]) -> list[list[bytes]]:
         model_id = serve.get_multiplexed_model_id()  # Serve splits batches by model id
         slot: ModelSlot = await self.get_model(model_id)
-        results: list[list[bytes] | None] = [None] * len(jobs)
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, job in enumerate(jobs):
-            groups[job.group_key()].append(i)
-        self.requests_per_batch.append(len(jobs))
+        results: list[list[bytes]] = [[] for _ in callers]  # stays empty for a caller that left
+        groups: dict[tuple, list[ImageCaller]] = defaultdict(list)
+        for caller in callers:
+            groups[caller.job.group_key()].append(caller)
+        self.requests_per_batch.append(len(callers))
         with slot.use() as model:
             running = (model_id, model.located.version)
             self.running.append(running)
             try:
                 for (width, height, steps, _), members in groups.items():
-                    images = await asyncio.to_thread(
-                        self._sample_group, model, [jobs[i] for i in members], width, height, steps
-                    )
-                    for i in members:
-                        results[i], images = images[: jobs[i].n], images[jobs[i].n :]
+                    try:
+                        images = await asyncio.to_thread(
+                            self._sample_group, model, members, width, height, steps
+                        )
+                    except SamplingStopped as stopped:
+                        self.abandoned.append((stopped.steps_done, stopped.steps))
+                        continue
+                    for caller in members:
+                        n = caller.job.n
+                        results[callers.index(caller)], images = images[:n], images[n:]
             finally:
                 self.running.remove(running)
-        return results  # type: ignore[return-value]
+        return results
 
     def _sample_group(
-        self, model: LoadedImageModel, jobs: list[ImageJob], width: int, height: int, steps: int
+        self, model: LoadedImageModel, callers: list[ImageCaller], width: int, height: int, steps: int
     ) -> list[bytes]:
+        jobs = [caller.job for caller in callers]
         prompts, negatives, scales, seeds = [], [], [], []
         for job in jobs:
             for k in range(job.n):
@@ -207,6 +229,7 @@ class ImageDeployment:
             guidance_scale=scales,
             seeds=seeds,
             batch_invariant=self.cfg.batch_invariant,
+            should_stop=lambda: all(caller.gone for caller in callers),
         )
         self.unet_batches.append(len(prompts))
         self._batch_images.observe(len(prompts), tags={"model": model.located.model_id})
@@ -289,4 +312,5 @@ class ImageDeployment:
             "shared_lora_bases": self.store.shared_bases(),
             "swaps": list(self.swaps),
             "running": list(self.running),
+            "abandoned": list(self.abandoned),
         }

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from raybooth.models.loaders import load_sd_components, load_sd_pipeline
-from raybooth.models.sampling import sample_images
+from raybooth.models.sampling import SamplingStopped, sample_images
 
 PROMPTS = ["a photo of sks dog", "a cat sleeping on a bed", "a red car parked on the street"]
 KW = dict(height=64, width=64, num_inference_steps=3)
@@ -108,3 +108,22 @@ def test_bad_arguments_say_what_to_fix(pipe, kwargs, message):
     args = {**KW, "guidance_scale": 7.5, **kwargs}
     with pytest.raises(ValueError, match=message):
         sample_images(pipe, PROMPTS[:2], **args)
+
+
+def test_should_stop_ends_sampling_before_the_next_unet_pass(pipe):
+    calls, handle = count_unet_calls(pipe)
+    asked = []
+
+    def should_stop() -> bool:
+        asked.append(True)
+        return len(asked) > 2  # two steps, then nobody wants the images
+
+    try:
+        with pytest.raises(SamplingStopped) as info:
+            sample_images(pipe, PROMPTS[:2], guidance_scale=7.5, seeds=[0, 1], should_stop=should_stop, **KW)
+    finally:
+        handle.remove()
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(KW["num_inference_steps"])
+    assert len(calls) == 2  # the third pass never ran
+    assert (info.value.steps_done, info.value.steps) == (2, len(scheduler.timesteps))

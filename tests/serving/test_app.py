@@ -239,6 +239,27 @@ def test_eight_concurrent_requests_share_unet_batches_and_match_single_results(s
         assert alone.data[0].b64_json == result.data[0].b64_json, (i, sizes)
 
 
+def test_a_client_that_leaves_stops_its_unet_batch(serve_app):
+    before = len(serve_app.stats()["images"]["abandoned"])
+    body = {"model": "tiny-sd", "prompt": "a slow dog", "n": 4, "size": "128x128", "num_inference_steps": 100}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 2 s of a ~6 s generation
+        httpx.post(f"{serve_app.base_url}/v1/images/generations", json=body, headers=AUTH, timeout=2)
+    deadline = time.monotonic() + 60
+    while not (abandoned := serve_app.stats()["images"]["abandoned"][before:]):
+        assert time.monotonic() < deadline, "the batch of a client that left ran to the end"
+        time.sleep(0.2)
+    steps_done, steps = abandoned[0]
+    assert steps_done < steps, abandoned
+    # The replica serves the next request normally.
+    ok = httpx.post(
+        f"{serve_app.base_url}/v1/images/generations",
+        json={**body, "num_inference_steps": 2, "size": "64x64", "n": 1},
+        headers=AUTH,
+        timeout=60,
+    )
+    assert ok.status_code == 200 and len(ok.json()["data"]) == 1
+
+
 def test_lora_subjects_share_one_base_in_memory(client, serve_app, subjects):
     extra = {"seed": 3, "num_inference_steps": 2}
     images = {
