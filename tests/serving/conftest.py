@@ -14,6 +14,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,27 @@ class ServeApp:
         resp.raise_for_status()
         return resp.json()
 
+    @contextmanager
+    def redeployed(self, settings: dict[str, Any]) -> Iterator[None]:
+        """Run the app with other settings (Serve restarts only the deployments whose arguments changed),
+        then put the module's settings back."""
+        deploy_app(settings)
+        try:
+            yield
+        finally:
+            deploy_app(self.settings)
+
+
+def deploy_app(settings: dict[str, Any]) -> None:
+    from ray import serve
+
+    from raybooth.serving.app import build_app
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAYBOOTH_API_KEYS", f"{API_KEY}, test-key-2")
+        application = build_app({"settings": settings})
+    serve.run(application, name="raybooth", route_prefix="/")
+
 
 def serve_log_lines(fragment: str) -> list[str]:
     """Lines holding `fragment` in this Ray session's Serve logs (replicas, proxy, controller)."""
@@ -226,17 +248,12 @@ def serve_app(
 ) -> Iterator[ServeApp]:
     from ray import serve
 
-    from raybooth.serving.app import build_app
-
     settings = app_settings(leak_pattern)
     port = port_picker()
     serve.shutdown()  # a Serve instance of an earlier module would keep its own HTTP port
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAYBOOTH_API_KEYS", f"{API_KEY}, test-key-2")
-        application = build_app({"settings": settings})
     started = time.monotonic()
-    serve.run(application, name="raybooth", route_prefix="/")
+    deploy_app(settings)
     print(f"serve app up in {time.monotonic() - started:.1f}s")
     try:
         yield ServeApp(f"http://127.0.0.1:{port}", settings)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import io
 import json
 import time
@@ -452,6 +453,33 @@ def test_a_client_that_disconnects_frees_its_row(client, serve_app):
     assert len(cancelled) == 1 and cancelled[0] < 900, cancelled
     # The replica keeps serving.
     assert client.chat.completions.create(model="tiny-vlm", messages=user("hi"), max_tokens=2).choices
+
+
+def test_a_request_past_the_timeout_gets_504_and_its_unet_batch_stops(serve_app):
+    settings = copy.deepcopy(serve_app.settings)
+    settings["ingress"]["request_timeout_s"] = 3  # well below a 100-step image here
+    with serve_app.redeployed(settings):
+        client = serve_app.openai()
+        client.images.generate(
+            model="tiny-sd", prompt="warm up", extra_body={"num_inference_steps": 1}, **IMAGE_KW
+        )
+        before = serve_app.stats()["images"]  # serve.run redeploys every deployment: counts start afresh
+        body = {"model": "tiny-sd", "prompt": "a dog", "n": 4, "size": "128x128", "num_inference_steps": 100}
+        resp = httpx.post(f"{serve_app.base_url}/v1/images/generations", json=body, headers=AUTH, timeout=60)
+        assert resp.status_code == 504, resp.text
+        error = resp.json()["error"]
+        assert error["code"] == "timeout" and "3s" in error["message"], error
+        deadline = time.monotonic() + 60
+        while not (stopped := serve_app.stats()["images"]["abandoned"][len(before["abandoned"]) :]):
+            assert time.monotonic() < deadline, "the timed-out request's UNet batch ran to the end"
+            time.sleep(0.2)
+        assert stopped[0][0] < stopped[0][1], stopped
+    # Back on the module's settings, the server answers.
+    assert (
+        serve_app.openai()
+        .chat.completions.create(model="tiny-vlm", messages=user("hi"), max_tokens=2)
+        .choices
+    )
 
 
 # --------------------------------------------------------------------------------------------------
