@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from raybooth.models.openai_schema import (
     AssistantMessage,
@@ -138,13 +138,32 @@ class ImageGenerationRequest(BaseModel):
         None, description="b64_json (default) or url, which is a data: URL here (nothing is stored)."
     )
     output_format: Literal["png"] | None = Field(None, description="Only png.")
-    quality: str | None = Field(None, description="Accepted and ignored (no quality tiers here).")
-    style: str | None = Field(None, description="Accepted and ignored.")
+    quality: str | None = Field(
+        None, description="Only 'auto'/'standard': num_inference_steps sets the quality here."
+    )
+    style: str | None = Field(None, description="Not offered: describe the style in the prompt.")
     user: str | None = Field(None, description="End-user id, echoed into logs only.")
     negative_prompt: str | None = Field(None, description="What not to draw (the unconditional branch).")
     num_inference_steps: int | None = Field(None, ge=1, description="Denoising steps.")
     guidance_scale: float | None = Field(None, ge=0, le=50, description="Classifier-free guidance scale.")
     seed: int | None = Field(None, ge=0, lt=2**63, description="Image i uses seed+i: same seed, same bytes.")
+
+    @field_validator("quality")
+    @classmethod
+    def _one_quality_tier(cls, value: str | None) -> str | None:
+        if value not in (None, "auto", "standard"):  # refused, never silently ignored
+            raise ValueError(
+                f"quality {value!r} is not offered (only 'auto'/'standard'); raise num_inference_steps for "
+                "finer images"
+            )
+        return value
+
+    @field_validator("style")
+    @classmethod
+    def _no_style_presets(cls, value: str | None) -> str | None:
+        if value is not None:
+            raise ValueError(f"style {value!r} is not offered; describe the style in the prompt instead")
+        return value
 
 
 class ImageData(BaseModel):

@@ -530,6 +530,18 @@ BAD_INPUTS = {
     "50 megapixels": ("chat", _chat(_image_part(_bomb_url())), 400, "pixels"),
     "n=1000": ("images", {"model": "tiny-sd", "prompt": "a dog", "n": 1000}, 400, "limits.max_n"),
     "chat n=1000": ("chat", _chat(n=1000), 400, "limits.max_n"),
+    "quality hd": (
+        "images",
+        {"model": "tiny-sd", "prompt": "a dog", "quality": "hd"},
+        400,
+        "num_inference_steps",
+    ),
+    "style vivid": (
+        "images",
+        {"model": "tiny-sd", "prompt": "a dog", "style": "vivid"},
+        400,
+        "in the prompt",
+    ),
     "max_tokens=10**9": ("chat", _chat(max_tokens=10**9), 400, "limits.max_tokens"),
     "schema not json schema": (
         "chat",
@@ -583,7 +595,7 @@ def test_bad_input_is_a_4xx_in_the_openai_shape(serve_app, errors_before, case):
 
 
 def test_burst_beyond_the_queue_gets_503_and_the_server_recovers(serve_app):
-    # The most steps the limits allow, so batches stay busy while the burst arrives and the queue fills.
+    # Enough steps that batches stay busy while the burst arrives and the queue fills.
     body = {"model": "tiny-sd", "prompt": "a dog", "size": "64x64", "num_inference_steps": 8}
 
     async def burst():
