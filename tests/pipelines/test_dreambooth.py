@@ -145,6 +145,12 @@ def test_two_workers_train_checkpoint_register_and_generate(two_worker_run, tmp_
         "a-photo-of-sks-dog-seed0.png",
         "a-photo-of-sks-dog-seed1.png",
     ]
+    # `--seed 1 --n 1` is the second image of `--seed 0 --n 2`, byte for byte.
+    alone = tmp_path / "alone"
+    args = ["--model", result.model_uri, "--prompt", "a photo of sks dog", "--steps", "2", "--seed", "1"]
+    assert main(["generate", *args, "--out", str(alone)]) == 0
+    name = "a-photo-of-sks-dog-seed1.png"
+    assert (alone / name).read_bytes() == (out / name).read_bytes()
 
 
 def test_killed_worker_resumes_from_last_checkpoint_with_one_continuous_run(
