@@ -6,7 +6,7 @@ The CLI loads the model exactly as the image server does (`serving.image_models`
 a folder, a preset; full fine-tunes and LoRA subjects alike) and hands its sampler to
 `write_generated_images`, which picks the seeds and writes one PNG per image (local folder or s3://).
 Image i uses seed `seed + i` and sampling is batch-invariant, so `--seed 7 --n 1` reproduces the fourth
-image of `--seed 4 --n 4` byte for byte, and the image server returns the same bytes for that request.
+image of `--seed 4 --n 4` byte for byte.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def write_generated_images(
         num_inference_steps=steps,
         guidance_scale=guidance_scale,
         seeds=seeds,
-        batch_invariant=True,  # an image's bytes do not depend on --n (nor differ from the server's)
+        batch_invariant=True,  # an image's bytes do not depend on --n
     )
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "image"
     uris = []
