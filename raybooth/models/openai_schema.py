@@ -101,6 +101,12 @@ class StreamOptions(_Lenient):
 
 
 class ChatCompletionRequest(_Lenient):
+    """A chat request. Unknown top-level fields are refused (as OpenAI does: "Unrecognized request argument")
+    rather than ignored; OpenAI parameters this engine does not implement are accepted only at their no-op
+    values (e.g. `frequency_penalty: 0`, `tools: []`), anything else is a 400 that names them."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
+
     model: str | None = None
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -115,6 +121,17 @@ class ChatCompletionRequest(_Lenient):
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
     user: str | None = None
+    # OpenAI parameters without an implementation here: accepted at their no-op values only.
+    top_logprobs: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None  # labels for OpenAI's stored completions; nothing to label here
+    service_tier: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -128,8 +145,23 @@ class ChatCompletionRequest(_Lenient):
 
     @model_validator(mode="after")
     def _supported(self) -> ChatCompletionRequest:
-        if self.logprobs:
-            raise ValueError("logprobs is not supported")
+        unsupported = {
+            "logprobs": bool(self.logprobs),
+            "top_logprobs": bool(self.top_logprobs),
+            "frequency_penalty": bool(self.frequency_penalty),
+            "presence_penalty": bool(self.presence_penalty),
+            "logit_bias": bool(self.logit_bias),
+            "tools": bool(self.tools),
+            "tool_choice": self.tool_choice not in (None, "none", "auto"),
+            "store": bool(self.store),
+            "service_tier": self.service_tier not in (None, "auto", "default"),
+        }
+        named = [name for name, used in unsupported.items() if used]
+        if named:
+            raise ValueError(
+                f"{', '.join(named)}: not supported by this server; leave "
+                f"{'it' if len(named) == 1 else 'them'} out (or at the default)"
+            )
         return self
 
     def stop_list(self) -> list[str]:

@@ -88,6 +88,7 @@ def test_openai_batch_lines_in_and_out(ray_cluster, tmp_path):
         request_line("seeded-b", "a", max_tokens=8, temperature=1.0, seed=42),
         json.dumps({"custom_id": "wrong-url", "method": "POST", "url": "/v1/embeddings", "body": {}}),
         request_line("two-choices", "a", max_tokens=4, n=2),  # one choice per line: refused, not cut to one
+        request_line("typo", "a", max_tokens=4, temprature=0),  # an unknown field: refused, not ignored
     ]
     requests = tmp_path / "requests.jsonl"
     requests.write_text("\n".join(lines) + "\n")
@@ -99,7 +100,7 @@ def test_openai_batch_lines_in_and_out(ray_cluster, tmp_path):
         BatchOutputLine.model_validate(line)  # OpenAI's batch output shape, every line
     assert [o["custom_id"] for o in out] == [
         "text-only", "one-image", "two-images", "json", None, "unreachable", "bad-schema", "seeded-a", "seeded-b",
-        "wrong-url", "two-choices",
+        "wrong-url", "two-choices", "typo",
     ]  # fmt: skip
     ok = {o["custom_id"]: o for o in out if o["response"] and o["response"]["status_code"] == 200}
     assert set(ok) == {"text-only", "one-image", "two-images", "json", "seeded-a", "seeded-b"}
@@ -134,7 +135,9 @@ def test_openai_batch_lines_in_and_out(ray_cluster, tmp_path):
     assert out[9]["response"] is None and "line 11" in out[9]["error"]["message"]
     two_choices = out[10]["response"]
     assert two_choices["status_code"] == 400 and two_choices["body"]["error"]["param"] == "n"
-    assert (summary.rows, summary.failed) == (11, 5)
+    typo = out[11]["response"]
+    assert typo["status_code"] == 400 and typo["body"]["error"]["param"] == "temprature"
+    assert (summary.rows, summary.failed) == (12, 6)
 
 
 def test_rerun_finishes_the_file_without_duplicates(ray_cluster, tmp_path):

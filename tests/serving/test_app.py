@@ -530,6 +530,14 @@ BAD_INPUTS = {
     "50 megapixels": ("chat", _chat(_image_part(_bomb_url())), 400, "pixels"),
     "n=1000": ("images", {"model": "tiny-sd", "prompt": "a dog", "n": 1000}, 400, "limits.max_n"),
     "chat n=1000": ("chat", _chat(n=1000), 400, "limits.max_n"),
+    "chat unknown field": ("chat", _chat(temprature=0.5), 400, "temprature: unknown field"),
+    "chat tools": (
+        "chat",
+        _chat(tools=[{"type": "function", "function": {"name": "f"}}]),
+        400,
+        "tools: not supported",
+    ),
+    "chat penalty": ("chat", _chat(frequency_penalty=0.5), 400, "frequency_penalty: not supported"),
     "quality hd": (
         "images",
         {"model": "tiny-sd", "prompt": "a dog", "quality": "hd"},
