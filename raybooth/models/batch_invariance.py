@@ -50,28 +50,31 @@ class _PerRow(TorchFunctionMode):
         first = args[0] if args else kwargs.get(spec[0][1])
         if not torch.is_tensor(first) or first.dim() < 2:
             return func(*args, **kwargs)
-        rows = first.shape[0]
+        shape = (first.dim(), first.shape[0])  # (rank, rows) of the batched input
         outputs = [
-            func(*_row_args(args, spec, rows, i), **_row_kwargs(kwargs, spec, rows, i)) for i in range(rows)
+            func(*_row_args(args, spec, shape, i), **_row_kwargs(kwargs, spec, shape, i))
+            for i in range(shape[1])
         ]
         return torch.cat(outputs)
 
 
-def _row(value: Any, rows: int, i: int) -> Any:
-    """Row `i` of a batched tensor as a contiguous `(1, ...)` tensor; broadcast (dim 0 == 1) values as they are."""
-    if torch.is_tensor(value) and value.dim() >= 2 and value.shape[0] == rows:
+def _row(value: Any, shape: tuple[int, int], i: int) -> Any:
+    """Row `i` of a tensor batched like the input (same rank and rows) as a contiguous `(1, ...)` tensor.
+    Anything else is passed whole: a mask with dim 0 of 1, or of lower rank (it broadcasts over rows)."""
+    rank, rows = shape
+    if torch.is_tensor(value) and value.dim() == rank and value.shape[0] == rows:
         return value[i : i + 1].contiguous()
     return value
 
 
-def _row_args(args: tuple, spec: tuple[tuple[int, str], ...], rows: int, i: int) -> list:
+def _row_args(args: tuple, spec: tuple[tuple[int, str], ...], shape: tuple[int, int], i: int) -> list:
     batched = {position for position, _ in spec}
-    return [_row(a, rows, i) if k in batched else a for k, a in enumerate(args)]
+    return [_row(a, shape, i) if k in batched else a for k, a in enumerate(args)]
 
 
-def _row_kwargs(kwargs: dict, spec: tuple[tuple[int, str], ...], rows: int, i: int) -> dict:
+def _row_kwargs(kwargs: dict, spec: tuple[tuple[int, str], ...], shape: tuple[int, int], i: int) -> dict:
     batched = {name for _, name in spec}
-    return {k: _row(v, rows, i) if k in batched else v for k, v in kwargs.items()}
+    return {k: _row(v, shape, i) if k in batched else v for k, v in kwargs.items()}
 
 
 @contextmanager

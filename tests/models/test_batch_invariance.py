@@ -89,6 +89,12 @@ def test_rows_meet_the_kernel_they_meet_alone():
         assert torch.equal(attended[3:4], F.scaled_dot_product_attention(q[3:4], k[3:4], v[3:4]))
     torch.testing.assert_close(rows, F.linear(x, w, b))
     torch.testing.assert_close(normed, F.group_norm(image, 8))
+    # A lower-rank mask broadcasts over the batch: it is passed whole, even when its dim 0 equals the rows.
+    heads_mask = torch.randn(2, 10, 10)  # (H, L, S) with H == B below
+    q2, k2, v2 = (torch.randn(2, 2, 10, 8) for _ in range(3))
+    with batch_invariant():
+        masked = F.scaled_dot_product_attention(q2, k2, v2, attn_mask=heads_mask)
+    torch.testing.assert_close(masked, F.scaled_dot_product_attention(q2, k2, v2, attn_mask=heads_mask))
     # keyword arguments are split too
     with batch_invariant():
         by_name = F.linear(input=x, weight=w, bias=b)
