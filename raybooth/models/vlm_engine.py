@@ -65,9 +65,8 @@ class PreparedRequest:
 @dataclass
 class GenerationResult:
     text: str
-    finish_reason: (
-        str | None
-    )  # "stop" (EOS, stop string, grammar complete) | "length" | "cancelled" | None on error
+    # "stop" (EOS, stop string, grammar complete) | "length" | "cancelled" | None on error
+    finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
     token_ids: list[int] = field(default_factory=list)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any, TypedDict
 
 from ray import serve
@@ -28,6 +27,7 @@ from raybooth.cluster.config import ChatServeSection, SafetySection
 from raybooth.models.device import pick_device
 from raybooth.models.safety import SafetyPolicy, StreamingSafetyFilter
 from raybooth.models.vlm_engine import GenerationRequest, StreamDelta, VLMEngine
+from raybooth.serving.callers import Caller, attending
 
 _END = object()  # the engine's iterator is exhausted
 
@@ -54,26 +54,21 @@ def final_event(delta: StreamDelta, text: str, **extra: Any) -> ChatEvent:
     )
 
 
-@dataclass(eq=False)
-class Caller:
-    """One caller's request as the batch sees it; `gone` is set when the caller stops listening."""
-
-    request: GenerationRequest
-    gone: bool = False
-
-
 class RowFilter:
     """Per caller: the safety filter on its output, and whether its stream has ended."""
 
-    def __init__(self, policy: SafetyPolicy, caller: Caller):
+    def __init__(self, policy: SafetyPolicy, caller: Caller[GenerationRequest]):
         self.safety: StreamingSafetyFilter = policy.stream_filter()
         self.caller = caller
-        self.finished = False
+        self.finished = False  # its last event was sent
+
+    @property
+    def ended(self) -> bool:
+        """Nothing more goes to this caller: its stream finished, or it stopped listening."""
+        return self.finished or self.caller.gone
 
     def event(self, delta: StreamDelta | None) -> ChatEvent | type[StopIteration]:
-        if self.caller.gone:
-            self.finished = True
-        if self.finished:
+        if self.ended:
             return StopIteration
         if delta is None:
             return ChatEvent(text="")  # nothing new for this caller this step
@@ -118,23 +113,20 @@ class ChatDeployment:
 
     async def generate(self, request: GenerationRequest):
         """Stream `ChatEvent`s for one request (batched with concurrent callers)."""
-        caller = Caller(request)
-        try:
+        # A client that disconnects cancels this call (the ingress cancels its handle call); the batch
+        # then drops the row instead of decoding for nobody.
+        with attending(request) as caller:
             async for event in self.generate_batch(caller):
                 yield event
-        finally:
-            # A client that disconnects cancels this call (the ingress cancels its handle call); the batch
-            # then drops the row instead of decoding for nobody.
-            caller.gone = True
 
-    async def _generate_batch(self, callers: list[Caller]):
+    async def _generate_batch(self, callers: list[Caller[GenerationRequest]]):
         self.batch_sizes.append(len(callers))
         self._batch_rows.observe(len(callers))
         rows = [RowFilter(self.policy, caller) for caller in callers]
         cancelled: set[int] = set()  # rows the engine drops at its next step
-        steps = self.engine.generate_stream([caller.request for caller in callers], cancelled)
+        steps = self.engine.generate_stream([caller.item for caller in callers], cancelled)
         while True:
-            cancelled.update(i for i, row in enumerate(rows) if row.finished or row.caller.gone)
+            cancelled.update(i for i, row in enumerate(rows) if row.ended)
             # Each decode step runs in a worker thread so the replica keeps answering health checks.
             step = await asyncio.to_thread(next, steps, _END)
             if step is _END:

@@ -32,6 +32,7 @@ from raybooth.cluster import tracking
 from raybooth.cluster.config import ImageServeSection, TrackingSection
 from raybooth.models.sampling import SamplingStopped, guidance_on
 from raybooth.samples import png_bytes
+from raybooth.serving.callers import Caller, attending
 from raybooth.serving.image_models import ImageModelStore, LoadedImageModel
 
 logger = logging.getLogger("ray.serve")
@@ -55,17 +56,9 @@ class ImageJob:
         return (self.width, self.height, self.steps, guidance_on(self.guidance_scale))
 
 
-@dataclass(eq=False)
-class ImageCaller:
-    """One caller's job as the batch sees it; `gone` is set when the caller stops waiting."""
-
-    job: ImageJob
-    gone: bool = False
-
-
-def images_in(callers: list[ImageCaller]) -> int:
+def images_in(callers: list[Caller[ImageJob]]) -> int:
     """Batch size in images, so `max_batch_size` bounds the UNet batch rather than the request count."""
-    return sum(caller.job.n for caller in callers)
+    return sum(caller.item.n for caller in callers)
 
 
 class ModelSlot:
@@ -174,21 +167,18 @@ class ImageDeployment:
     async def generate(self, job: ImageJob) -> list[bytes]:
         """PNG bytes for one job; the job waits a moment in `generate_batch` for company."""
         self._ensure_poller()
-        caller = ImageCaller(job)
-        try:
+        # A client that disconnects (or an ingress timeout) cancels this call; a UNet batch whose callers
+        # have all gone stops at its next step instead of finishing images for nobody.
+        with attending(job) as caller:
             return await self.generate_batch(caller)
-        finally:
-            # A client that disconnects (or an ingress timeout) cancels this call; a UNet batch whose
-            # callers have all gone stops at its next step instead of finishing images for nobody.
-            caller.gone = True
 
-    async def _generate_batch(self, callers: list[ImageCaller]) -> list[list[bytes]]:
+    async def _generate_batch(self, callers: list[Caller[ImageJob]]) -> list[list[bytes]]:
         model_id = serve.get_multiplexed_model_id()  # Serve splits batches by model id
         slot: ModelSlot = await self.get_model(model_id)
         results: list[list[bytes]] = [[] for _ in callers]  # stays empty for a caller that left
-        groups: dict[tuple, list[ImageCaller]] = defaultdict(list)
-        for caller in callers:
-            groups[caller.job.group_key()].append(caller)
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, caller in enumerate(callers):
+            groups[caller.item.group_key()].append(i)
         self.requests_per_batch.append(len(callers))
         with slot.use() as model:
             running = (model_id, model.located.version)
@@ -197,22 +187,22 @@ class ImageDeployment:
                 for (width, height, steps, _), members in groups.items():
                     try:
                         images = await asyncio.to_thread(
-                            self._sample_group, model, members, width, height, steps
+                            self._sample_group, model, [callers[i] for i in members], width, height, steps
                         )
                     except SamplingStopped as stopped:
                         self.abandoned.append((stopped.steps_done, stopped.steps))
                         continue
-                    for caller in members:
-                        n = caller.job.n
-                        results[callers.index(caller)], images = images[:n], images[n:]
+                    for i in members:
+                        n = callers[i].item.n
+                        results[i], images = images[:n], images[n:]
             finally:
                 self.running.remove(running)
         return results
 
     def _sample_group(
-        self, model: LoadedImageModel, callers: list[ImageCaller], width: int, height: int, steps: int
+        self, model: LoadedImageModel, callers: list[Caller[ImageJob]], width: int, height: int, steps: int
     ) -> list[bytes]:
-        jobs = [caller.job for caller in callers]
+        jobs = [caller.item for caller in callers]
         prompts, negatives, scales, seeds = [], [], [], []
         for job in jobs:
             for k in range(job.n):
@@ -291,7 +281,8 @@ class ImageDeployment:
     # ------------------------------------------------------------------ control
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """`user_config` in the Serve YAML: batching knobs, `batch_invariant` and `refresh` (any new value re-resolves now)."""
+        """`user_config` in the Serve YAML: batching knobs, `batch_invariant` and `refresh` (any new value
+        re-resolves the models now)."""
         if "max_batch_size" in user_config:
             self.generate_batch.set_max_batch_size(int(user_config["max_batch_size"]))
         if "batch_wait_timeout_s" in user_config:

@@ -226,9 +226,8 @@ class ChatService:
                     finished.add(index)
                     prompt = event.get("prompt_tokens", 0)
                     completion += event.get("completion_tokens", 0)
-            for index in sorted(
-                set(range(len(streams))) - finished
-            ):  # every choice ends with a finish_reason
+            # Every choice ends with a finish_reason, even one whose stream ended without saying.
+            for index in sorted(set(range(len(streams))) - finished):
                 yield chunk(index, ServedDeltaMessage(), "stop")
             if include_usage:
                 usage = Usage(

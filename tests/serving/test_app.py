@@ -54,6 +54,15 @@ def user(content) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
+def wait_until(probe, what: str, timeout_s: float = 60, every_s: float = 0.2):
+    """Call `probe` until it returns something truthy, and return that; fail naming `what` on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := probe()):
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout_s:g}s"
+        time.sleep(every_s)
+    return value
+
+
 # --------------------------------------------------------------------------------------------------
 # Models, health, auth
 # --------------------------------------------------------------------------------------------------
@@ -245,10 +254,9 @@ def test_a_client_that_leaves_stops_its_unet_batch(serve_app):
     body = {"model": "tiny-sd", "prompt": "a slow dog", "n": 4, "size": "128x128", "num_inference_steps": 100}
     with pytest.raises(httpx.ReadTimeout):  # the client gives up after 2 s of a ~6 s generation
         httpx.post(f"{serve_app.base_url}/v1/images/generations", json=body, headers=AUTH, timeout=2)
-    deadline = time.monotonic() + 60
-    while not (abandoned := serve_app.stats()["images"]["abandoned"][before:]):
-        assert time.monotonic() < deadline, "the batch of a client that left ran to the end"
-        time.sleep(0.2)
+    abandoned = wait_until(
+        lambda: serve_app.stats()["images"]["abandoned"][before:], "stopping the batch of a client that left"
+    )
     steps_done, steps = abandoned[0]
     assert steps_done < steps, abandoned
     # The replica serves the next request normally.
@@ -291,10 +299,7 @@ def test_alias_move_changes_the_served_model_without_restart(client, serve_app, 
     assert generate(f"{subjects.dog}@prod") == v1
     tracking.set_alias(subjects.dog, "prod", 2)
     try:
-        deadline = time.monotonic() + 60
-        while generate(f"{subjects.dog}@prod") != v2:
-            assert time.monotonic() < deadline, "the alias move was not picked up within 60s"
-            time.sleep(0.5)
+        wait_until(lambda: generate(f"{subjects.dog}@prod") == v2, "picking up the alias move", every_s=0.5)
         swaps = serve_app.stats()["images"]["swaps"]
         assert [f"{subjects.dog}@prod", f"{subjects.dog}/1", f"{subjects.dog}/2"] in swaps
     finally:
@@ -310,14 +315,8 @@ def test_requests_in_flight_during_an_alias_move_finish_on_the_old_version(clien
     slow = dict(prompt="a photo of sks dog", n=4, size="128x128", response_format="b64_json")
     extra = {"seed": 9, "num_inference_steps": 100}  # a few seconds of sampling on tiny-sd
 
-    def wait_for(condition, what: str, timeout_s: float = 60) -> dict:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            stats = serve_app.stats()["images"]
-            if condition(stats):
-                return stats
-            assert time.monotonic() < deadline, f"{what} did not happen within {timeout_s}s: {stats}"
-            time.sleep(0.1)
+    def wait_for(condition, what: str) -> None:
+        wait_until(lambda: condition(serve_app.stats()["images"]), what, every_s=0.1)
 
     client.images.generate(model=prod, prompt="warm up", extra_body={"num_inference_steps": 1}, **IMAGE_KW)
     wait_for(lambda s: s["models"].get(prod) == v1, "prod serving version 1")
@@ -381,13 +380,8 @@ def test_chat_output_blocked_as_it_streams(client, serve_app, greedy_answer, str
     assert span not in text and greedy_answer.startswith(text)  # nothing from the blocked span on was sent
 
 
-def _new_cancelled_rows(serve_app, before: int, timeout_s: float = 60) -> list[int]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        rows = serve_app.stats()["chat"]["cancelled_rows"][before:]
-        if rows or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.2)
+def _new_cancelled_rows(serve_app, before: int) -> list[int]:
+    return wait_until(lambda: serve_app.stats()["chat"]["cancelled_rows"][before:], "cancelling a chat row")
 
 
 def test_n_choices_are_seeded_rows_batched_together(client, serve_app):
@@ -469,10 +463,10 @@ def test_a_request_past_the_timeout_gets_504_and_its_unet_batch_stops(serve_app)
         assert resp.status_code == 504, resp.text
         error = resp.json()["error"]
         assert error["code"] == "timeout" and "3s" in error["message"], error
-        deadline = time.monotonic() + 60
-        while not (stopped := serve_app.stats()["images"]["abandoned"][len(before["abandoned"]) :]):
-            assert time.monotonic() < deadline, "the timed-out request's UNet batch ran to the end"
-            time.sleep(0.2)
+        stopped = wait_until(
+            lambda: serve_app.stats()["images"]["abandoned"][len(before["abandoned"]) :],
+            "stopping the timed-out request's UNet batch",
+        )
         assert stopped[0][0] < stopped[0][1], stopped
     # Back on the module's settings, the server answers.
     assert (
@@ -628,8 +622,10 @@ def test_client_mistakes_log_no_errors_and_a_good_request_still_works(client, se
     assert new_errors == []
     # ... read from the right place: the ingress's access log has the client mistakes, at INFO (the
     # replica flushes INFO lines in the background, so give it a moment).
-    deadline = time.monotonic() + 30
-    while not serve_app.log_lines("POST /v1/images/generations 400"):
-        assert time.monotonic() < deadline, "no access log line for the 400s in the Serve logs"
-        time.sleep(0.5)
+    wait_until(
+        lambda: serve_app.log_lines("POST /v1/images/generations 400"),
+        "an access log line for the 400s in the Serve logs",
+        timeout_s=30,
+        every_s=0.5,
+    )
     assert all(line.startswith("INFO") for line in serve_app.log_lines("POST /v1/images/generations 400"))
