@@ -73,6 +73,23 @@ def _free_port_range(size: int) -> int:
     raise RuntimeError("no free port range for Ray workers")
 
 
+def _distinct_ports(port_picker: Callable[[], int], taken: range) -> dict[str, int]:
+    """One free port per flag in `_RAY_PORT_FLAGS`, none twice and none inside `taken` (the worker range).
+
+    Ray refuses to start when two of its components share a port, and a port the OS hands out as free can
+    also fall inside the worker range chosen a moment before."""
+    ports: dict[str, int] = {}
+    for flag in _RAY_PORT_FLAGS:
+        for _ in range(100):
+            port = port_picker()
+            if port not in taken and port not in ports.values():
+                ports[flag] = port
+                break
+        else:
+            raise RuntimeError(f"no free port for --{flag} outside {taken} after 100 tries")
+    return ports
+
+
 def _logs(temp_dir: str, chars: int = 1500) -> str:
     """Tails of the head's own logs, for a start that failed."""
     root = Path(temp_dir)
@@ -117,12 +134,17 @@ def _stop_head(proc: subprocess.Popen[bytes], temp_dir: str) -> None:
     psutil.wait_procs(alive, timeout=10)
 
 
-@pytest.fixture(scope="module")
-def ray_head(port_picker: Callable[[], int]) -> Iterator[str]:
-    """Dashboard URL (http://127.0.0.1:PORT) of a single-node Ray head that only this module uses."""
+HEAD_START_ATTEMPTS = 3  # a port found free can be taken by another process before Ray binds it
+
+
+def _start_head(port_picker: Callable[[], int]) -> tuple[subprocess.Popen[bytes], str, str]:
+    """Start one head on freshly chosen ports; (process, temp dir, dashboard URL) once the dashboard answers.
+
+    Raises `_PortRace` when `ray start` quit over a port (a race with another process on this machine),
+    which the caller retries on new ports, and RuntimeError for anything else."""
     temp_dir = tempfile.mkdtemp(prefix="rbinfra-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    ports = {flag: port_picker() for flag in _RAY_PORT_FLAGS}
     workers = _free_port_range(40)
+    ports = _distinct_ports(port_picker, taken=range(workers, workers + 40))
     cmd = [
         str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1",
@@ -149,10 +171,12 @@ def ray_head(port_picker: Callable[[], int]) -> Iterator[str]:
         deadline = time.monotonic() + HEAD_START_TIMEOUT_S
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"ray start exited with {proc.returncode}:\n{_logs(temp_dir)}")
+                logs = _logs(temp_dir)
+                error = _PortRace if "port" in log.read_text(errors="replace").lower() else RuntimeError
+                raise error(f"ray start exited with {proc.returncode}:\n{logs}")
             try:
                 if requests.get(f"{url}/api/version", timeout=1).status_code < 500:
-                    break
+                    return proc, temp_dir, url
             except requests.RequestException:
                 pass
             if time.monotonic() > deadline:
@@ -160,6 +184,27 @@ def ray_head(port_picker: Callable[[], int]) -> Iterator[str]:
                     f"Ray dashboard did not answer in {HEAD_START_TIMEOUT_S:.0f}s:\n{_logs(temp_dir)}"
                 )
             time.sleep(0.5)
+    except BaseException:
+        _stop_head(proc, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+
+
+class _PortRace(RuntimeError):
+    """`ray start` quit because a port it was given was in use by the time it bound it."""
+
+
+@pytest.fixture(scope="module")
+def ray_head(port_picker: Callable[[], int]) -> Iterator[str]:
+    """Dashboard URL (http://127.0.0.1:PORT) of a single-node Ray head that only this module uses."""
+    for attempt in range(1, HEAD_START_ATTEMPTS + 1):
+        try:
+            proc, temp_dir, url = _start_head(port_picker)
+            break
+        except _PortRace:
+            if attempt == HEAD_START_ATTEMPTS:
+                raise
+    try:
         yield url
     finally:
         _stop_head(proc, temp_dir)
