@@ -22,10 +22,13 @@ from raybooth.models.openai_schema import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     Choice,
+    ChoiceLogprobs,
     ImageContentPart,
+    TopLogprob,
     Usage,
 )
-from raybooth.models.vlm_engine import GenerationRequest, GenerationResult
+from raybooth.models.openai_schema import TokenLogprob as OpenAITokenLogprob
+from raybooth.models.vlm_engine import GenerationRequest, GenerationResult, TokenLogprob
 
 
 class ChatRequestError(ValueError):
@@ -61,6 +64,10 @@ def sampling_params_from_chat(
         stop=request.stop_list(),
         json_schema=fmt.json_schema.json_schema if fmt is not None and fmt.json_schema is not None else None,
         json_object=fmt is not None and fmt.type == "json_object",
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        logit_bias=request.token_bias(),
+        logprobs=request.requested_logprobs(),
     )
 
 
@@ -114,13 +121,33 @@ def chat_completion_response(
     fields: dict[str, Any] = {}
     if completion_id is not None:
         fields["id"] = completion_id
+    choice = Choice(
+        message=AssistantMessage(content=result.text),
+        finish_reason=result.finish_reason,
+        logprobs=choice_logprobs(result.logprobs) if result.logprobs is not None else None,
+    )
     return ChatCompletionResponse(
         model=model,
-        choices=[Choice(message=AssistantMessage(content=result.text), finish_reason=result.finish_reason)],
+        choices=[choice],
         usage=Usage(
             prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens,
             total_tokens=result.prompt_tokens + result.completion_tokens,
         ),
         **fields,
+    )
+
+
+def choice_logprobs(entries: list[TokenLogprob]) -> ChoiceLogprobs:
+    """The engine's per-token logprobs as OpenAI's `choices[].logprobs` (`{"content": [...]}`)."""
+    return ChoiceLogprobs(
+        content=[
+            OpenAITokenLogprob(
+                token=e.token,
+                logprob=e.logprob,
+                bytes=e.bytes,
+                top_logprobs=[TopLogprob(token=t.token, logprob=t.logprob, bytes=t.bytes) for t in e.top],
+            )
+            for e in entries
+        ]
     )

@@ -2,7 +2,9 @@
 
     params = SamplingParams(max_tokens=32, temperature=0.7, top_p=0.9, seed=1, stop=["\\n\\n"])
     gen = row_generator(params)                          # this row's own torch.Generator
+    logits_row = adjust_logits(logits_row, params, counts)  # logit_bias, presence/frequency penalties
     token = sample_token(logits_row, params, gen)        # logits_row: (V,) float32 on the CPU
+    chosen, top = token_logprobs(logits_row, token, params.logprobs)   # when the request asked for them
     text = TextTracker(tokenizer, params.stop); delta, stopped = text.push(token)
 
 Everything here works on one row, on the CPU, from that row's own state only. That is what makes a row's
@@ -12,12 +14,15 @@ output independent of the batch it was packed into: no batch-wide softmax, no sh
 from __future__ import annotations
 
 import secrets
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 FinishReason = str  # "stop" | "length"
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 
 
 @dataclass
@@ -33,6 +38,14 @@ class SamplingParams:
     json_schema: dict[str, Any] | None = None
     # Any JSON object (OpenAI's response_format json_object); ignored when json_schema is set.
     json_object: bool = False
+    # OpenAI's penalties on tokens already generated (not the prompt): each logit loses
+    # count * frequency_penalty + (count > 0) * presence_penalty. Both in [-2, 2].
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # token id -> bias added to its logit, in [-100, 100] (-100 bans the token, 100 all but forces it).
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    # None: no logprobs. k >= 0: each sampled token's logprob and the k likeliest alternatives.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -41,6 +54,18 @@ class SamplingParams:
             raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        try:  # ids may arrive as strings: OpenAI's wire format, and JSON round trips (a pipeline's rows)
+            self.logit_bias = {int(token): float(bias) for token, bias in self.logit_bias.items()}
+        except ValueError as e:
+            raise ValueError(f"logit_bias keys must be token ids, got {list(self.logit_bias)[:5]}") from e
+        for token, bias in self.logit_bias.items():
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias for token {token} must be in [-100, 100], got {bias}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
 
     @property
     def constrained(self) -> bool:
@@ -51,6 +76,39 @@ def row_generator(params: SamplingParams) -> torch.Generator:
     """A CPU generator for one row: seeded from the request, so the row samples the same in any batch."""
     seed = params.seed if params.seed is not None else secrets.randbits(63)
     return torch.Generator(device="cpu").manual_seed(seed % (2**63))
+
+
+def adjust_logits(logits: torch.Tensor, params: SamplingParams, counts: Counter[int]) -> torch.Tensor:
+    """One row's logits `(V,)` after its `logit_bias` and its presence/frequency penalties over `counts`
+    (how often each token was generated so far). The input is returned untouched when nothing applies;
+    otherwise a new tensor. Tokens a grammar masked to -inf stay -inf."""
+    penalize = bool(counts) and (params.presence_penalty != 0.0 or params.frequency_penalty != 0.0)
+    if not params.logit_bias and not penalize:
+        return logits
+    out = logits.clone()
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
+        out[ids] += torch.tensor(list(params.logit_bias.values()), dtype=out.dtype)
+    if penalize:
+        ids = torch.tensor(list(counts), dtype=torch.long)
+        seen = torch.tensor(list(counts.values()), dtype=out.dtype)
+        out[ids] -= seen * params.frequency_penalty + params.presence_penalty
+    return out
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of `token` under one row's logits `(V,)` and the `top` likeliest tokens with
+    theirs, best first. Tokens with probability 0 (masked by a grammar or a -100 bias) are never listed
+    as alternatives, so there may be fewer than `top`.
+
+    The distribution is the one sampling starts from: the model's logits after logit_bias, penalties and
+    any JSON grammar, before temperature and top_p (which only change how it is sampled)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    alternatives: list[tuple[int, float]] = []
+    if top > 0:
+        values, ids = torch.topk(logprobs, min(top, logprobs.numel()))
+        alternatives = [(int(i), float(v)) for i, v in zip(ids, values, strict=True) if v > float("-inf")]
+    return float(logprobs[token]), alternatives
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:

@@ -6,8 +6,8 @@
 Names and fields follow OpenAI's API reference so the official `openai` client and OpenAI batch files
 work unchanged. Pydantic only (no Ray, no torch): the batch pipeline and the serving app import the
 same models, and `raybooth.models.chat` turns a request into engine input and a result back.
-Unknown request fields are ignored (as vLLM does), so newer clients that send extra fields still work;
-fields raybooth cannot honour (`n > 1`, `logprobs`) are rejected with a message naming them.
+Unknown fields of a chat request are refused (as OpenAI does), and so are OpenAI parameters raybooth
+does not implement (`tools`, `store`, ...) at anything but their no-op values, with a message naming them.
 """
 
 from __future__ import annotations
@@ -120,12 +120,13 @@ class ChatCompletionRequest(_Lenient):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    # Token id (as a string, as in OpenAI's API) -> bias in [-100, 100].
+    logit_bias: dict[str, float] | None = None
     user: str | None = None
     # OpenAI parameters without an implementation here: accepted at their no-op values only.
-    top_logprobs: int | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -143,14 +144,21 @@ class ChatCompletionRequest(_Lenient):
             raise ValueError("stop sequences must not be empty")
         return value
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_by_token_id(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.strip().isdigit():
+                raise ValueError(f'logit_bias keys are token ids like "1234", got {key!r}')
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias for token {key} must be in [-100, 100], got {bias}")
+        return value
+
     @model_validator(mode="after")
     def _supported(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         unsupported = {
-            "logprobs": bool(self.logprobs),
-            "top_logprobs": bool(self.top_logprobs),
-            "frequency_penalty": bool(self.frequency_penalty),
-            "presence_penalty": bool(self.presence_penalty),
-            "logit_bias": bool(self.logit_bias),
             "tools": bool(self.tools),
             "tool_choice": self.tool_choice not in (None, "none", "auto"),
             "store": bool(self.store),
@@ -171,6 +179,13 @@ class ChatCompletionRequest(_Lenient):
         """`max_completion_tokens` (the current name) wins over the deprecated `max_tokens`."""
         return self.max_completion_tokens or self.max_tokens
 
+    def requested_logprobs(self) -> int | None:
+        """None without `logprobs: true`; else how many alternatives per token (`top_logprobs`, default 0)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def token_bias(self) -> dict[int, float]:
+        return {int(key): bias for key, bias in (self.logit_bias or {}).items()}
+
 
 # --------------------------------------------------------------------------------------------------
 # Response
@@ -184,11 +199,28 @@ class AssistantMessage(_Response):
     content: str | None = None
 
 
+class TopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(_Response):
+    """`choices[].logprobs`: one entry per generated token (OpenAI's shape; `refusal` is never filled)."""
+
+    content: list[TokenLogprob] | None = None
+    refusal: list[TokenLogprob] | None = None
+
+
 class Choice(_Response):
     index: int = 0
     message: AssistantMessage
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class Usage(_Response):
@@ -220,7 +252,7 @@ class ChunkChoice(_Response):
     index: int = 0
     delta: DeltaMessage
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(_Response):

@@ -25,6 +25,7 @@ back as that row's `error`; the other rows run. Plain PyTorch + transformers: no
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,14 @@ import torch
 from PIL import Image
 
 from raybooth.models.constrained import GrammarError, JSONGrammars
-from raybooth.models.decoding import SamplingParams, TextTracker, row_generator, sample_token
+from raybooth.models.decoding import (
+    SamplingParams,
+    TextTracker,
+    adjust_logits,
+    row_generator,
+    sample_token,
+    token_logprobs,
+)
 
 
 @dataclass
@@ -63,6 +71,18 @@ class PreparedRequest:
 
 
 @dataclass
+class TokenLogprob:
+    """One sampled token (or an alternative to it) with its log-probability, in OpenAI's terms: `token`
+    is its text, `bytes` its exact UTF-8 bytes (a token may hold part of a character; `token` then shows
+    U+FFFD where `bytes` stay exact)."""
+
+    token: str
+    bytes: list[int]
+    logprob: float
+    top: list[TokenLogprob] = field(default_factory=list)  # the likeliest alternatives, best first
+
+
+@dataclass
 class GenerationResult:
     text: str
     # "stop" (EOS, stop string, grammar complete) | "length" | "cancelled" | None on error
@@ -71,6 +91,8 @@ class GenerationResult:
     completion_tokens: int
     token_ids: list[int] = field(default_factory=list)
     error: str | None = None
+    # One entry per sampled token but EOS, when the request asked for logprobs; None when it did not.
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -79,6 +101,7 @@ class StreamDelta:
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)  # tokens sampled this step (EOS included)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # theirs, when asked for (EOS left out)
     finish_reason: str | None = None
     error: str | None = None
     prompt_tokens: int = 0
@@ -165,6 +188,7 @@ class _Row:
     text: TextTracker
     matcher: Any  # xgrammar GrammarMatcher or None
     generated: int = 0  # tokens sampled so far, EOS included (what usage.completion_tokens counts)
+    counts: Counter[int] = field(default_factory=Counter)  # how often each token was sampled (penalties)
 
     @property
     def params(self) -> SamplingParams:
@@ -231,6 +255,7 @@ class VLMEngine:
         """Run the requests as one batch; one result per request, in order."""
         texts = [""] * len(requests)
         tokens: list[list[int]] = [[] for _ in requests]
+        logprobs: list[list[TokenLogprob]] = [[] for _ in requests]
         results: list[GenerationResult | None] = [None] * len(requests)
         for step in self.generate_stream(requests):
             for i, delta in enumerate(step):
@@ -238,7 +263,9 @@ class VLMEngine:
                     continue
                 texts[i] += delta.text
                 tokens[i] += delta.token_ids
+                logprobs[i] += delta.logprobs
                 if delta.done:
+                    request = requests[i]
                     results[i] = GenerationResult(
                         text=texts[i],
                         finish_reason=delta.finish_reason,
@@ -246,6 +273,7 @@ class VLMEngine:
                         completion_tokens=delta.completion_tokens,
                         token_ids=tokens[i],
                         error=delta.error,
+                        logprobs=logprobs[i] if request.params.logprobs is not None else None,
                     )
         missing = [i for i, r in enumerate(results) if r is None]
         if missing:  # generate_stream promises a last delta per row; anything else is a bug
@@ -279,9 +307,13 @@ class VLMEngine:
                 if row.index in cancelled:
                     step[row.index] = row.finish("cancelled")
                     continue
-                token = sample_token(logits[b], row.params, row.generator)
+                row_logits = adjust_logits(logits[b], row.params, row.counts)
+                token = sample_token(row_logits, row.params, row.generator)
                 delta = self._advance(row, token)
                 delta.token_ids.append(token)
+                row.counts[token] += 1
+                if row.params.logprobs is not None and token not in self.eos_token_ids:
+                    delta.logprobs.append(self._logprob(row_logits, token, row.params.logprobs))
                 step[row.index] = delta
                 if not delta.done:
                     keep.append(b)
@@ -327,6 +359,7 @@ class VLMEngine:
             try:
                 prepared = request if isinstance(request, PreparedRequest) else self.prepare(request)
                 check_context(prepared, self.max_context)
+                self._check_token_ids(prepared.params)
                 matcher = self.grammars.matcher(prepared.params) if prepared.params.constrained else None
             except (RequestError, GrammarError, ValueError) as e:
                 errors[i] = StreamDelta(error=str(e))
@@ -342,6 +375,28 @@ class VLMEngine:
                 )
             )
         return rows, errors if failed else None
+
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        outside = sorted(t for t in params.logit_bias if not 0 <= t < self.vocab_size)
+        if outside:
+            raise RequestError(
+                f"logit_bias names token ids {outside[:5]} outside this model's vocabulary "
+                f"(0..{self.vocab_size - 1}); use ids of its tokenizer"
+            )
+
+    def _token(self, token_id: int, logprob: float) -> TokenLogprob:
+        raw = (
+            self.grammars.info.decoded_vocab[token_id]
+            if token_id < len(self.grammars.info.decoded_vocab)
+            else b""
+        )
+        return TokenLogprob(raw.decode("utf-8", errors="replace"), list(raw), logprob)
+
+    def _logprob(self, logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+        chosen, alternatives = token_logprobs(logits, token, top)
+        entry = self._token(token, chosen)
+        entry.top = [self._token(t, lp) for t, lp in alternatives]
+        return entry
 
     def _forward(self, **inputs: Any) -> torch.Tensor:
         """One model call; the last position's logits as float32 on the CPU, `(B, V)`."""

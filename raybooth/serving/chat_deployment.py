@@ -24,6 +24,7 @@ from ray import serve
 from ray.serve import metrics
 
 from raybooth.cluster.config import ChatServeSection, SafetySection
+from raybooth.models.chat import choice_logprobs
 from raybooth.models.device import pick_device
 from raybooth.models.safety import SafetyPolicy, StreamingSafetyFilter
 from raybooth.models.vlm_engine import GenerationRequest, StreamDelta, VLMEngine
@@ -36,6 +37,7 @@ class ChatEvent(TypedDict, total=False):
     """One caller's share of one decode step; the final one has `finish_reason` (or `error`)."""
 
     text: str
+    logprobs: list[dict[str, Any]]  # OpenAI `logprobs.content` entries of this step's tokens, when asked for
     finish_reason: str | None  # "stop" | "length" | "content_filter"
     refusal: str | None  # the safety policy's explanation when finish_reason is content_filter
     error: str | None  # the request could not run (context too long, schema does not compile)
@@ -43,15 +45,23 @@ class ChatEvent(TypedDict, total=False):
     completion_tokens: int
 
 
+def step_event(delta: StreamDelta, text: str) -> ChatEvent:
+    event = ChatEvent(text=text)
+    if delta.logprobs:
+        event["logprobs"] = choice_logprobs(delta.logprobs).model_dump()["content"]
+    return event
+
+
 def final_event(delta: StreamDelta, text: str, **extra: Any) -> ChatEvent:
-    return ChatEvent(
-        text=text,
+    event = step_event(delta, text)
+    event.update(
         finish_reason=extra.get("finish_reason", delta.finish_reason),
         refusal=extra.get("refusal"),
         error=delta.error,
         prompt_tokens=delta.prompt_tokens,
         completion_tokens=delta.completion_tokens,
     )
+    return event
 
 
 class RowFilter:
@@ -79,7 +89,7 @@ class RowFilter:
         if delta.done:
             self.finished = True
             return final_event(delta, text + self.safety.flush())
-        return ChatEvent(text=text)
+        return step_event(delta, text)
 
 
 @serve.deployment(
@@ -134,7 +144,9 @@ class ChatDeployment:
             events = [row.event(delta) for row, delta in zip(rows, step, strict=True)]
             done = [d for d in step if d is not None and d.done]
             if done:
-                self._tokens.inc(sum(d.completion_tokens for d in done))
+                tokens = sum(d.completion_tokens for d in done)
+                if tokens:  # rows that failed before decoding sampled none; Ray's Counter refuses inc(0)
+                    self._tokens.inc(tokens)
                 self.cancelled_rows.extend(
                     d.completion_tokens for d in done if d.finish_reason == "cancelled"
                 )

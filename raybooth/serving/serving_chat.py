@@ -27,7 +27,12 @@ from ray.serve.handle import DeploymentHandle
 from raybooth.cluster.config import ServeConfig
 from raybooth.models.chat import ChatLimits, ChatRequestError, generation_request_from_chat
 from raybooth.models.images import ImageLimits
-from raybooth.models.openai_schema import ImageContentPart, TextContentPart, new_completion_id
+from raybooth.models.openai_schema import (
+    ChoiceLogprobs,
+    ImageContentPart,
+    TextContentPart,
+    new_completion_id,
+)
 from raybooth.models.safety import SafetyPolicy
 from raybooth.models.vlm_engine import GenerationRequest
 from raybooth.serving.protocol import (
@@ -182,11 +187,16 @@ class ChatService:
         streams = await self.open_choices(req, timeout_s)
         collected = await asyncio.gather(*(_collect(events) for events in streams))
         choices, prompt, completion = [], 0, 0
-        for index, (text, final) in enumerate(collected):
+        for index, (text, logprobs, final) in enumerate(collected):
             refusal = final.get("refusal")
             message = ServedAssistantMessage(content=text if text or not refusal else None, refusal=refusal)
             choices.append(
-                ServedChoice(index=index, message=message, finish_reason=final.get("finish_reason") or "stop")
+                ServedChoice(
+                    index=index,
+                    message=message,
+                    finish_reason=final.get("finish_reason") or "stop",
+                    logprobs=ChoiceLogprobs(content=logprobs) if req.logprobs else None,
+                )
             )
             prompt = final.get("prompt_tokens", 0)  # the same prompt for every choice: counted once
             completion += final.get("completion_tokens", 0)
@@ -205,8 +215,18 @@ class ChatService:
     async def _sse_lines(
         self, streams: list[AsyncIterator[dict[str, Any]]], cid: str, include_usage: bool
     ) -> AsyncIterator[str]:
-        def chunk(index: int, delta: ServedDeltaMessage, finish: str | None = None) -> str:
-            choice = ServedChunkChoice(index=index, delta=delta, finish_reason=finish)
+        def chunk(
+            index: int,
+            delta: ServedDeltaMessage,
+            finish: str | None = None,
+            logprobs: list[dict[str, Any]] | None = None,
+        ) -> str:
+            choice = ServedChunkChoice(
+                index=index,
+                delta=delta,
+                finish_reason=finish,
+                logprobs=ChoiceLogprobs(content=logprobs) if logprobs else None,
+            )
             return sse(
                 ServedChatCompletionChunk(id=cid, model=self.model_name, choices=[choice]).model_dump()
             )
@@ -217,8 +237,12 @@ class ChatService:
         finished: set[int] = set()
         try:
             async for index, event in _merge(streams):
-                if event.get("text"):
-                    yield chunk(index, ServedDeltaMessage(content=event["text"]))
+                if event.get("text") or event.get("logprobs"):
+                    # A token's logprobs go out with the step that sampled it, even while its text is held
+                    # back (a possible stop string, half a UTF-8 character), as vLLM streams them.
+                    yield chunk(
+                        index, ServedDeltaMessage(content=event.get("text", "")), None, event.get("logprobs")
+                    )
                 if event.get("finish_reason"):  # a choice's last event
                     if event.get("refusal"):
                         yield chunk(index, ServedDeltaMessage(refusal=event["refusal"]))
@@ -240,14 +264,17 @@ class ChatService:
         yield sse("[DONE]")
 
 
-async def _collect(events: AsyncIterator[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
-    """One choice's whole text and its final event."""
-    text, final = "", {}
+async def _collect(
+    events: AsyncIterator[dict[str, Any]],
+) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
+    """One choice's whole text, its token logprobs (when asked for) and its final event."""
+    text, logprobs, final = "", [], {}
     async for event in events:
         text += event.get("text", "")
+        logprobs += event.get("logprobs", [])
         if event.get("finish_reason"):
             final = event
-    return text, final
+    return text, logprobs, final
 
 
 async def _merge(streams: list[AsyncIterator[dict[str, Any]]]) -> AsyncIterator[tuple[int, dict[str, Any]]]:

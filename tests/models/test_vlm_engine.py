@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import jsonschema
 import pytest
+import torch
 
-from raybooth.models.decoding import SamplingParams, TextTracker
+from raybooth.models.decoding import SamplingParams, TextTracker, adjust_logits
 from raybooth.models.vlm_engine import GenerationRequest, VLMEngine
 from raybooth.samples import draw_sample_image
 
@@ -225,3 +227,94 @@ def test_text_tracker_releases_held_text_when_no_stop_follows():
     assert tracker.push(7) == ("\nEND", False)
     assert tracker.push(8) == ("", False)  # an incomplete UTF-8 character waits for its next byte
     assert tracker.flush() == "\ufffd"
+
+
+# -- logprobs, logit_bias, penalties ------------------------------------------------------------------
+
+
+def test_logprobs_are_the_models_log_softmax_and_do_not_change_the_sample(engine):
+    plain = engine.generate([request("a dog", max_tokens=12, temperature=0.0)])[0]
+    scored = engine.generate([request("a dog", max_tokens=12, temperature=0.0, logprobs=3)])[0]
+    assert plain.logprobs is None
+    assert scored.token_ids == plain.token_ids and scored.text == plain.text
+    entries = scored.logprobs
+    eos = [t for t in scored.token_ids if t in engine.eos_token_ids]
+    assert len(entries) == len(scored.token_ids) - len(eos)
+    # The first token's logprob is log_softmax of the prompt's last logits, computed here without the engine.
+    prepared = engine.prepare(request("a dog"))
+    with torch.inference_mode():
+        logits = engine.model(input_ids=torch.tensor([prepared.input_ids])).logits[0, -1].float()
+    expected = torch.log_softmax(logits, dim=-1)
+    first = entries[0]
+    assert first.logprob == pytest.approx(float(expected[scored.token_ids[0]]), abs=1e-4)
+    best = torch.topk(expected, 3)
+    assert [t.logprob for t in first.top] == pytest.approx([float(v) for v in best.values], abs=1e-4)
+    for entry in entries:
+        assert entry.logprob <= 0 and len(entry.top) == 3
+        assert [t.logprob for t in entry.top] == sorted((t.logprob for t in entry.top), reverse=True)
+        # Greedy: the sampled token is the likeliest one.
+        assert entry.top[0].token == entry.token and entry.top[0].logprob == pytest.approx(entry.logprob)
+    # No stop string: the bytes of the tokens the text shows (special tokens are skipped) are its bytes.
+    special = set(engine.tokenizer.all_special_ids)
+    shown = b"".join(
+        bytes(e.bytes)
+        for e, t in zip(entries, scored.token_ids[: len(entries)], strict=True)
+        if t not in special
+    )
+    assert shown.decode("utf-8", errors="replace") == scored.text
+
+
+def test_logprobs_of_a_row_do_not_depend_on_its_batch(engine):
+    requests = [request("a dog", max_tokens=8, temperature=0.8, seed=3, logprobs=2)] + mixed_requests()[:3]
+    alone = engine.generate(requests[:1])[0]
+    batched = engine.generate(requests)[0]
+    assert batched.token_ids == alone.token_ids
+    # Same tokens; the numbers agree to float32 rounding (batched matmuls may sum in another order).
+    assert [e.token for e in batched.logprobs] == [e.token for e in alone.logprobs]
+    assert [e.logprob for e in batched.logprobs] == pytest.approx(
+        [e.logprob for e in alone.logprobs], abs=1e-4
+    )
+
+
+def test_logit_bias_forces_and_bans_tokens(engine):
+    plain = engine.generate([request("a dog", max_tokens=6, temperature=0.0)])[0]
+    forced_id = 100
+    forced = engine.generate([request("a dog", max_tokens=6, temperature=0.0, logit_bias={forced_id: 100})])[
+        0
+    ]
+    assert forced.token_ids == [forced_id] * 6
+    banned = plain.token_ids[0]
+    other = engine.generate([request("a dog", max_tokens=6, temperature=0.0, logit_bias={banned: -100})])[0]
+    assert banned not in other.token_ids
+    # A token id outside the vocabulary is that row's error, named.
+    bad = engine.generate([request("a dog", max_tokens=2, logit_bias={engine.vocab_size + 5: 1.0})])[0]
+    assert bad.error is not None and "logit_bias" in bad.error and str(engine.vocab_size + 5) in bad.error
+
+
+def test_penalties_lower_the_logits_of_generated_tokens():
+    logits = torch.zeros(6)
+    logits[5] = float("-inf")  # a grammar-masked token stays masked
+    params = SamplingParams(frequency_penalty=0.5, presence_penalty=1.0, logit_bias={0: 3.0, 5: 100.0})
+    out = adjust_logits(logits, params, Counter({1: 2, 2: 1}))
+    assert out.tolist() == [3.0, -2.0, -1.5, 0.0, 0.0, float("-inf")]
+    assert logits.tolist()[:5] == [0.0] * 5  # the input is left alone
+    assert adjust_logits(logits, SamplingParams(), Counter({1: 3})) is logits  # nothing to apply: no copy
+
+
+def test_penalties_break_greedy_repetition(engine):
+    plain = engine.generate([request("a dog", max_tokens=24, temperature=0.0)])[0]
+    repeats = len(plain.token_ids) - len(set(plain.token_ids))
+    assert repeats > 0  # tiny-vlm loops under greedy decoding: what the penalties are for
+    penalized = engine.generate(
+        [request("a dog", max_tokens=24, temperature=0.0, frequency_penalty=2.0, presence_penalty=2.0)]
+    )[0]
+    assert len(penalized.token_ids) - len(set(penalized.token_ids)) < repeats
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("presence_penalty", 2.5), ("frequency_penalty", -3.0), ("logit_bias", {1: 101.0}), ("logprobs", 21)],
+)
+def test_sampling_params_refuse_out_of_range_values(field, value):
+    with pytest.raises(ValueError, match=field if field != "logprobs" else "top_logprobs"):
+        SamplingParams(**{field: value})

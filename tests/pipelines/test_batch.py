@@ -89,6 +89,8 @@ def test_openai_batch_lines_in_and_out(ray_cluster, tmp_path):
         json.dumps({"custom_id": "wrong-url", "method": "POST", "url": "/v1/embeddings", "body": {}}),
         request_line("two-choices", "a", max_tokens=4, n=2),  # one choice per line: refused, not cut to one
         request_line("typo", "a", max_tokens=4, temprature=0),  # an unknown field: refused, not ignored
+        request_line("logprobs", "a", max_tokens=4, temperature=0, logprobs=True, top_logprobs=2),
+        request_line("bias-outside", "a", max_tokens=4, logit_bias={"99999999": 1}),  # no such token id
     ]
     requests = tmp_path / "requests.jsonl"
     requests.write_text("\n".join(lines) + "\n")
@@ -100,10 +102,10 @@ def test_openai_batch_lines_in_and_out(ray_cluster, tmp_path):
         BatchOutputLine.model_validate(line)  # OpenAI's batch output shape, every line
     assert [o["custom_id"] for o in out] == [
         "text-only", "one-image", "two-images", "json", None, "unreachable", "bad-schema", "seeded-a", "seeded-b",
-        "wrong-url", "two-choices", "typo",
+        "wrong-url", "two-choices", "typo", "logprobs", "bias-outside",
     ]  # fmt: skip
     ok = {o["custom_id"]: o for o in out if o["response"] and o["response"]["status_code"] == 200}
-    assert set(ok) == {"text-only", "one-image", "two-images", "json", "seeded-a", "seeded-b"}
+    assert set(ok) == {"text-only", "one-image", "two-images", "json", "seeded-a", "seeded-b", "logprobs"}
     for o in ok.values():
         body = ChatCompletionResponse.model_validate(o["response"]["body"])
         assert body.object == "chat.completion" and body.model == "tiny-vlm" and o["error"] is None
@@ -137,7 +139,13 @@ def test_openai_batch_lines_in_and_out(ray_cluster, tmp_path):
     assert two_choices["status_code"] == 400 and two_choices["body"]["error"]["param"] == "n"
     typo = out[11]["response"]
     assert typo["status_code"] == 400 and typo["body"]["error"]["param"] == "temprature"
-    assert (summary.rows, summary.failed) == (12, 6)
+    scored = ok["logprobs"]["response"]["body"]["choices"][0]
+    entries = scored["logprobs"]["content"]
+    assert 1 <= len(entries) <= 4 and all(len(e["top_logprobs"]) == 2 and e["logprob"] <= 0 for e in entries)
+    assert all(ok[k]["response"]["body"]["choices"][0]["logprobs"] is None for k in ok if k != "logprobs")
+    outside = out[13]["response"]
+    assert outside["status_code"] == 400 and "vocabulary" in outside["body"]["error"]["message"]
+    assert (summary.rows, summary.failed) == (14, 7)
 
 
 def test_rerun_finishes_the_file_without_duplicates(ray_cluster, tmp_path):

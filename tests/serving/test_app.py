@@ -210,6 +210,56 @@ def test_concurrent_streams_are_batched_and_each_is_well_formed(serve_app):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def tokenizer(tiny_vlm_path):
+    """The served chat model's own tokenizer: logit_bias speaks in its token ids."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_vlm_path)
+
+
+def test_chat_logprobs_streamed_and_not(client):
+    kwargs = dict(model="tiny-vlm", messages=user("a dog"), max_tokens=6, temperature=0, logprobs=True)
+    plain = client.chat.completions.create(
+        model="tiny-vlm", messages=user("a dog"), max_tokens=6, temperature=0
+    )
+    assert plain.choices[0].logprobs is None  # only when asked for
+    scored = client.chat.completions.create(**kwargs, top_logprobs=2)
+    choice = scored.choices[0]
+    assert choice.message.content == plain.choices[0].message.content  # asking for logprobs changes nothing
+    entries = choice.logprobs.content
+    assert 1 <= len(entries) <= scored.usage.completion_tokens
+    for entry in entries:
+        assert entry.logprob <= 0 and bytes(entry.bytes).decode("utf-8", errors="replace") == entry.token
+        assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].token == entry.token  # greedy: the best
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+    # Streamed: the same entries, spread over the chunks.
+    streamed = [
+        e
+        for chunk in client.chat.completions.create(**kwargs, top_logprobs=2, stream=True)
+        for c in chunk.choices
+        if c.logprobs is not None
+        for e in c.logprobs.content
+    ]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [
+        (e.token, round(e.logprob, 4)) for e in entries
+    ]
+
+
+def test_chat_logit_bias_and_penalties_steer_sampling(client, tokenizer):
+    kwargs = dict(model="tiny-vlm", messages=user("a dog"), max_tokens=24, temperature=0)
+    plain = client.chat.completions.create(**kwargs, logprobs=True).choices[0]
+    tokens = [e.token for e in plain.logprobs.content]
+    forced = client.chat.completions.create(**{**kwargs, "max_tokens": 5}, logit_bias={"100": 100})
+    assert forced.choices[0].message.content == tokenizer.decode([100] * 5)
+    penalized = client.chat.completions.create(
+        **kwargs, logprobs=True, frequency_penalty=2.0, presence_penalty=2.0
+    ).choices[0]
+    penalized_tokens = [e.token for e in penalized.logprobs.content]
+    assert len(tokens) - len(set(tokens)) > 0  # greedy tiny-vlm repeats itself on this prompt
+    assert len(penalized_tokens) - len(set(penalized_tokens)) < len(tokens) - len(set(tokens))
+
+
 def test_images_are_pngs_and_the_same_seed_gives_the_same_bytes(client):
     extra = {"seed": 11, "num_inference_steps": 2, "guidance_scale": 5.0, "negative_prompt": "blurry"}
     a = client.images.generate(model="tiny-sd", prompt="a photo of a dog", n=2, extra_body=extra, **IMAGE_KW)
@@ -449,25 +499,49 @@ def test_a_client_that_disconnects_frees_its_row(client, serve_app):
     assert client.chat.completions.create(model="tiny-vlm", messages=user("hi"), max_tokens=2).choices
 
 
-def test_a_request_past_the_timeout_gets_504_and_its_unet_batch_stops(serve_app):
-    settings = copy.deepcopy(serve_app.settings)
-    settings["ingress"]["request_timeout_s"] = 3  # well below a 100-step image here
-    with serve_app.redeployed(settings):
-        client = serve_app.openai()
+def _answers_in_time(serve_app) -> bool:
+    """One small request of each route within the (short) request timeout; False on a 504."""
+    client = serve_app.openai()
+    try:
         client.images.generate(
             model="tiny-sd", prompt="warm up", extra_body={"num_inference_steps": 1}, **IMAGE_KW
         )
-        before = serve_app.stats()["images"]  # serve.run redeploys every deployment: counts start afresh
+        client.chat.completions.create(model="tiny-vlm", messages=user("hi"), max_tokens=2)
+    except openai.InternalServerError as e:  # 504: the replicas are still loading models
+        assert e.status_code == 504, e
+        return False
+    return True
+
+
+def test_requests_past_the_timeout_get_504_and_their_work_stops(serve_app, tokenizer):
+    settings = copy.deepcopy(serve_app.settings)
+    settings["ingress"]["request_timeout_s"] = 1.5  # well below a 100-step image or 4 x 900 tokens here
+    settings["image"]["batch_wait_timeout_s"] = 0.05  # a lone request need not wait for company
+    settings["chat"]["batch_wait_timeout_s"] = 0.05
+    with serve_app.redeployed(settings):
+        wait_until(lambda: _answers_in_time(serve_app), "answering small requests after the redeploy")
+        before = serve_app.stats()  # serve.run redeploys every deployment: counts start afresh
         body = {"model": "tiny-sd", "prompt": "a dog", "n": 4, "size": "128x128", "num_inference_steps": 100}
         resp = httpx.post(f"{serve_app.base_url}/v1/images/generations", json=body, headers=AUTH, timeout=60)
         assert resp.status_code == 504, resp.text
         error = resp.json()["error"]
-        assert error["code"] == "timeout" and "3s" in error["message"], error
+        assert error["code"] == "timeout" and "1.5s" in error["message"], error
         stopped = wait_until(
-            lambda: serve_app.stats()["images"]["abandoned"][len(before["abandoned"]) :],
+            lambda: serve_app.stats()["images"]["abandoned"][len(before["images"]["abandoned"]) :],
             "stopping the timed-out request's UNet batch",
         )
         assert stopped[0][0] < stopped[0][1], stopped
+
+        # Chat: four choices of 900 tokens each, EOS banned so none ends early.
+        body = _chat(n=4, max_tokens=900, temperature=0, logit_bias={str(tokenizer.eos_token_id): -100})
+        resp = httpx.post(f"{serve_app.base_url}/v1/chat/completions", json=body, headers=AUTH, timeout=60)
+        assert resp.status_code == 504, resp.text
+        assert resp.json()["error"]["code"] == "timeout"
+        cancelled = wait_until(
+            lambda: serve_app.stats()["chat"]["cancelled_rows"][len(before["chat"]["cancelled_rows"]) :],
+            "cancelling the timed-out chat rows",
+        )
+        assert all(tokens < 900 for tokens in cancelled), cancelled  # the rows stopped, not ran out
     # Back on the module's settings, the server answers.
     assert (
         serve_app.openai()
@@ -531,7 +605,11 @@ BAD_INPUTS = {
         400,
         "tools: not supported",
     ),
-    "chat penalty": ("chat", _chat(frequency_penalty=0.5), 400, "frequency_penalty: not supported"),
+    "chat penalty out of range": ("chat", _chat(frequency_penalty=2.5), 400, "frequency_penalty"),
+    "logit_bias by word": ("chat", _chat(logit_bias={"dog": 5}), 400, "token ids"),
+    "logit_bias outside the vocabulary": ("chat", _chat(logit_bias={"99999999": 5}), 400, "vocabulary"),
+    "top_logprobs alone": ("chat", _chat(top_logprobs=2), 400, "top_logprobs needs logprobs"),
+    "top_logprobs=21": ("chat", _chat(logprobs=True, top_logprobs=21), 400, "top_logprobs"),
     "quality hd": (
         "images",
         {"model": "tiny-sd", "prompt": "a dog", "quality": "hd"},
