@@ -8,10 +8,15 @@
 Images in `image_url` parts are fetched and decoded here (data: URLs, paths, s3://), with the byte and
 pixel limits of `images.py`; any problem is a `ChatRequestError` whose `param` says which part, the way
 OpenAI's error bodies do.
+
+Tool calls: a forced `tool_choice` (a named function, or "required") becomes a JSON schema the decoding
+is constrained to (`ToolCallFormat`), and the output text becomes `tool_calls` again on the way out, so
+the calls always parse and their arguments always validate against the tool's `parameters`.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,9 +26,13 @@ from raybooth.models.openai_schema import (
     AssistantMessage,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatMessage,
     Choice,
     ChoiceLogprobs,
+    FunctionCall,
     ImageContentPart,
+    ToolCall,
+    ToolDefinition,
     TopLogprob,
     Usage,
 )
@@ -46,6 +55,70 @@ class ChatLimits:
     images: ImageLimits = ImageLimits()
 
 
+@dataclass(frozen=True)
+class ToolCallFormat:
+    """What a forced tool_choice makes the model write, and how that text becomes `tool_calls`.
+
+    Named function: the output is that function's arguments object, constrained by its `parameters`.
+    "required": the output is a JSON list of `{"name", "arguments"}` objects, each one of the tools'
+    (one item at most when `parallel_tool_calls` is false). `schema` is what decoding is constrained to."""
+
+    named: str | None  # the one function tool_choice names; None for "required"
+    schema: dict[str, Any]
+
+    @classmethod
+    def of(cls, request: ChatCompletionRequest) -> ToolCallFormat | None:
+        tools = request.forced_tools()
+        if tools is None:
+            return None
+        if isinstance(request.tool_choice, str):  # "required"
+            return cls(None, _calls_schema(tools, parallel=request.parallel_tool_calls is not False))
+        return cls(tools[0].function.name, tools[0].function.parameters)
+
+    def to_json(self) -> str:
+        return json.dumps({"named": self.named, "schema": self.schema})
+
+    @classmethod
+    def from_json(cls, text: str) -> ToolCallFormat:
+        data = json.loads(text)
+        return cls(data["named"], data["schema"])
+
+    def calls(self, text: str) -> list[ToolCall] | None:
+        """The calls the output holds; None when it is not a complete document (it ran out of tokens)."""
+        try:
+            # strict=False: the grammar lets raw control characters into strings; dumping the value again
+            # escapes them, so every client's JSON parser reads the arguments.
+            value = json.loads(text, strict=False)
+        except json.JSONDecodeError:
+            return None
+        if self.named is not None:
+            return [ToolCall(function=FunctionCall(name=self.named, arguments=json.dumps(value)))]
+        return [
+            ToolCall(function=FunctionCall(name=c["name"], arguments=json.dumps(c["arguments"])))
+            for c in value
+        ]
+
+    def finish_reason(self, finish: str | None) -> str | None:
+        """OpenAI's: "tool_calls" when the model chose to call ("required"); "stop" for a named function."""
+        return "tool_calls" if finish == "stop" and self.named is None else finish
+
+
+def _calls_schema(tools: list[ToolDefinition], parallel: bool) -> dict[str, Any]:
+    one_call = [
+        {
+            "type": "object",
+            "properties": {"name": {"enum": [t.function.name]}, "arguments": t.function.parameters},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for t in tools
+    ]
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": one_call}}
+    if not parallel:
+        schema["maxItems"] = 1
+    return schema
+
+
 def sampling_params_from_chat(
     request: ChatCompletionRequest, limits: ChatLimits, default_seed: int | None = None
 ) -> SamplingParams:
@@ -56,13 +129,15 @@ def sampling_params_from_chat(
             param="max_tokens",
         )
     fmt = request.response_format
+    schema = fmt.json_schema.json_schema if fmt is not None and fmt.json_schema is not None else None
+    tool_format = ToolCallFormat.of(request)
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=request.temperature,
         top_p=request.top_p,
         seed=request.seed if request.seed is not None else default_seed,
         stop=request.stop_list(),
-        json_schema=fmt.json_schema.json_schema if fmt is not None and fmt.json_schema is not None else None,
+        json_schema=tool_format.schema if tool_format is not None else schema,
         json_object=fmt is not None and fmt.type == "json_object",
         presence_penalty=request.presence_penalty or 0.0,
         frequency_penalty=request.frequency_penalty or 0.0,
@@ -77,8 +152,9 @@ def engine_messages_from_chat(request: ChatCompletionRequest, limits: ImageLimit
     for m, message in enumerate(request.messages):
         # "developer" is OpenAI's newer name for the system role; chat templates know only "system".
         role = "system" if message.role == "developer" else message.role
+        extra = _tool_fields(message)
         if not isinstance(message.content, list):
-            messages.append({"role": role, "content": message.content or ""})
+            messages.append({"role": role, "content": message.content or "", **extra})
             continue
         parts: list[dict[str, Any]] = []
         for p, part in enumerate(message.content):
@@ -93,8 +169,33 @@ def engine_messages_from_chat(request: ChatCompletionRequest, limits: ImageLimit
                 parts.append({"type": "image", "image": image})
             else:
                 parts.append({"type": "text", "text": part.text})
-        messages.append({"role": role, "content": parts})
+        messages.append({"role": role, "content": parts, **extra})
     return messages
+
+
+def _tool_fields(message: ChatMessage) -> dict[str, Any]:
+    """What chat templates read of a tool turn: the calls an assistant made (arguments as objects, the
+    way Hugging Face templates expect them) and the call a tool message answers."""
+    fields: dict[str, Any] = {}
+    if message.tool_calls:
+        fields["tool_calls"] = [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.function.name, "arguments": _arguments(call.function.arguments)},
+            }
+            for call in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        fields["tool_call_id"] = message.tool_call_id
+    return fields
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # as the client sent it; the template shows it verbatim
 
 
 def _image_label(url: str, message: int, part: int) -> str:
@@ -111,19 +212,37 @@ def generation_request_from_chat(
         if isinstance(e, ChatRequestError):
             raise
         raise ChatRequestError(str(e)) from e
-    return GenerationRequest(messages=engine_messages_from_chat(request, limits.images), params=params)
+    tools = [tool.model_dump(exclude_none=True) for tool in request.tools] if request.tools else None
+    return GenerationRequest(
+        messages=engine_messages_from_chat(request, limits.images), params=params, tools=tools
+    )
+
+
+def assistant_message(
+    text: str, finish_reason: str | None, tool_format: ToolCallFormat | None
+) -> tuple[AssistantMessage, str | None]:
+    """The answer's message and finish reason: tool calls when a forced tool_choice produced them, else text
+    (a call cut short by max_tokens stays text, with finish_reason "length", as OpenAI returns it)."""
+    calls = tool_format.calls(text) if tool_format is not None and finish_reason == "stop" else None
+    if calls is None:
+        return AssistantMessage(content=text), finish_reason
+    return AssistantMessage(content=None, tool_calls=calls), tool_format.finish_reason(finish_reason)
 
 
 def chat_completion_response(
-    result: GenerationResult, model: str, completion_id: str | None = None
+    result: GenerationResult,
+    model: str,
+    completion_id: str | None = None,
+    tool_format: ToolCallFormat | None = None,
 ) -> ChatCompletionResponse:
     """A successful result as OpenAI's `chat.completion` body (callers handle `result.error` first)."""
     fields: dict[str, Any] = {}
     if completion_id is not None:
         fields["id"] = completion_id
+    message, finish_reason = assistant_message(result.text, result.finish_reason, tool_format)
     choice = Choice(
-        message=AssistantMessage(content=result.text),
-        finish_reason=result.finish_reason,
+        message=message,
+        finish_reason=finish_reason,
         logprobs=choice_logprobs(result.logprobs) if result.logprobs is not None else None,
     )
     return ChatCompletionResponse(

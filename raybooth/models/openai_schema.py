@@ -54,10 +54,31 @@ class ImageContentPart(_Lenient):
 ContentPart = TextContentPart | ImageContentPart
 
 
+class FunctionCall(_Response):
+    name: str
+    arguments: str  # a JSON object, as text (OpenAI's shape)
+
+
+class ToolCall(_Response):
+    id: str = Field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Lenient):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+
+    @model_validator(mode="after")
+    def _tool_turns(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a message with role 'tool' needs the tool_call_id of the call it answers")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"tool_calls belong to assistant messages, not {self.role!r} ones")
+        return self
 
     @field_validator("content", mode="before")
     @classmethod
@@ -100,6 +121,28 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
+class FunctionDefinition(_Lenient):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    # JSON Schema of the arguments object; OpenAI's default is a function without parameters.
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class ToolDefinition(_Lenient):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(_Lenient):
+    name: str
+
+
+class NamedToolChoice(_Lenient):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_Lenient):
     """A chat request. Unknown top-level fields are refused (as OpenAI does: "Unrecognized request argument")
     rather than ignored; OpenAI parameters this engine does not implement are accepted only at their no-op
@@ -126,10 +169,12 @@ class ChatCompletionRequest(_Lenient):
     # Token id (as a string, as in OpenAI's API) -> bias in [-100, 100].
     logit_bias: dict[str, float] | None = None
     user: str | None = None
-    # OpenAI parameters without an implementation here: accepted at their no-op values only.
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ToolDefinition] | None = None
+    # "none", "required" or a named function; "auto" would need a parser for the model's own tool-call
+    # syntax, which this server does not have (vLLM without a tool-call parser refuses it too).
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # OpenAI parameters without an implementation here: accepted at their no-op values only.
     store: bool | None = None
     metadata: dict[str, str] | None = None  # labels for OpenAI's stored completions; nothing to label here
     service_tier: str | None = None
@@ -158,9 +203,8 @@ class ChatCompletionRequest(_Lenient):
     def _supported(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
+        self._check_tools()
         unsupported = {
-            "tools": bool(self.tools),
-            "tool_choice": self.tool_choice not in (None, "none", "auto"),
             "store": bool(self.store),
             "service_tier": self.service_tier not in (None, "auto", "default"),
         }
@@ -171,6 +215,42 @@ class ChatCompletionRequest(_Lenient):
                 f"{'it' if len(named) == 1 else 'them'} out (or at the default)"
             )
         return self
+
+    def _check_tools(self) -> None:
+        names = [tool.function.name for tool in self.tools or []]
+        if len(set(names)) < len(names):
+            raise ValueError(f"tools: function names must be unique, got {names}")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(
+                f"tool_choice names function {choice.function.name!r}, which is not in tools {names}"
+            )
+        if choice == "required" and not names:
+            raise ValueError("tool_choice 'required' needs tools")
+        if names and choice in (None, "auto"):
+            raise ValueError(
+                "tool_choice 'auto' (the default with tools) is not supported: this server has no parser for "
+                "a model's free-form tool calls. Set tool_choice to 'required' or "
+                '{"type": "function", "function": {"name": ...}} (decoding is then constrained to a valid '
+                "call), or 'none'"
+            )
+        if (
+            self.forced_tools() is not None
+            and self.response_format is not None
+            and self.response_format.type != "text"
+        ):
+            raise ValueError(
+                "response_format cannot be combined with a forced tool_choice; use one or the other"
+            )
+
+    def forced_tools(self) -> list[ToolDefinition] | None:
+        """The tools the answer must call, when tool_choice forces a call: the named one, or all of them
+        ('required'); None when the answer is text."""
+        if not self.tools or self.tool_choice in (None, "none", "auto"):
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [t for t in self.tools if t.function.name == self.tool_choice.function.name]
+        return list(self.tools)
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -191,12 +271,13 @@ class ChatCompletionRequest(_Lenient):
 # Response
 # --------------------------------------------------------------------------------------------------
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class TopLogprob(_Response):
@@ -243,9 +324,24 @@ class ChatCompletionResponse(_Response):
     system_fingerprint: str | None = None
 
 
+class DeltaFunctionCall(_Response):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_Response):
+    """A streamed piece of tool call `index`: its first piece has id, type and name; arguments follow."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChunkChoice(_Response):

@@ -51,6 +51,8 @@ class GenerationRequest:
 
     messages: list[dict[str, Any]]
     params: SamplingParams = field(default_factory=SamplingParams)
+    # OpenAI tool definitions the chat template shows the model (`{"type": "function", "function": ...}`).
+    tools: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -143,14 +145,21 @@ def split_images(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any
                         "parts first (raybooth.models.chat.engine_messages_from_chat)"
                     )
             content = parts
-        template_messages.append({"role": message["role"], "content": content if content is not None else ""})
+        # Tool turns keep what templates read of them (the calls made, the call a tool result answers).
+        extra = {k: message[k] for k in ("tool_calls", "tool_call_id", "name") if message.get(k) is not None}
+        template_messages.append(
+            {"role": message["role"], "content": content if content is not None else "", **extra}
+        )
     return template_messages, images
 
 
 def prepare_request(processor: Any, request: GenerationRequest) -> PreparedRequest:
     """Chat template → token ids with expanded image tokens, plus the images' pixel tensors."""
     template_messages, images = split_images(request.messages)
-    prompt = processor.apply_chat_template(template_messages, add_generation_prompt=True, tokenize=False)
+    options = {"tools": request.tools} if request.tools else {}
+    prompt = processor.apply_chat_template(
+        template_messages, add_generation_prompt=True, tokenize=False, **options
+    )
     bos = getattr(processor.tokenizer, "bos_token", None)
     encoded = processor(
         text=[prompt],

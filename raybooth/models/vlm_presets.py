@@ -34,16 +34,23 @@ MAX_CONTEXT = 1024  # positions in the text model: prompt + image tokens + answe
 # LLaVA-1.5's "USER: <image>\n... ASSISTANT:" format. Content may be a string or an OpenAI-style list
 # of parts ({"type": "text", "text": ...} and {"type": "image" | "image_url", ...}); each image part
 # becomes one `<image>` placeholder, in order. `{{ '\n' }}` because templates render with trim_blocks,
-# which would swallow a literal newline after a tag.
+# which would swallow a literal newline after a tag. Tools (Hugging Face's `tools=` argument) are listed
+# as JSON in a first SYSTEM turn; an assistant's tool calls follow its text as `<tool_call>{...}</tool_call>`,
+# and a tool's result is a TOOL turn.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}SYSTEM: Functions you may call:{{ '\n' }}"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\n' }}{% endfor %}{% endif %}"
     "{% for message in messages %}"
     "{{ message['role'] | upper }}: "
     "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
+    "{% elif message['content'] %}{% for part in message['content'] %}"
     "{% if part['type'] in ('image', 'image_url') %}{{ '<image>\n' }}"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
+    "{% if message['tool_calls'] is defined and message['tool_calls'] %}"
+    "{% for call in message['tool_calls'] %}<tool_call>{{ call['function'] | tojson }}</tool_call>{% endfor %}"
+    "{% endif %}"
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
     "{{ '\n' }}"
     "{% endfor %}"

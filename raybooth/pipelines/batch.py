@@ -32,6 +32,7 @@ from raybooth.errors import UserError
 from raybooth.models.chat import (
     ChatLimits,
     ChatRequestError,
+    ToolCallFormat,
     chat_completion_response,
     generation_request_from_chat,
 )
@@ -69,6 +70,7 @@ SOURCE_FIELDS: list[tuple[str, pa.DataType]] = [
     ("error_kind", pa.string()),  # "line": not a request (no HTTP status); "request": HTTP 400
     ("error_code", pa.string()),
     ("error_param", pa.string()),
+    ("tool_format", pa.string()),  # ToolCallFormat as JSON when tool_choice forces a call, else null
 ]
 PREPARED_SCHEMA = pa.schema(SOURCE_FIELDS + PREPARED_FIELDS)
 OUTPUT_SCHEMA = pa.schema(
@@ -152,6 +154,7 @@ def prepare_request_line(
         "error_kind": None,
         "error_code": None,
         "error_param": None,
+        "tool_format": None,
     }
 
     def fail(kind: str, code: str, message: str, param: str | None = None) -> dict[str, Any]:
@@ -183,6 +186,8 @@ def prepare_request_line(
             "line with its own custom_id (and seed) for more",
             "n",
         )
+    tool_format = ToolCallFormat.of(request.body)
+    row["tool_format"] = tool_format.to_json() if tool_format is not None else None
     try:
         generation = generation_request_from_chat(request.body, limits, default_seed=seed + line_no)
         prepared = prepare_request(processor, generation)
@@ -257,7 +262,9 @@ class BatchWorker(GenerationWorker):
                 custom_id=row["custom_id"],
                 response=BatchResponse(status_code=status, request_id=request_id, body=body),
             )
-        body = chat_completion_response(result, model=self.model_label).model_dump(mode="json")
+        tool_format = ToolCallFormat.from_json(row["tool_format"]) if row["tool_format"] else None
+        response = chat_completion_response(result, model=self.model_label, tool_format=tool_format)
+        body = response.model_dump(mode="json")
         return BatchOutputLine(
             custom_id=row["custom_id"],
             response=BatchResponse(status_code=200, request_id=request_id, body=body),

@@ -89,7 +89,7 @@ def limit_exceeded(limit: str, value: object, allowed: object, param: str) -> AP
 # Chat: what the HTTP route adds to the shared shapes (a safety block is a refusal, as in OpenAI's API)
 # --------------------------------------------------------------------------------------------------
 
-ServedFinishReason = Literal["stop", "length", "content_filter"]
+ServedFinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 
 
 class ServedAssistantMessage(AssistantMessage):

@@ -25,10 +25,18 @@ import jsonschema
 from ray.serve.handle import DeploymentHandle
 
 from raybooth.cluster.config import ServeConfig
-from raybooth.models.chat import ChatLimits, ChatRequestError, generation_request_from_chat
+from raybooth.models.chat import (
+    ChatLimits,
+    ChatRequestError,
+    ToolCallFormat,
+    assistant_message,
+    generation_request_from_chat,
+)
 from raybooth.models.images import ImageLimits
 from raybooth.models.openai_schema import (
     ChoiceLogprobs,
+    DeltaFunctionCall,
+    DeltaToolCall,
     ImageContentPart,
     TextContentPart,
     new_completion_id,
@@ -113,14 +121,12 @@ class ChatService:
             raise bad_request("messages hold no text and no image; send at least one", param="messages")
         fmt = req.response_format
         if fmt is not None and fmt.json_schema is not None:
-            schema = fmt.json_schema.json_schema
-            try:
-                jsonschema.validators.validator_for(schema).check_schema(schema)
-            except jsonschema.SchemaError as e:
-                raise bad_request(
-                    f"response_format.json_schema.schema is not a valid JSON Schema: {e.message}",
-                    param="response_format",
-                ) from e
+            _check_schema(
+                fmt.json_schema.json_schema, "response_format.json_schema.schema", "response_format"
+            )
+        for t, tool in enumerate(req.tools or []):
+            param = f"tools[{t}].function.parameters"
+            _check_schema(tool.function.parameters, param, param)
 
     async def engine_request(self, req: ChatCompletionRequest) -> GenerationRequest:
         try:
@@ -186,15 +192,22 @@ class ChatService:
     async def complete(self, req: ChatCompletionRequest, timeout_s: float) -> ServedChatCompletion:
         streams = await self.open_choices(req, timeout_s)
         collected = await asyncio.gather(*(_collect(events) for events in streams))
+        tool_format = ToolCallFormat.of(req)
         choices, prompt, completion = [], 0, 0
         for index, (text, logprobs, final) in enumerate(collected):
             refusal = final.get("refusal")
-            message = ServedAssistantMessage(content=text if text or not refusal else None, refusal=refusal)
+            answer, finish = assistant_message(text, final.get("finish_reason") or "stop", tool_format)
+            if answer.tool_calls:
+                message = ServedAssistantMessage(content=None, tool_calls=answer.tool_calls)
+            else:
+                message = ServedAssistantMessage(
+                    content=text if text or not refusal else None, refusal=refusal
+                )
             choices.append(
                 ServedChoice(
                     index=index,
                     message=message,
-                    finish_reason=final.get("finish_reason") or "stop",
+                    finish_reason=finish,
                     logprobs=ChoiceLogprobs(content=logprobs) if req.logprobs else None,
                 )
             )
@@ -210,11 +223,19 @@ class ChatService:
         """SSE lines; call it after `open_choices` succeeded (HTTP errors must happen before the 200)."""
         streams = await self.open_choices(req, timeout_s)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return self._sse_lines(streams, new_completion_id(), include_usage)
+        return self._sse_lines(streams, new_completion_id(), include_usage, ToolCallFormat.of(req))
 
     async def _sse_lines(
-        self, streams: list[AsyncIterator[dict[str, Any]]], cid: str, include_usage: bool
+        self,
+        streams: list[AsyncIterator[dict[str, Any]]],
+        cid: str,
+        include_usage: bool,
+        tool_format: ToolCallFormat | None,
     ) -> AsyncIterator[str]:
+        """The SSE lines of `streams` (one per choice). With a forced tool_choice the text is held per
+        choice and its tool calls are sent whole, in one chunk, when the choice ends: arguments that are
+        re-serialized once complete (see `ToolCallFormat.calls`) cannot be streamed piece by piece."""
+
         def chunk(
             index: int,
             delta: ServedDeltaMessage,
@@ -235,18 +256,30 @@ class ChatService:
             yield chunk(index, ServedDeltaMessage(role="assistant", content=""))
         prompt, completion = 0, 0
         finished: set[int] = set()
+        held = [""] * len(streams)  # each choice's text, while it is becoming tool calls
         try:
             async for index, event in _merge(streams):
-                if event.get("text") or event.get("logprobs"):
+                text = event.get("text", "")
+                if tool_format is not None:
+                    held[index] += text
+                    text = ""
+                if text or event.get("logprobs"):
                     # A token's logprobs go out with the step that sampled it, even while its text is held
                     # back (a possible stop string, half a UTF-8 character), as vLLM streams them.
-                    yield chunk(
-                        index, ServedDeltaMessage(content=event.get("text", "")), None, event.get("logprobs")
-                    )
+                    yield chunk(index, ServedDeltaMessage(content=text), None, event.get("logprobs"))
                 if event.get("finish_reason"):  # a choice's last event
+                    finish = event["finish_reason"]
+                    if tool_format is not None:
+                        answer, finish = assistant_message(held[index], finish, tool_format)
+                        yield chunk(
+                            index,
+                            _whole_calls(answer.tool_calls)
+                            if answer.tool_calls
+                            else (ServedDeltaMessage(content=held[index])),
+                        )
                     if event.get("refusal"):
                         yield chunk(index, ServedDeltaMessage(refusal=event["refusal"]))
-                    yield chunk(index, ServedDeltaMessage(), event["finish_reason"])
+                    yield chunk(index, ServedDeltaMessage(), finish)
                     finished.add(index)
                     prompt = event.get("prompt_tokens", 0)
                     completion += event.get("completion_tokens", 0)
@@ -262,6 +295,27 @@ class ChatService:
         except APIError as e:  # after the 200 was sent, an error can only be an event (vLLM does the same)
             yield sse(e.body())
         yield sse("[DONE]")
+
+
+def _check_schema(schema: dict[str, Any], what: str, param: str) -> None:
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise bad_request(f"{what} is not a valid JSON Schema: {e.message}", param=param) from e
+
+
+def _whole_calls(calls: list[Any]) -> ServedDeltaMessage:
+    return ServedDeltaMessage(
+        tool_calls=[
+            DeltaToolCall(
+                index=i,
+                id=call.id,
+                type="function",
+                function=DeltaFunctionCall(name=call.function.name, arguments=call.function.arguments),
+            )
+            for i, call in enumerate(calls)
+        ]
+    )
 
 
 async def _collect(
