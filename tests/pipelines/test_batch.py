@@ -91,6 +91,13 @@ def test_openai_batch_lines_in_and_out(ray_cluster, tmp_path):
         request_line("typo", "a", max_tokens=4, temprature=0),  # an unknown field: refused, not ignored
         request_line("logprobs", "a", max_tokens=4, temperature=0, logprobs=True, top_logprobs=2),
         request_line("bias-outside", "a", max_tokens=4, logit_bias={"99999999": 1}),  # no such token id
+        request_line(
+            "tool-call",
+            "Label the picture.",
+            max_tokens=96,
+            tools=[{"type": "function", "function": {"name": "label", "parameters": SCHEMA}}],
+            tool_choice={"type": "function", "function": {"name": "label"}},
+        ),
     ]
     requests = tmp_path / "requests.jsonl"
     requests.write_text("\n".join(lines) + "\n")
@@ -102,10 +109,12 @@ def test_openai_batch_lines_in_and_out(ray_cluster, tmp_path):
         BatchOutputLine.model_validate(line)  # OpenAI's batch output shape, every line
     assert [o["custom_id"] for o in out] == [
         "text-only", "one-image", "two-images", "json", None, "unreachable", "bad-schema", "seeded-a", "seeded-b",
-        "wrong-url", "two-choices", "typo", "logprobs", "bias-outside",
+        "wrong-url", "two-choices", "typo", "logprobs", "bias-outside", "tool-call",
     ]  # fmt: skip
     ok = {o["custom_id"]: o for o in out if o["response"] and o["response"]["status_code"] == 200}
-    assert set(ok) == {"text-only", "one-image", "two-images", "json", "seeded-a", "seeded-b", "logprobs"}
+    assert set(ok) == {
+        "text-only", "one-image", "two-images", "json", "seeded-a", "seeded-b", "logprobs", "tool-call"
+    }  # fmt: skip
     for o in ok.values():
         body = ChatCompletionResponse.model_validate(o["response"]["body"])
         assert body.object == "chat.completion" and body.model == "tiny-vlm" and o["error"] is None
@@ -145,7 +154,12 @@ def test_openai_batch_lines_in_and_out(ray_cluster, tmp_path):
     assert all(ok[k]["response"]["body"]["choices"][0]["logprobs"] is None for k in ok if k != "logprobs")
     outside = out[13]["response"]
     assert outside["status_code"] == 400 and "vocabulary" in outside["body"]["error"]["message"]
-    assert (summary.rows, summary.failed) == (14, 7)
+    called = ok["tool-call"]["response"]["body"]["choices"][0]
+    assert called["finish_reason"] == "stop" and called["message"]["content"] is None
+    [call] = called["message"]["tool_calls"]
+    assert call["function"]["name"] == "label"
+    jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMA)
+    assert (summary.rows, summary.failed) == (15, 7)
 
 
 def test_rerun_finishes_the_file_without_duplicates(ray_cluster, tmp_path):

@@ -260,6 +260,77 @@ def test_chat_logit_bias_and_penalties_steer_sampling(client, tokenizer):
     assert len(penalized_tokens) - len(set(penalized_tokens)) < len(tokens) - len(set(tokens))
 
 
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 12}, "days": {"type": "integer", "minimum": 1}},
+    "required": ["city", "days"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time"}},
+]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_chat_tool_calls_through_the_openai_client(client, stream):
+    kwargs = dict(model="tiny-vlm", messages=user("Weather in Rome?"), tools=TOOLS, max_tokens=256, seed=1)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    if not stream:
+        choice = client.chat.completions.create(**kwargs, tool_choice=named).choices[0]
+        assert choice.finish_reason == "stop" and choice.message.content is None
+        [call] = choice.message.tool_calls
+        assert call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER)
+        required = client.chat.completions.create(**kwargs, tool_choice="required", parallel_tool_calls=False)
+        assert required.choices[0].finish_reason == "tool_calls"
+        assert len(required.choices[0].message.tool_calls) == 1
+        return
+    once = dict(tool_choice="required", parallel_tool_calls=False)  # one call: a short document to finish
+    whole = client.chat.completions.create(**kwargs, **once).choices[0]
+    chunks = list(client.chat.completions.create(**kwargs, **once, stream=True))
+    calls: dict[int, dict] = {}
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    for c in chunks:
+        for piece in (c.choices[0].delta.tool_calls or []) if c.choices else []:
+            call = calls.setdefault(piece.index, {"id": None, "name": None, "arguments": ""})
+            call["id"] = piece.id or call["id"]
+            call["name"] = piece.function.name or call["name"]
+            call["arguments"] += piece.function.arguments or ""
+    assert finish == ["tool_calls"]
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [
+        (t.function.name, json.loads(t.function.arguments)) for t in whole.message.tool_calls
+    ]
+    assert all(c["id"].startswith("call_") for c in calls.values())
+
+
+def test_a_tool_result_turn_is_answered(client):
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 1}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21C"},
+    ]
+    reply = client.chat.completions.create(
+        model="tiny-vlm", messages=messages, tools=TOOLS, tool_choice="none", max_tokens=4
+    )
+    assert reply.choices[0].message.content is not None and reply.choices[0].message.tool_calls is None
+    # The tool turn is part of the prompt: a longer history costs more prompt tokens than the question alone.
+    alone = client.chat.completions.create(
+        model="tiny-vlm", messages=messages[:1], tools=TOOLS, tool_choice="none", max_tokens=4
+    )
+    assert reply.usage.prompt_tokens > alone.usage.prompt_tokens + 10
+
+
 def test_images_are_pngs_and_the_same_seed_gives_the_same_bytes(client):
     extra = {"seed": 11, "num_inference_steps": 2, "guidance_scale": 5.0, "negative_prompt": "blurry"}
     a = client.images.generate(model="tiny-sd", prompt="a photo of a dog", n=2, extra_body=extra, **IMAGE_KW)
@@ -599,12 +670,22 @@ BAD_INPUTS = {
     "n=1000": ("images", {"model": "tiny-sd", "prompt": "a dog", "n": 1000}, 400, "limits.max_n"),
     "chat n=1000": ("chat", _chat(n=1000), 400, "limits.max_n"),
     "chat unknown field": ("chat", _chat(temprature=0.5), 400, "temprature: unknown field"),
-    "chat tools": (
+    "chat tools with tool_choice auto": (
         "chat",
         _chat(tools=[{"type": "function", "function": {"name": "f"}}]),
         400,
-        "tools: not supported",
+        "tool_choice 'auto'",
     ),
+    "tool parameters not json schema": (
+        "chat",
+        _chat(
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "frobnicate"}}}],
+            tool_choice="required",
+        ),
+        400,
+        "tools[0].function.parameters is not a valid JSON Schema",
+    ),
+    "chat store": ("chat", _chat(store=True), 400, "store: not supported"),
     "chat penalty out of range": ("chat", _chat(frequency_penalty=2.5), 400, "frequency_penalty"),
     "logit_bias by word": ("chat", _chat(logit_bias={"dog": 5}), 400, "token ids"),
     "logit_bias outside the vocabulary": ("chat", _chat(logit_bias={"99999999": 5}), 400, "vocabulary"),
