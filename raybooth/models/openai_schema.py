@@ -7,7 +7,7 @@ Names and fields follow OpenAI's API reference so the official `openai` client a
 work unchanged. Pydantic only (no Ray, no torch): the batch pipeline and the serving app import the
 same models, and `raybooth.models.chat` turns a request into engine input and a result back.
 Unknown fields of a chat request are refused (as OpenAI does), and so are OpenAI parameters raybooth
-does not implement (`tools`, `store`, ...) at anything but their no-op values, with a message naming them.
+does not implement (`store`, tool_choice `auto`) at anything but their no-op values, with a message naming them.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ class NamedToolChoice(_Lenient):
 class ChatCompletionRequest(_Lenient):
     """A chat request. Unknown top-level fields are refused (as OpenAI does: "Unrecognized request argument")
     rather than ignored; OpenAI parameters this engine does not implement are accepted only at their no-op
-    values (e.g. `frequency_penalty: 0`, `tools: []`), anything else is a 400 that names them."""
+    values (e.g. `store: false`, `service_tier: "auto"`), anything else is a 400 that names them."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
 

@@ -7,7 +7,8 @@
     data: [DONE]
 
 Checks before any model work: the model name, message and image counts, `max_tokens`, images (data:
-URLs only over HTTP, decoded with the byte and pixel limits), the JSON schema, and the safety policy on
+URLs only over HTTP, decoded with the byte and pixel limits), the JSON schemas (response_format and the
+tools' parameters), and the safety policy on
 the prompt, whose block is a normal answer with `finish_reason: content_filter` and a `refusal`. The
 first event is awaited before the HTTP response starts, so an engine-side refusal (a prompt longer than
 the context, a schema the grammar compiler rejects) is still a 400, not a broken stream.
