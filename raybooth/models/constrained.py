@@ -33,6 +33,28 @@ class GrammarError(ValueError):
     """A response_format schema that xgrammar cannot compile; the message says why."""
 
 
+# JSON text may not hold raw control characters (U+0000-U+001F) in strings. xgrammar's rule for a string
+# with minLength/maxLength lets them through (its plain string rule does not), so such strings get the
+# equivalent pattern instead: the same characters (no quote or backslash either) without the controls.
+_LENGTH_KEYS = ("minLength", "maxLength")
+_NO_REWRITE_KEYS = ("pattern", "format", "enum", "const")
+
+
+def strict_strings(schema: Any) -> Any:
+    """`schema` with every length-bounded string rewritten as a pattern that excludes control characters."""
+    if isinstance(schema, list):
+        return [strict_strings(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: strict_strings(value) for key, value in schema.items()}
+    bounded = any(key in out for key in _LENGTH_KEYS) and not any(key in out for key in _NO_REWRITE_KEYS)
+    if out.get("type") == "string" and bounded:
+        low = int(out.pop("minLength", 0))
+        high = out.pop("maxLength", None)
+        out["pattern"] = f'^[^\\x00-\\x1f"\\\\]{{{low},{"" if high is None else int(high)}}}$'
+    return out
+
+
 class JSONGrammars:
     def __init__(self, tokenizer: Any, vocab_size: int):
         # vocab_size is the model's logits width: it can exceed len(tokenizer) (padded embedding tables).
@@ -45,12 +67,13 @@ class JSONGrammars:
     def _compile(self, params: SamplingParams) -> xgr.CompiledGrammar:
         # Not sort_keys: property order is meaningful (xgrammar emits properties in schema order).
         key = json.dumps(params.json_schema) if params.json_schema is not None else "<json_object>"
+        text = json.dumps(strict_strings(params.json_schema)) if params.json_schema is not None else key
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
         try:
             if params.json_schema is not None:
-                compiled = self.compiler.compile_json_schema(key, any_whitespace=False, strict_mode=True)
+                compiled = self.compiler.compile_json_schema(text, any_whitespace=False, strict_mode=True)
             else:
                 # OpenAI's json_object means "an object", not any JSON value; strict_mode off so the
                 # object may hold any keys (strict mode would forbid every undeclared property).

@@ -318,3 +318,23 @@ def test_penalties_break_greedy_repetition(engine):
 def test_sampling_params_refuse_out_of_range_values(field, value):
     with pytest.raises(ValueError, match=field if field != "logprobs" else "top_logprobs"):
         SamplingParams(**{field: value})
+
+
+def test_length_bounded_strings_hold_no_raw_control_characters(engine):
+    # xgrammar's own rule for a string with maxLength admits U+0000-U+001F, which strict JSON parsers
+    # reject; the engine compiles such strings as an equivalent pattern without them.
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "minLength": 1, "maxLength": 24}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    requests = [
+        request("Answer in JSON.", max_tokens=48, temperature=1.0, seed=seed, json_schema=schema)
+        for seed in range(12)
+    ]
+    finished = [r for r in engine.generate(requests) if r.finish_reason == "stop"]
+    assert len(finished) >= 6
+    for result in finished:
+        city = json.loads(result.text)["city"]  # strict parsing: a raw control character would fail here
+        assert 1 <= len(city) <= 24 and not any(ord(ch) < 0x20 for ch in city)
