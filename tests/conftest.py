@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -90,6 +91,21 @@ def free_port() -> int:
 def port_picker() -> Callable[[], int]:
     """`free_port` for test modules and sub-conftests (which cannot import this file under importlib mode)."""
     return free_port
+
+
+@pytest.fixture
+def tool_call_history() -> list[dict[str, Any]]:
+    """An OpenAI conversation in which the assistant called get_weather and the tool answered."""
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 1}'},
+    }
+    return [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21C"},
+    ]
 
 
 def _answers(url: str) -> bool:

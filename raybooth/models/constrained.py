@@ -67,12 +67,13 @@ class JSONGrammars:
     def _compile(self, params: SamplingParams) -> xgr.CompiledGrammar:
         # Not sort_keys: property order is meaningful (xgrammar emits properties in schema order).
         key = json.dumps(params.json_schema) if params.json_schema is not None else "<json_object>"
-        text = json.dumps(strict_strings(params.json_schema)) if params.json_schema is not None else key
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
         try:
             if params.json_schema is not None:
+                # Rewritten only on a miss; the cache is keyed by the schema as the client sent it.
+                text = json.dumps(strict_strings(params.json_schema))
                 compiled = self.compiler.compile_json_schema(text, any_whitespace=False, strict_mode=True)
             else:
                 # OpenAI's json_object means "an object", not any JSON value; strict_mode off so the

@@ -272,11 +272,9 @@ class ChatService:
                     finish = event["finish_reason"]
                     if tool_format is not None:
                         answer, finish = assistant_message(held[index], finish, tool_format)
+                        calls = answer.tool_calls
                         yield chunk(
-                            index,
-                            _whole_calls(answer.tool_calls)
-                            if answer.tool_calls
-                            else (ServedDeltaMessage(content=held[index])),
+                            index, _whole_calls(calls) if calls else ServedDeltaMessage(content=held[index])
                         )
                     if event.get("refusal"):
                         yield chunk(index, ServedDeltaMessage(refusal=event["refusal"]))

@@ -109,26 +109,9 @@ def test_tool_choice_none_answers_in_text_with_the_tools_in_the_prompt(engine):
     assert choice.message.tool_calls is None and choice.message.content is not None
 
 
-def test_tool_turns_reach_the_template(engine):
-    req = chat(
-        tool_choice="none",
-        messages=[
-            {"role": "user", "content": "Weather in Paris?"},
-            {
-                "role": "assistant",
-                "content": None,
-                "tool_calls": [
-                    {
-                        "id": "call_1",
-                        "type": "function",
-                        "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 1}'},
-                    }
-                ],
-            },
-            {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21C"},
-            {"role": "user", "content": "And tomorrow?"},
-        ],
-    )
+def test_tool_turns_reach_the_template(engine, tool_call_history):
+    messages = [*tool_call_history, {"role": "user", "content": "And tomorrow?"}]
+    req = chat(tool_choice="none", messages=messages)
     prompt = engine.tokenizer.decode(engine.prepare(generation_request_from_chat(req, LIMITS)).input_ids)
     call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "days": 1}}</tool_call>'
     assert call in prompt and "TOOL: sunny, 21C" in prompt

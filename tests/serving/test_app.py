@@ -304,22 +304,8 @@ def test_chat_tool_calls_through_the_openai_client(client, stream):
     assert all(c["id"].startswith("call_") for c in calls.values())
 
 
-def test_a_tool_result_turn_is_answered(client):
-    messages = [
-        {"role": "user", "content": "Weather in Paris?"},
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": "call_1",
-                    "type": "function",
-                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 1}'},
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21C"},
-    ]
+def test_a_tool_result_turn_is_answered(client, tool_call_history):
+    messages = tool_call_history
     reply = client.chat.completions.create(
         model="tiny-vlm", messages=messages, tools=TOOLS, tool_choice="none", max_tokens=4
     )
