@@ -21,8 +21,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
+from ray.exceptions import TaskCancelledError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Message, Receive, Scope, Send
 
 from raybooth.cluster import tracking
 from raybooth.cluster.config import ServeConfig
@@ -110,6 +112,27 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+class EventStreamResponse(StreamingResponse):
+    """An SSE response whose client may leave mid-stream without an ERROR in the log.
+
+    While streaming, Starlette listens for the client's disconnect through ASGI `receive`. When the client
+    leaves, Ray Serve's proxy cancels the replica's pending message fetch, and its `receive` can then raise
+    `TaskCancelledError` instead of returning `http.disconnect` (it maps only a KeyError to a disconnect),
+    which Serve logs as a failed request. It is a disconnect: treated as one, the stream just ends."""
+
+    def __init__(self, lines: Any):
+        super().__init__(lines, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def receive_or_disconnect() -> Message:
+            try:
+                return await receive()
+            except TaskCancelledError:
+                return {"type": "http.disconnect"}
+
+        await super().__call__(scope, receive_or_disconnect, send)
+
+
 def parse_body(raw: bytes, model: type[T]) -> T:
     if not raw.strip():
         raise APIError(400, "request body is empty; send a JSON object")
@@ -191,9 +214,7 @@ class Ingress:
         req = parse_body(await read_body(request, self.cfg.limits.max_body_bytes), ChatCompletionRequest)
         if req.stream:
             lines = await self.chat.stream(req, self.timeout_s)
-            return StreamingResponse(
-                lines, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-            )
+            return EventStreamResponse(lines)
         return await self.chat.complete(req, self.timeout_s)
 
     @api.post("/v1/images/generations")

@@ -221,6 +221,37 @@ def test_cli_serve_refuses_a_public_address_without_keys(tmp_path):
     assert "refusing to serve on '0.0.0.0' without API keys" in result.stderr
 
 
+def test_a_disconnect_reported_as_a_cancelled_fetch_ends_the_stream_quietly():
+    import asyncio
+
+    from ray.exceptions import TaskCancelledError
+
+    from raybooth.serving.ingress import EventStreamResponse
+
+    async def lines():
+        yield "data: 1\n\n"
+        await asyncio.sleep(30)  # the client is gone before this line: the stream must not wait for it
+        yield "data: 2\n\n"
+
+    async def receive():  # what Ray Serve's receive does when its proxy cancelled the message fetch
+        await asyncio.sleep(0.05)
+        raise TaskCancelledError()
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def run():
+        scope = {"type": "http"}  # ASGI spec < 2.4, as Serve passes it: Starlette listens on receive
+        await asyncio.wait_for(EventStreamResponse(lines())(scope, receive, send), timeout=10)
+
+    asyncio.run(run())  # no TaskCancelledError escapes: Serve has nothing to log as a failed request
+    bodies = [m.get("body", b"") for m in sent if m["type"] == "http.response.body"]
+    assert b"data: 1" in b"".join(bodies) and b"data: 2" not in b"".join(bodies)
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+
+
 def test_slow_deployment_call_is_cancelled_and_becomes_504():
     import asyncio
 
