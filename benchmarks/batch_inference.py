@@ -33,10 +33,10 @@ import torch
 
 from raybooth.cluster.config import BatchConfig, ClusterSection
 from raybooth.cluster.runtime import init_ray
-from raybooth.models.chat import ChatLimits, generation_request_from_chat
-from raybooth.models.openai_schema import BatchRequestLine
 from raybooth.models.packing import PackItem, pack_by_token_budget, pack_fifo, padding_fraction
 from raybooth.models.vlm_engine import VLMEngine
+from raybooth.openai.chat import ChatLimits, generation_request_from_chat
+from raybooth.openai.protocol import BatchRequestLine
 from raybooth.pipelines.batch import run_batch
 from raybooth.samples import draw_sample_image, png_bytes
 

@@ -29,23 +29,15 @@ from pydantic import ValidationError
 from raybooth.cluster import storage
 from raybooth.cluster.config import BatchConfig
 from raybooth.errors import UserError
-from raybooth.models.chat import (
+from raybooth.models.vlm_engine import GenerationResult, prepare_request
+from raybooth.openai.chat import (
     ChatLimits,
-    ChatRequestError,
     ToolCallFormat,
     chat_completion_response,
     generation_request_from_chat,
 )
-from raybooth.models.images import ImageLimits
-from raybooth.models.openai_schema import (
-    BatchError,
-    BatchOutputLine,
-    BatchRequestLine,
-    BatchResponse,
-    ErrorDetail,
-    ErrorResponse,
-)
-from raybooth.models.vlm_engine import GenerationResult, prepare_request
+from raybooth.openai.errors import APIError, validation_error
+from raybooth.openai.protocol import BatchError, BatchOutputLine, BatchRequestLine, BatchResponse
 from raybooth.pipelines.inference import (
     PREPARED_FIELDS,
     STATS_FIELDS,
@@ -135,14 +127,6 @@ def _read_range(uri: str, start: int, length: int) -> bytes:
         return f.read(length)
 
 
-def _pydantic_problem(e: ValidationError) -> tuple[str, str | None, bool]:
-    """The first validation problem: (message, field path, whether it is in the request body)."""
-    first = e.errors()[0]
-    loc = [str(p) for p in first["loc"]]
-    where = ".".join(loc) or None
-    return (f"{where}: {first['msg']}" if where else first["msg"]), where, bool(loc) and loc[0] == "body"
-
-
 def prepare_request_line(
     line_no: int, raw: bytes, processor: Any, limits: ChatLimits, seed: int
 ) -> dict[str, Any]:
@@ -170,14 +154,15 @@ def prepare_request_line(
     try:
         request = BatchRequestLine.model_validate(obj)
     except ValidationError as e:
-        message, param, in_body = _pydantic_problem(e)
+        # The HTTP route's reading of the same problem (its `param` names the field the same way).
+        err = validation_error(e.errors())
+        in_body = e.errors()[0]["loc"][:1] == ("body",)
         if row["custom_id"] is None or not in_body or not isinstance(obj.get("body"), dict):
             # custom_id, method or url wrong: not a batch request at all, so no HTTP status either
             return fail(
-                "line", "invalid_request", f"line {line_no}: not a batch request line: {message}", param
+                "line", "invalid_request", f"line {line_no}: not a batch request line: {err}", err.param
             )
-        param = param.removeprefix("body.") if param else None
-        return fail("request", "invalid_request", f"line {line_no}: invalid request: {message}", param)
+        return fail("request", err.code, f"line {line_no}: invalid request: {err}", err.param)
     if request.body.n != 1:
         return fail(
             "request",
@@ -191,30 +176,16 @@ def prepare_request_line(
     try:
         generation = generation_request_from_chat(request.body, limits, default_seed=seed + line_no)
         prepared = prepare_request(processor, generation)
-    except ChatRequestError as e:
-        return fail("request", "invalid_request", f"line {line_no}: {e}", e.param)
+    except APIError as e:
+        return fail("request", e.code or "invalid_request", f"line {line_no}: {e}", e.param)
     except Exception as e:
         return fail("request", "invalid_request", f"line {line_no}: {describe_error(e)}")
     return {**row, **prepared_columns(prepared, None, started)}
 
 
-def prepare_batch_chunks(
-    items: pa.Table,
-    *,
-    model: str,
-    default_max_tokens: int,
-    max_tokens_cap: int,
-    seed: int,
-    max_image_pixels: int,
-    max_image_bytes: int,
-) -> pa.Table:
+def prepare_batch_chunks(items: pa.Table, *, model: str, limits: ChatLimits, seed: int) -> pa.Table:
     """Ray Data CPU stage: JSONL byte ranges → one prepared (or error) row per non-blank line."""
     processor = load_processor(model)
-    limits = ChatLimits(
-        default_max_tokens=default_max_tokens,
-        max_tokens_cap=max_tokens_cap,
-        images=ImageLimits(max_pixels=max_image_pixels, max_bytes=max_image_bytes),
-    )
     out = []
     for item in items.to_pylist():
         skip = set(item["skip"])
@@ -232,48 +203,41 @@ def prepare_batch_chunks(
 # --------------------------------------------------------------------------------------------------
 
 
-def _error_body(message: str, param: str | None, code: str | None, server: bool) -> dict[str, Any]:
-    detail = ErrorDetail(
-        message=message, type="server_error" if server else "invalid_request_error", param=param, code=code
+def batch_output_line(
+    row: dict[str, Any], result: GenerationResult | None, stats: RowStats, model_label: str
+) -> BatchOutputLine:
+    """A prepared row and its engine result as OpenAI's batch output line; a refused request's body is
+    the `APIError` body the HTTP route would send, with the same status."""
+    request_id = f"req_{uuid.uuid4().hex}"
+    if row["error_kind"] == "line":
+        return BatchOutputLine(
+            custom_id=row["custom_id"], error=BatchError(code=row["error_code"], message=row["error"])
+        )
+    if row["error"] is not None or result is None or result.error is not None:
+        message = row["error"] or (result.error if result is not None else "no result")
+        if row["error"] is None:
+            message = f"line {row['row_id']}: {message}"
+        code = row["error_code"] or ("server_error" if stats.server_error else "invalid_request")
+        err = APIError(500 if stats.server_error else 400, message, param=row["error_param"], code=code)
+        return BatchOutputLine(
+            custom_id=row["custom_id"],
+            response=BatchResponse(status_code=err.status, request_id=request_id, body=err.body()),
+        )
+    tool_format = ToolCallFormat.from_json(row["tool_format"]) if row["tool_format"] else None
+    response = chat_completion_response(result, model=model_label, tool_format=tool_format)
+    return BatchOutputLine(
+        custom_id=row["custom_id"],
+        response=BatchResponse(status_code=200, request_id=request_id, body=response.model_dump(mode="json")),
     )
-    return ErrorResponse(error=detail).model_dump(mode="json")
 
 
 class BatchWorker(GenerationWorker):
     output_schema = OUTPUT_SCHEMA
 
-    def output_line(
-        self, row: dict[str, Any], result: GenerationResult | None, stats: RowStats
-    ) -> BatchOutputLine:
-        request_id = f"req_{uuid.uuid4().hex}"
-        if row["error_kind"] == "line":
-            return BatchOutputLine(
-                custom_id=row["custom_id"], error=BatchError(code=row["error_code"], message=row["error"])
-            )
-        if row["error"] is not None or result is None or result.error is not None:
-            message = row["error"] or (result.error if result is not None else "no result")
-            if row["error"] is None:
-                message = f"line {row['row_id']}: {message}"
-            status = 500 if stats.server_error else 400
-            body = _error_body(
-                message, row["error_param"], row["error_code"] or "invalid_request", stats.server_error
-            )
-            return BatchOutputLine(
-                custom_id=row["custom_id"],
-                response=BatchResponse(status_code=status, request_id=request_id, body=body),
-            )
-        tool_format = ToolCallFormat.from_json(row["tool_format"]) if row["tool_format"] else None
-        response = chat_completion_response(result, model=self.model_label, tool_format=tool_format)
-        body = response.model_dump(mode="json")
-        return BatchOutputLine(
-            custom_id=row["custom_id"],
-            response=BatchResponse(status_code=200, request_id=request_id, body=body),
-        )
-
     def format_row(
         self, row: dict[str, Any], result: GenerationResult | None, stats: RowStats
     ) -> dict[str, Any]:
-        line = self.output_line(row, result, stats)
+        line = batch_output_line(row, result, stats, self.model_label)
         failed = line.error is not None or (line.response is not None and line.response.status_code != 200)
         error = None
         if failed:
@@ -330,14 +294,7 @@ def run_batch(cfg: BatchConfig, verbose: bool = False) -> JobSummary:
     parts = parts_uri_for(cfg.output)
     done = completed_row_ids(parts)  # also deletes parts a crashed run left unreadable
     items, requests, todo = scan_jsonl(cfg.input, done)
-    prepare_kwargs = {
-        "model": cfg.model,
-        "default_max_tokens": cfg.max_new_tokens,
-        "max_tokens_cap": cfg.max_tokens_cap,
-        "seed": cfg.seed,
-        "max_image_pixels": cfg.max_image_pixels,
-        "max_image_bytes": cfg.max_image_bytes,
-    }
+    prepare_kwargs = {"model": cfg.model, "limits": ChatLimits.for_batch(cfg), "seed": cfg.seed}
     plan = JobPlan("batch", items, todo, prepare_batch_chunks, prepare_kwargs, 1, BatchWorker, parts)
     counts, seconds = run_inference_job(cfg, plan, verbose=verbose)
     left = requests - len(completed_row_ids(parts))

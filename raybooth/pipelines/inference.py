@@ -122,11 +122,11 @@ def load_processor(model: str) -> Any:
 
 def describe_error(e: BaseException) -> str:
     """One line for an output row's error column: our own errors as written, others with their type."""
-    from raybooth.models.chat import ChatRequestError
     from raybooth.models.images import ImageError
     from raybooth.models.vlm_engine import RequestError
+    from raybooth.openai.errors import APIError
 
-    if isinstance(e, ImageError | ChatRequestError | RequestError):
+    if isinstance(e, ImageError | APIError | RequestError):
         return str(e)
     return f"{type(e).__name__}: {e}"
 

@@ -24,10 +24,10 @@ from ray import serve
 from ray.serve import metrics
 
 from raybooth.cluster.config import ChatServeSection, SafetySection
-from raybooth.models.chat import choice_logprobs
 from raybooth.models.device import pick_device
 from raybooth.models.safety import SafetyPolicy, StreamingSafetyFilter
 from raybooth.models.vlm_engine import GenerationRequest, StreamDelta, VLMEngine
+from raybooth.openai.chat import choice_logprobs
 from raybooth.serving.callers import Caller, attending
 
 _END = object()  # the engine's iterator is exhausted

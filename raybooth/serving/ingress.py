@@ -29,14 +29,9 @@ from starlette.types import Message, Receive, Scope, Send
 from raybooth.cluster import tracking
 from raybooth.cluster.config import ServeConfig
 from raybooth.models.safety import SafetyPolicy
+from raybooth.openai.errors import APIError, validation_error
+from raybooth.openai.protocol import ChatCompletionRequest, ImageGenerationRequest, ModelCard, ModelList
 from raybooth.serving.auth import KeyChecker, check_bind_allowed
-from raybooth.serving.protocol import (
-    APIError,
-    ChatCompletionRequest,
-    ImageGenerationRequest,
-    ModelCard,
-    ModelList,
-)
 from raybooth.serving.serving_chat import ChatService
 from raybooth.serving.serving_images import ImageService
 from raybooth.serving.upstream import call_deployment
@@ -72,30 +67,6 @@ async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
 @api.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
     return error_response(validation_error(err.errors()))
-
-
-def loc_to_param(loc: tuple[Any, ...]) -> str:
-    """`("messages", 0, "content")` -> `messages[0].content`, the way OpenAI names a field."""
-    out = ""
-    for part in loc:
-        if part == "body":
-            continue
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def validation_error(errors: list[dict[str, Any]]) -> APIError:
-    first = errors[0]
-    if first["type"] == "json_invalid":
-        return APIError(
-            400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}"
-        )
-    param = loc_to_param(tuple(first["loc"])) or None
-    msg = first["msg"]
-    if first["type"] == "extra_forbidden":
-        msg = "unknown field (not part of this API)"
-    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-    return APIError(400, f"{param or 'body'}: {msg}{more}", param=param, code="invalid_value")
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:

@@ -26,36 +26,31 @@ import jsonschema
 from ray.serve.handle import DeploymentHandle
 
 from raybooth.cluster.config import ServeConfig
-from raybooth.models.chat import (
+from raybooth.models.safety import SafetyPolicy
+from raybooth.models.vlm_engine import GenerationRequest
+from raybooth.openai.chat import (
     ChatLimits,
-    ChatRequestError,
     ToolCallFormat,
     assistant_message,
     generation_request_from_chat,
+    max_tokens_for,
 )
-from raybooth.models.images import ImageLimits
-from raybooth.models.openai_schema import (
+from raybooth.openai.errors import APIError, bad_request, limit_exceeded
+from raybooth.openai.protocol import (
+    AssistantMessage,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Choice,
     ChoiceLogprobs,
+    ChunkChoice,
     DeltaFunctionCall,
+    DeltaMessage,
     DeltaToolCall,
     ImageContentPart,
     TextContentPart,
-    new_completion_id,
-)
-from raybooth.models.safety import SafetyPolicy
-from raybooth.models.vlm_engine import GenerationRequest
-from raybooth.serving.protocol import (
-    APIError,
-    ChatCompletionRequest,
-    ServedAssistantMessage,
-    ServedChatCompletion,
-    ServedChatCompletionChunk,
-    ServedChoice,
-    ServedChunkChoice,
-    ServedDeltaMessage,
     Usage,
-    bad_request,
-    limit_exceeded,
+    new_completion_id,
 )
 from raybooth.serving.upstream import next_item
 
@@ -81,11 +76,7 @@ class ChatService:
         self.cfg = cfg
         self.policy = policy
         self.model_name = model_name
-        self.limits = ChatLimits(
-            default_max_tokens=cfg.chat.default_max_tokens,
-            max_tokens_cap=cfg.limits.max_tokens,
-            images=ImageLimits(max_pixels=cfg.limits.max_image_pixels, max_bytes=cfg.limits.max_image_bytes),
-        )
+        self.limits = ChatLimits.for_serving(cfg)
 
     # ------------------------------------------------------------------ validation
 
@@ -99,12 +90,10 @@ class ChatService:
                 code="model_not_found",
             )
         if len(req.messages) > limits.max_messages:
-            raise limit_exceeded("max_messages", len(req.messages), limits.max_messages, "messages")
+            raise limit_exceeded("limits.max_messages", len(req.messages), limits.max_messages, "messages")
         if req.n > limits.max_n:
-            raise limit_exceeded("max_n", req.n, limits.max_n, "n")
-        max_tokens = req.requested_max_tokens()
-        if max_tokens is not None and max_tokens > limits.max_tokens:
-            raise limit_exceeded("max_tokens", max_tokens, limits.max_tokens, "max_tokens")
+            raise limit_exceeded("limits.max_n", req.n, limits.max_n, "n")
+        max_tokens_for(req, self.limits)  # the batch job's check too; here before any image is decoded
         images = 0
         for m, message in enumerate(req.messages):
             for p, part in enumerate(message.content if isinstance(message.content, list) else []):
@@ -117,7 +106,9 @@ class ChatService:
                             param=f"messages[{m}].content[{p}].image_url",
                         )
         if images > limits.max_images_per_request:
-            raise limit_exceeded("max_images_per_request", images, limits.max_images_per_request, "messages")
+            raise limit_exceeded(
+                "limits.max_images_per_request", images, limits.max_images_per_request, "messages"
+            )
         if not any(text.strip() for text in prompt_texts(req)) and images == 0:
             raise bad_request("messages hold no text and no image; send at least one", param="messages")
         fmt = req.response_format
@@ -130,11 +121,8 @@ class ChatService:
             _check_schema(tool.function.parameters, param, param)
 
     async def engine_request(self, req: ChatCompletionRequest) -> GenerationRequest:
-        try:
-            # Image decoding is CPU work: off the event loop, so other requests keep flowing.
-            return await asyncio.to_thread(generation_request_from_chat, req, self.limits)
-        except ChatRequestError as e:
-            raise bad_request(str(e), param=e.param) from e
+        # Image decoding is CPU work: off the event loop, so other requests keep flowing.
+        return await asyncio.to_thread(generation_request_from_chat, req, self.limits)
 
     # ------------------------------------------------------------------ serving
 
@@ -190,7 +178,7 @@ class ChatService:
             raise failures[0]
         return opened  # type: ignore[return-value]
 
-    async def complete(self, req: ChatCompletionRequest, timeout_s: float) -> ServedChatCompletion:
+    async def complete(self, req: ChatCompletionRequest, timeout_s: float) -> ChatCompletionResponse:
         streams = await self.open_choices(req, timeout_s)
         collected = await asyncio.gather(*(_collect(events) for events in streams))
         tool_format = ToolCallFormat.of(req)
@@ -199,13 +187,11 @@ class ChatService:
             refusal = final.get("refusal")
             answer, finish = assistant_message(text, final.get("finish_reason") or "stop", tool_format)
             if answer.tool_calls:
-                message = ServedAssistantMessage(content=None, tool_calls=answer.tool_calls)
+                message = AssistantMessage(content=None, tool_calls=answer.tool_calls)
             else:
-                message = ServedAssistantMessage(
-                    content=text if text or not refusal else None, refusal=refusal
-                )
+                message = AssistantMessage(content=text if text or not refusal else None, refusal=refusal)
             choices.append(
-                ServedChoice(
+                Choice(
                     index=index,
                     message=message,
                     finish_reason=finish,
@@ -214,7 +200,7 @@ class ChatService:
             )
             prompt = final.get("prompt_tokens", 0)  # the same prompt for every choice: counted once
             completion += final.get("completion_tokens", 0)
-        return ServedChatCompletion(
+        return ChatCompletionResponse(
             model=self.model_name,
             choices=choices,
             usage=Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion),
@@ -239,22 +225,20 @@ class ChatService:
 
         def chunk(
             index: int,
-            delta: ServedDeltaMessage,
+            delta: DeltaMessage,
             finish: str | None = None,
             logprobs: list[dict[str, Any]] | None = None,
         ) -> str:
-            choice = ServedChunkChoice(
+            choice = ChunkChoice(
                 index=index,
                 delta=delta,
                 finish_reason=finish,
                 logprobs=ChoiceLogprobs(content=logprobs) if logprobs else None,
             )
-            return sse(
-                ServedChatCompletionChunk(id=cid, model=self.model_name, choices=[choice]).model_dump()
-            )
+            return sse(ChatCompletionChunk(id=cid, model=self.model_name, choices=[choice]).model_dump())
 
         for index in range(len(streams)):
-            yield chunk(index, ServedDeltaMessage(role="assistant", content=""))
+            yield chunk(index, DeltaMessage(role="assistant", content=""))
         prompt, completion = 0, 0
         finished: set[int] = set()
         held = [""] * len(streams)  # each choice's text, while it is becoming tool calls
@@ -267,29 +251,29 @@ class ChatService:
                 if text or event.get("logprobs"):
                     # A token's logprobs go out with the step that sampled it, even while its text is held
                     # back (a possible stop string, half a UTF-8 character), as vLLM streams them.
-                    yield chunk(index, ServedDeltaMessage(content=text), None, event.get("logprobs"))
+                    yield chunk(index, DeltaMessage(content=text), None, event.get("logprobs"))
                 if event.get("finish_reason"):  # a choice's last event
                     finish = event["finish_reason"]
                     if tool_format is not None:
                         answer, finish = assistant_message(held[index], finish, tool_format)
                         calls = answer.tool_calls
                         yield chunk(
-                            index, _whole_calls(calls) if calls else ServedDeltaMessage(content=held[index])
+                            index, _whole_calls(calls) if calls else DeltaMessage(content=held[index])
                         )
                     if event.get("refusal"):
-                        yield chunk(index, ServedDeltaMessage(refusal=event["refusal"]))
-                    yield chunk(index, ServedDeltaMessage(), finish)
+                        yield chunk(index, DeltaMessage(refusal=event["refusal"]))
+                    yield chunk(index, DeltaMessage(), finish)
                     finished.add(index)
                     prompt = event.get("prompt_tokens", 0)
                     completion += event.get("completion_tokens", 0)
             # Every choice ends with a finish_reason, even one whose stream ended without saying.
             for index in sorted(set(range(len(streams))) - finished):
-                yield chunk(index, ServedDeltaMessage(), "stop")
+                yield chunk(index, DeltaMessage(), "stop")
             if include_usage:
                 usage = Usage(
                     prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
                 )
-                last = ServedChatCompletionChunk(id=cid, model=self.model_name, choices=[], usage=usage)
+                last = ChatCompletionChunk(id=cid, model=self.model_name, choices=[], usage=usage)
                 yield sse(last.model_dump())
         except APIError as e:  # after the 200 was sent, an error can only be an event (vLLM does the same)
             yield sse(e.body())
@@ -303,8 +287,8 @@ def _check_schema(schema: dict[str, Any], what: str, param: str) -> None:
         raise bad_request(f"{what} is not a valid JSON Schema: {e.message}", param=param) from e
 
 
-def _whole_calls(calls: list[Any]) -> ServedDeltaMessage:
-    return ServedDeltaMessage(
+def _whole_calls(calls: list[Any]) -> DeltaMessage:
+    return DeltaMessage(
         tool_calls=[
             DeltaToolCall(
                 index=i,

@@ -20,15 +20,9 @@ from raybooth.cluster import tracking
 from raybooth.cluster.config import ServeConfig
 from raybooth.errors import TrackingError
 from raybooth.models.safety import SafetyPolicy
+from raybooth.openai.errors import APIError, bad_request, limit_exceeded
+from raybooth.openai.protocol import ImageData, ImageGenerationRequest, ImageGenerationResponse
 from raybooth.serving.image_deployment import ImageJob
-from raybooth.serving.protocol import (
-    APIError,
-    ImageData,
-    ImageGenerationRequest,
-    ImageGenerationResponse,
-    bad_request,
-    limit_exceeded,
-)
 from raybooth.serving.upstream import call_deployment
 
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
@@ -86,7 +80,7 @@ def parse_size(size: str, max_side: int) -> tuple[int, int]:
         raise bad_request(f"size {size!r} must be WIDTHxHEIGHT, e.g. 512x512", param="size")
     width, height = int(match[1]), int(match[2])
     if max(width, height) > max_side:
-        raise limit_exceeded("max_image_side", size, f"{max_side}x{max_side}", "size")
+        raise limit_exceeded("limits.max_image_side", size, f"{max_side}x{max_side}", "size")
     if width < SIZE_MULTIPLE or height < SIZE_MULTIPLE or width % SIZE_MULTIPLE or height % SIZE_MULTIPLE:
         raise bad_request(
             f"size {size!r}: width and height must be multiples of {SIZE_MULTIPLE}", param="size"
@@ -104,16 +98,16 @@ class ImageService:
     def job_from_request(self, req: ImageGenerationRequest) -> ImageJob:
         limits, defaults = self.cfg.limits, self.cfg.image
         if req.n > limits.max_n:
-            raise limit_exceeded("max_n", req.n, limits.max_n, "n")
+            raise limit_exceeded("limits.max_n", req.n, limits.max_n, "n")
         width, height = parse_size(req.size or defaults.default_size, limits.max_image_side)
         steps = req.num_inference_steps or defaults.default_steps
         if steps > limits.max_steps:
-            raise limit_exceeded("max_steps", steps, limits.max_steps, "num_inference_steps")
+            raise limit_exceeded("limits.max_steps", steps, limits.max_steps, "num_inference_steps")
         for field in ("prompt", "negative_prompt"):
             text = getattr(req, field) or ""
             if len(text) > limits.max_prompt_chars:
                 raise limit_exceeded(
-                    "max_prompt_chars", f"<{len(text)} characters>", limits.max_prompt_chars, field
+                    "limits.max_prompt_chars", f"<{len(text)} characters>", limits.max_prompt_chars, field
                 )
         verdict = self.policy.check(req.prompt)
         if verdict is not None:

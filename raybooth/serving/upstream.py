@@ -13,7 +13,7 @@ from typing import Any
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentResponse, DeploymentResponseGenerator
 
-from raybooth.serving.protocol import APIError
+from raybooth.openai.errors import APIError
 
 
 def overloaded(what: str) -> APIError:

@@ -11,9 +11,7 @@ import io
 import pytest
 from PIL import Image
 
-from raybooth.models.chat import ChatLimits, ChatRequestError, generation_request_from_chat
 from raybooth.models.images import ImageError, ImageLimits, decode_image, load_image
-from raybooth.models.openai_schema import ChatCompletionRequest
 from raybooth.samples import draw_sample_image, png_bytes
 
 LIMITS = ImageLimits(max_pixels=1_000_000, max_bytes=1_000_000)
@@ -88,55 +86,3 @@ def test_sources_path_data_url_and_errors(tmp_path):
         load_image("data:image/png;base64,@@@", LIMITS)
     with pytest.raises(ImageError, match="http"):
         load_image("https://example.com/cat.png", LIMITS)
-
-
-def test_chat_request_becomes_engine_request_with_decoded_images(tmp_path):
-    path = tmp_path / "b.png"
-    draw_sample_image(2).save(path)
-    body = {
-        "messages": [
-            {"role": "developer", "content": "Be brief."},
-            {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": "Compare"},
-                    {"type": "image_url", "image_url": {"url": str(path)}},
-                    {"type": "image_url", "image_url": {"url": data_url(path.read_bytes())}},
-                ],
-            },
-        ],
-        "max_completion_tokens": 7,
-        "temperature": 0.5,
-        "stop": "\n",
-        "seed": 4,
-        "response_format": {
-            "type": "json_schema",
-            "json_schema": {"name": "x", "schema": {"type": "object"}},
-        },
-    }
-    request = generation_request_from_chat(ChatCompletionRequest.model_validate(body), ChatLimits())
-    assert request.messages[0] == {"role": "system", "content": "Be brief."}
-    images = [p["image"] for p in request.messages[1]["content"] if p["type"] == "image"]
-    assert len(images) == 2 and all(i.mode == "RGB" for i in images)
-    p = request.params
-    assert (p.max_tokens, p.temperature, p.stop, p.seed, p.json_schema) == (
-        7,
-        0.5,
-        ["\n"],
-        4,
-        {"type": "object"},
-    )
-
-
-def test_chat_request_errors_name_the_part_and_the_cap(tmp_path):
-    missing = {
-        "role": "user",
-        "content": [{"type": "image_url", "image_url": {"url": str(tmp_path / "x.png")}}],
-    }
-    with pytest.raises(ChatRequestError, match="missing image") as info:
-        generation_request_from_chat(ChatCompletionRequest(messages=[missing]), ChatLimits())
-    assert info.value.param == "messages[0].content[0].image_url"
-    too_many = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=5000)
-    with pytest.raises(ChatRequestError, match="cap of 1024") as info:
-        generation_request_from_chat(too_many, ChatLimits())
-    assert info.value.param == "max_tokens"

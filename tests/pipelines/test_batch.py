@@ -15,7 +15,7 @@ import pytest
 from raybooth.cli import main
 from raybooth.cluster import storage
 from raybooth.cluster.config import BatchConfig
-from raybooth.models.openai_schema import BatchOutputLine, ChatCompletionResponse
+from raybooth.openai.protocol import BatchOutputLine, ChatCompletionResponse
 from raybooth.pipelines.batch import parts_uri_for, run_batch
 from raybooth.samples import draw_sample_image, png_bytes
 

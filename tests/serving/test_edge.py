@@ -10,8 +10,8 @@ import pytest
 from raybooth.cluster.config import SafetySection, ServeConfig
 from raybooth.errors import ConfigError
 from raybooth.models.safety import SafetyPolicy
+from raybooth.openai.errors import APIError
 from raybooth.serving.auth import KeyChecker, check_bind_allowed, digest, is_loopback, load_api_keys
-from raybooth.serving.protocol import APIError
 
 POLICY = {
     "threshold": 1.0,
@@ -139,27 +139,6 @@ def test_parse_size_names_the_limit():
         with pytest.raises(APIError, match=fragment) as info:
             parse_size(size, 1024)
         assert info.value.status == 400 and info.value.param == "size"
-
-
-def test_error_body_is_the_openai_shape():
-    err = APIError(400, "n=9 exceeds", param="n", code="limit_exceeded")
-    assert err.body() == {
-        "error": {
-            "message": "n=9 exceeds",
-            "type": "invalid_request_error",
-            "param": "n",
-            "code": "limit_exceeded",
-        }
-    }
-    assert APIError(503, "busy").body()["error"]["type"] == "server_error"
-
-
-def test_validation_errors_name_the_field_like_openai():
-    from raybooth.serving.ingress import loc_to_param
-
-    assert (
-        loc_to_param(("body", "messages", 0, "content", 1, "image_url")) == "messages[0].content[1].image_url"
-    )
 
 
 def test_serve_config_cross_checks():

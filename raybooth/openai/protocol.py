@@ -1,13 +1,15 @@
-"""OpenAI chat-completions and Batch API shapes, shared by `raybooth batch` and the HTTP chat route.
+"""Every OpenAI request/response shape raybooth speaks: chat completions (and their stream chunks), the
+Batch API's lines, image generations and the model list.
 
-    from raybooth.models.openai_schema import ChatCompletionRequest, BatchRequestLine
+    from raybooth.openai.protocol import ChatCompletionRequest, BatchRequestLine
     req = ChatCompletionRequest.model_validate_json(body)      # an HTTP body or a batch line's `body`
 
 Names and fields follow OpenAI's API reference so the official `openai` client and OpenAI batch files
-work unchanged. Pydantic only (no Ray, no torch): the batch pipeline and the serving app import the
-same models, and `raybooth.models.chat` turns a request into engine input and a result back.
-Unknown fields of a chat request are refused (as OpenAI does), and so are OpenAI parameters raybooth
-does not implement (`store`, tool_choice `auto`) at anything but their no-op values, with a message naming them.
+work unchanged. Pydantic only (no Ray, no torch): the batch job and the serving app import the same
+models, `raybooth.openai.chat` turns a request into engine input and a result back, and the error body
+lives with its status mapping in `raybooth.openai.errors`. Unknown fields of a chat request are refused
+(as OpenAI does), and so are OpenAI parameters raybooth does not implement (`store`, tool_choice `auto`)
+at anything but their no-op values, with a message naming them.
 """
 
 from __future__ import annotations
@@ -271,12 +273,14 @@ class ChatCompletionRequest(_Lenient):
 # Response
 # --------------------------------------------------------------------------------------------------
 
-FinishReason = Literal["stop", "length", "tool_calls"]
+# content_filter: the safety policy ended the answer (the HTTP route; a batch line never gets it).
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 
 
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    refusal: str | None = None  # why the safety policy ended the answer (finish_reason content_filter)
     tool_calls: list[ToolCall] | None = None
 
 
@@ -286,15 +290,18 @@ class TopLogprob(_Response):
     bytes: list[int] | None = None
 
 
-class TokenLogprob(TopLogprob):
+class ChatCompletionTokenLogprob(TopLogprob):
+    """One generated token's entry in `choices[].logprobs.content` (the OpenAI SDK's name; the engine's
+    own per-token record is `raybooth.models.vlm_engine.TokenLogprob`)."""
+
     top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
 
 class ChoiceLogprobs(_Response):
     """`choices[].logprobs`: one entry per generated token (OpenAI's shape; `refusal` is never filled)."""
 
-    content: list[TokenLogprob] | None = None
-    refusal: list[TokenLogprob] | None = None
+    content: list[ChatCompletionTokenLogprob] | None = None
+    refusal: list[ChatCompletionTokenLogprob] | None = None
 
 
 class Choice(_Response):
@@ -341,6 +348,7 @@ class DeltaToolCall(_Response):
 class DeltaMessage(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    refusal: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 
 
@@ -360,19 +368,6 @@ class ChatCompletionChunk(_Response):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
-
-
-class ErrorDetail(_Response):
-    message: str
-    type: str = "invalid_request_error"
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(_Response):
-    """OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`."""
-
-    error: ErrorDetail
 
 
 # --------------------------------------------------------------------------------------------------
@@ -405,3 +400,79 @@ class BatchOutputLine(_Response):
     custom_id: str | None
     response: BatchResponse | None = None
     error: BatchError | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------------
+
+
+class ImageGenerationRequest(BaseModel):
+    """POST /v1/images/generations; the last four fields come through the SDK's `extra_body`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(..., min_length=1, description="What to draw.")
+    model: str = Field(
+        ..., min_length=1, description="Registered model (name, name/3, name@alias) or a served path."
+    )
+    n: int = Field(1, ge=1, description="Images to return.")
+    size: str | None = Field(None, description="WIDTHxHEIGHT, e.g. 512x512 (default: the server's).")
+    response_format: Literal["b64_json", "url"] | None = Field(
+        None, description="b64_json (default) or url, which is a data: URL here (nothing is stored)."
+    )
+    output_format: Literal["png"] | None = Field(None, description="Only png.")
+    quality: str | None = Field(
+        None, description="Only 'auto'/'standard': num_inference_steps sets the quality here."
+    )
+    style: str | None = Field(None, description="Not offered: describe the style in the prompt.")
+    user: str | None = Field(None, description="End-user id, echoed into logs only.")
+    negative_prompt: str | None = Field(None, description="What not to draw (the unconditional branch).")
+    num_inference_steps: int | None = Field(None, ge=1, description="Denoising steps.")
+    guidance_scale: float | None = Field(None, ge=0, le=50, description="Classifier-free guidance scale.")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="Image i uses seed+i: same seed, same bytes.")
+
+    @field_validator("quality")
+    @classmethod
+    def _one_quality_tier(cls, value: str | None) -> str | None:
+        if value not in (None, "auto", "standard"):  # refused, never silently ignored
+            raise ValueError(
+                f"quality {value!r} is not offered (only 'auto'/'standard'); raise num_inference_steps for "
+                "finer images"
+            )
+        return value
+
+    @field_validator("style")
+    @classmethod
+    def _no_style_presets(cls, value: str | None) -> str | None:
+        if value is not None:
+            raise ValueError(f"style {value!r} is not offered; describe the style in the prompt instead")
+        return value
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+
+
+class ImageGenerationResponse(BaseModel):
+    created: int = Field(default_factory=lambda: int(time.time()))
+    data: list[ImageData]
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "raybooth"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,13 +1,14 @@
-"""OpenAI chat request → engine request, engine result → OpenAI response (batch job and chat route).
+"""OpenAI chat request -> engine request, engine result -> OpenAI response, for the batch job and the chat route.
 
-    from raybooth.models.chat import ChatLimits, generation_request_from_chat, chat_completion_response
+    from raybooth.openai.chat import ChatLimits, generation_request_from_chat, chat_completion_response
     gen_req = generation_request_from_chat(ChatCompletionRequest.model_validate(body), ChatLimits())
     [result] = engine.generate([gen_req])
     response = chat_completion_response(result, model="tiny-vlm")
 
-Images in `image_url` parts are fetched and decoded here (data: URLs, paths, s3://), with the byte and
-pixel limits of `images.py`; any problem is a `ChatRequestError` whose `param` says which part, the way
-OpenAI's error bodies do.
+Every check that needs no HTTP happens here, once for both callers: `max_tokens_for` decides a
+request's token budget (default and cap), and images in `image_url` parts are fetched and decoded
+(data: URLs, paths, s3://) with the byte and pixel limits of `models/images.py`. Any problem is an
+`APIError` (400) whose `param` says which field or part, the way OpenAI's error bodies do.
 
 Tool calls: a forced `tool_choice` (a named function, or "required") becomes a JSON schema the decoding
 is constrained to (`ToolCallFormat`), and the output text becomes `tool_calls` again on the way out, so
@@ -20,12 +21,16 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from raybooth.cluster.config import BatchConfig, ServeConfig
 from raybooth.models.decoding import SamplingParams
 from raybooth.models.images import ImageError, ImageLimits, load_image
-from raybooth.models.openai_schema import (
+from raybooth.models.vlm_engine import GenerationRequest, GenerationResult, TokenLogprob
+from raybooth.openai.errors import bad_request, limit_exceeded
+from raybooth.openai.protocol import (
     AssistantMessage,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatCompletionTokenLogprob,
     ChatMessage,
     Choice,
     ChoiceLogprobs,
@@ -36,16 +41,6 @@ from raybooth.models.openai_schema import (
     TopLogprob,
     Usage,
 )
-from raybooth.models.openai_schema import TokenLogprob as OpenAITokenLogprob
-from raybooth.models.vlm_engine import GenerationRequest, GenerationResult, TokenLogprob
-
-
-class ChatRequestError(ValueError):
-    """A request that cannot run; `param` names the offending field (OpenAI error `param`)."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass(frozen=True)
@@ -53,6 +48,36 @@ class ChatLimits:
     default_max_tokens: int = 64  # when the request gives neither max_tokens nor max_completion_tokens
     max_tokens_cap: int = 1024  # a request asking for more is refused, not silently truncated
     images: ImageLimits = ImageLimits()
+    cap_setting: str = "max_tokens_cap"  # the config key that sets the cap: the refusal names it as the fix
+
+    @classmethod
+    def for_serving(cls, cfg: ServeConfig) -> ChatLimits:
+        """The chat route's limits (`chat.default_max_tokens`, `limits.*` of the serve YAML)."""
+        return cls(
+            default_max_tokens=cfg.chat.default_max_tokens,
+            max_tokens_cap=cfg.limits.max_tokens,
+            images=ImageLimits(max_pixels=cfg.limits.max_image_pixels, max_bytes=cfg.limits.max_image_bytes),
+            cap_setting="limits.max_tokens",
+        )
+
+    @classmethod
+    def for_batch(cls, cfg: BatchConfig) -> ChatLimits:
+        """The batch job's limits (`max_new_tokens`, `max_tokens_cap`, image limits of the batch YAML)."""
+        return cls(
+            default_max_tokens=cfg.max_new_tokens,
+            max_tokens_cap=cfg.max_tokens_cap,
+            images=ImageLimits(max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_image_bytes),
+            cap_setting="max_tokens_cap",
+        )
+
+
+def max_tokens_for(request: ChatCompletionRequest, limits: ChatLimits) -> int:
+    """The one place that decides how many tokens a request may generate: what it asks for (or the
+    default), refused with a 400 naming the cap's setting when it asks for more than the cap."""
+    max_tokens = request.requested_max_tokens() or limits.default_max_tokens
+    if max_tokens > limits.max_tokens_cap:
+        raise limit_exceeded(limits.cap_setting, max_tokens, limits.max_tokens_cap, "max_tokens")
+    return max_tokens
 
 
 @dataclass(frozen=True)
@@ -122,12 +147,7 @@ def _calls_schema(tools: list[ToolDefinition], parallel: bool) -> dict[str, Any]
 def sampling_params_from_chat(
     request: ChatCompletionRequest, limits: ChatLimits, default_seed: int | None = None
 ) -> SamplingParams:
-    max_tokens = request.requested_max_tokens() or limits.default_max_tokens
-    if max_tokens > limits.max_tokens_cap:
-        raise ChatRequestError(
-            f"max_tokens {max_tokens} exceeds this deployment's cap of {limits.max_tokens_cap}",
-            param="max_tokens",
-        )
+    max_tokens = max_tokens_for(request, limits)
     fmt = request.response_format
     schema = fmt.json_schema.json_schema if fmt is not None and fmt.json_schema is not None else None
     tool_format = ToolCallFormat.of(request)
@@ -165,7 +185,7 @@ def engine_messages_from_chat(request: ChatCompletionRequest, limits: ImageLimit
                         part.image_url.url, limits, name=_image_label(part.image_url.url, m, p)
                     )
                 except ImageError as e:
-                    raise ChatRequestError(str(e), param=param) from e
+                    raise bad_request(str(e), param=param) from e
                 parts.append({"type": "image", "image": image})
             else:
                 parts.append({"type": "text", "text": part.text})
@@ -206,12 +226,11 @@ def _image_label(url: str, message: int, part: int) -> str:
 def generation_request_from_chat(
     request: ChatCompletionRequest, limits: ChatLimits, default_seed: int | None = None
 ) -> GenerationRequest:
+    """The engine request of a chat request; an `APIError` (400) when it cannot run as asked."""
     try:
         params = sampling_params_from_chat(request, limits, default_seed)
-    except ValueError as e:
-        if isinstance(e, ChatRequestError):
-            raise
-        raise ChatRequestError(str(e)) from e
+    except ValueError as e:  # SamplingParams' own checks
+        raise bad_request(str(e)) from e
     tools = [tool.model_dump(exclude_none=True) for tool in request.tools] if request.tools else None
     return GenerationRequest(
         messages=engine_messages_from_chat(request, limits.images), params=params, tools=tools
@@ -261,7 +280,7 @@ def choice_logprobs(entries: list[TokenLogprob]) -> ChoiceLogprobs:
     """The engine's per-token logprobs as OpenAI's `choices[].logprobs` (`{"content": [...]}`)."""
     return ChoiceLogprobs(
         content=[
-            OpenAITokenLogprob(
+            ChatCompletionTokenLogprob(
                 token=e.token,
                 logprob=e.logprob,
                 bytes=e.bytes,

@@ -1,7 +1,7 @@
 """Tool calls on tiny-vlm: a forced tool_choice constrains decoding to valid calls; tool turns reach the
 chat template; requests that cannot be honoured are refused with the field named.
 
-.venv/bin/python -m pytest tests/models/test_chat_tools.py
+.venv/bin/python -m pytest tests/openai/test_chat_tools.py
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ import jsonschema
 import pytest
 from pydantic import ValidationError
 
-from raybooth.models.chat import (
+from raybooth.models.vlm_engine import VLMEngine
+from raybooth.openai.chat import (
     ChatLimits,
     ToolCallFormat,
     chat_completion_response,
     generation_request_from_chat,
 )
-from raybooth.models.openai_schema import ChatCompletionRequest
-from raybooth.models.vlm_engine import VLMEngine
+from raybooth.openai.protocol import ChatCompletionRequest
 
 WEATHER = {
     "type": "object",
