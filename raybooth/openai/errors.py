@@ -14,15 +14,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 # OpenAI's `type` is coarse (its SDK picks the exception class from the status); `code` says what exactly.
 _ERROR_TYPES = {429: "rate_limit_error"}
 
 
 class ErrorDetail(BaseModel):
-    model_config = ConfigDict(populate_by_name=True)
-
     message: str
     type: str = "invalid_request_error"
     param: str | None = None
@@ -57,10 +55,6 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         info = ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
         return ErrorResponse(error=info).model_dump(mode="json")
-
-    def with_message(self, message: str) -> APIError:
-        """The same error with another message (the batch job prefixes the line number)."""
-        return APIError(self.status, message, param=self.param, code=self.code)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
