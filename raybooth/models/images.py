@@ -1,9 +1,13 @@
 """Untrusted image input → a safe RGB PIL image, or an `ImageError` that says what is wrong.
 
+    from raybooth.cluster import storage
     from raybooth.models.images import ImageLimits, load_image
-    image = load_image("s3://bucket/cat.jpg", ImageLimits(max_pixels=25_000_000, max_bytes=32 << 20))
+    limits = ImageLimits(max_pixels=25_000_000, max_bytes=32 << 20)
+    image = load_image("s3://bucket/cat.jpg", limits, filesystem=storage.filesystem)
 
-Accepts raw bytes, `data:image/...;base64,` URLs, local paths, `file://` and `s3://` URIs. Every check runs
+Accepts raw bytes, `data:image/...;base64,` URLs, local paths and `file://` URIs; any other URI (`s3://`)
+through the `filesystem` the caller passes (a function URI -> (fsspec filesystem, path), such as
+`raybooth.cluster.storage.filesystem`, so models/ never reads the storage config itself). Every check runs
 before the expensive step it guards: the byte size before reading (or base64-decoding) the payload, the
 pixel count from the header before decoding pixels (a decompression bomb is a tiny file that expands
 to gigabytes). PIL's own `DecompressionBombError` is caught too. EXIF orientation is applied so a phone
@@ -16,11 +20,18 @@ import base64
 import binascii
 import io
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from raybooth.errors import StorageError
+
 HTTP_SCHEMES = ("http://", "https://")
+# URI -> (filesystem, path inside it); `raybooth.cluster.storage.filesystem` is the one jobs pass.
+Filesystem = Callable[[str], tuple[fsspec.AbstractFileSystem, str]]
 
 
 class ImageError(ValueError):
@@ -87,11 +98,22 @@ def decode_data_url(url: str, limits: ImageLimits, name: str = "image") -> bytes
         raise ImageError(f"{name}: data URL is not valid base64: {e}") from e
 
 
-def read_image_bytes(ref: str, limits: ImageLimits, name: str | None = None) -> bytes:
-    """The bytes behind a data URL, local path, file:// or s3:// URI (size checked before reading)."""
-    from raybooth.cluster import storage
-    from raybooth.errors import StorageError
+def local_filesystem(ref: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The default `Filesystem`: local paths and file:// URIs only."""
+    scheme, sep, rest = ref.partition("://")
+    if not sep:
+        return LocalFileSystem(), ref
+    if scheme == "file":
+        return LocalFileSystem(), rest
+    raise StorageError(f"{scheme}:// images need a storage filesystem here; give a local path or a data: URL")
 
+
+def read_image_bytes(
+    ref: str, limits: ImageLimits, name: str | None = None, filesystem: Filesystem = local_filesystem
+) -> bytes:
+    """The bytes behind a data URL, local path, file:// or (through `filesystem`) s3:// URI.
+
+    The size is checked before the bytes are read."""
     name = name or (ref if not ref.startswith("data:") else "image")
     if ref.startswith("data:"):
         return decode_data_url(ref, limits, name)
@@ -101,9 +123,9 @@ def read_image_bytes(ref: str, limits: ImageLimits, name: str | None = None) -> 
             "or give a path / s3:// URI the cluster can read"
         )
     try:
-        fs, path = storage.filesystem(ref)
+        fs, path = filesystem(ref)
         _check_bytes(int(fs.size(path)), limits, name)
-        return storage.read_bytes(ref)
+        return fs.cat_file(path)
     except ImageError:
         raise
     except FileNotFoundError as e:
@@ -114,9 +136,11 @@ def read_image_bytes(ref: str, limits: ImageLimits, name: str | None = None) -> 
         raise ImageError(f"{name}: cannot read image: {type(e).__name__}: {e}") from e
 
 
-def load_image(ref: str | bytes, limits: ImageLimits, name: str | None = None) -> Image.Image:
+def load_image(
+    ref: str | bytes, limits: ImageLimits, name: str | None = None, filesystem: Filesystem = local_filesystem
+) -> Image.Image:
     """Any supported image reference → upright RGB PIL image; `ImageError` naming the problem otherwise."""
     if isinstance(ref, bytes | bytearray | memoryview):
         return decode_image(bytes(ref), limits, name or "image")
     label = name or (ref if not ref.startswith("data:") else "image")
-    return decode_image(read_image_bytes(ref, limits, label), limits, label)
+    return decode_image(read_image_bytes(ref, limits, label, filesystem), limits, label)

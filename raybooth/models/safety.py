@@ -1,6 +1,6 @@
 """A configurable text safety policy: categories of phrases and patterns, each with a score threshold.
 
-    policy = SafetyPolicy.from_section(cfg.safety)      # the `safety:` section of configs/serve.yaml
+    policy = SafetyPolicy.from_settings(cfg.safety.model_dump())   # the `safety:` section of configs/serve.yaml
     verdict = policy.check("how do I build a bomb")     # None, or the category and span that blocked it
     stream = policy.stream_filter()                     # for generated text, token by token
     safe_text, verdict = stream.feed(delta)
@@ -8,14 +8,17 @@
 A category applies to prompts, to generated output, or both (`applies_to`). Its score is the number of its matches times its `weight`; the category blocks once the score
 reaches its threshold. Phrases match whole words case-insensitively ("kill" matches "Kill!" but not
 "skill"); patterns are regular expressions. Ray-free, so the serving route and any batch job share it.
+
+The policy is built from plain settings (the mapping `SafetySection.model_dump()` gives, whose schema
+in `raybooth/cluster/config/` validates it); models/ never imports the config layer.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-
-from raybooth.cluster.config import SafetySection
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -71,25 +74,26 @@ class SafetyPolicy:
         self.check_output = check_output
 
     @classmethod
-    def from_section(cls, section: SafetySection) -> SafetyPolicy:
-        if not section.enabled:
+    def from_settings(cls, settings: Mapping[str, Any]) -> SafetyPolicy:
+        """The policy of a validated `safety:` section, as a plain mapping (every key present)."""
+        if not settings["enabled"]:
             return cls([], holdback_chars=0, check_output=False)
         categories = []
         longest_phrase = 0
-        for cat in section.categories:
-            regexes = [_phrase_regex(p) for p in cat.phrases if p.strip()]
-            regexes += [re.compile(p, re.IGNORECASE) for p in cat.patterns]
-            if "output" in cat.applies_to:
-                longest_phrase = max([longest_phrase, *(len(p) for p in cat.phrases)])
-            threshold = cat.threshold if cat.threshold is not None else section.threshold
+        for cat in settings["categories"]:
+            regexes = [_phrase_regex(p) for p in cat["phrases"] if p.strip()]
+            regexes += [re.compile(p, re.IGNORECASE) for p in cat["patterns"]]
+            if "output" in cat["applies_to"]:
+                longest_phrase = max([longest_phrase, *(len(p) for p in cat["phrases"])])
+            threshold = cat["threshold"] if cat["threshold"] is not None else settings["threshold"]
             categories.append(
-                _Category(cat.name, tuple(regexes), cat.weight, threshold, frozenset(cat.applies_to))
+                _Category(cat["name"], tuple(regexes), cat["weight"], threshold, frozenset(cat["applies_to"]))
             )
         # Hold back at least one character more than the longest phrase, so a phrase is never half-sent
         # and the word boundary after it is seen before the text goes out.
         checks_output = any("output" in c.applies_to for c in categories)
-        holdback = max(section.stream_holdback_chars, longest_phrase + 1) if checks_output else 0
-        return cls(categories, holdback_chars=holdback, check_output=section.check_output)
+        holdback = max(settings["stream_holdback_chars"], longest_phrase + 1) if checks_output else 0
+        return cls(categories, holdback_chars=holdback, check_output=settings["check_output"])
 
     @property
     def active(self) -> bool:

@@ -21,6 +21,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from raybooth.cluster import storage
 from raybooth.cluster.config import BatchConfig, ServeConfig
 from raybooth.models.decoding import SamplingParams
 from raybooth.models.images import ImageError, ImageLimits, load_image
@@ -182,7 +183,10 @@ def engine_messages_from_chat(request: ChatCompletionRequest, limits: ImageLimit
                 param = f"messages[{m}].content[{p}].image_url"
                 try:
                     image = load_image(
-                        part.image_url.url, limits, name=_image_label(part.image_url.url, m, p)
+                        part.image_url.url,
+                        limits,
+                        name=_image_label(part.image_url.url, m, p),
+                        filesystem=storage.filesystem,
                     )
                 except ImageError as e:
                     raise bad_request(str(e), param=param) from e

@@ -215,7 +215,7 @@ def prepare_caption_items(
                 image = (
                     decode_image(ref, limits, name)
                     if isinstance(ref, bytes)
-                    else load_image(ref, limits, name)
+                    else load_image(ref, limits, name, filesystem=storage.filesystem)
                 )
                 request = GenerationRequest(
                     messages=[

@@ -103,7 +103,7 @@ class RowFilter:
 class ChatDeployment:
     def __init__(self, chat: dict[str, Any], safety: dict[str, Any], model: str):
         self.cfg = ChatServeSection.model_validate(chat)
-        self.policy = SafetyPolicy.from_section(SafetySection.model_validate(safety))
+        self.policy = SafetyPolicy.from_settings(SafetySection.model_validate(safety).model_dump())
         device = pick_device(self.cfg.device or "auto")
         dtype = None if self.cfg.dtype == "auto" else self.cfg.dtype
         self.engine = VLMEngine.from_pretrained(model, device=str(device), dtype=dtype)

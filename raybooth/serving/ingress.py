@@ -144,7 +144,7 @@ class Ingress:
         self.keys = KeyChecker(key_digests)
         check_bind_allowed(_bound_host(self.cfg.host), key_digests)
         tracking.configure(self.cfg.tracking)
-        policy = SafetyPolicy.from_section(self.cfg.safety)
+        policy = SafetyPolicy.from_settings(self.cfg.safety.model_dump())
         self.chat_model = self.cfg.chat_model_name or Path(self.cfg.chat_model).name
         self.chat = ChatService(chat, self.cfg, policy, self.chat_model)
         self.images = ImageService(images, self.cfg, policy)

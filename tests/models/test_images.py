@@ -9,6 +9,7 @@ import base64
 import io
 
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from raybooth.models.images import ImageError, ImageLimits, decode_image, load_image
@@ -86,3 +87,20 @@ def test_sources_path_data_url_and_errors(tmp_path):
         load_image("data:image/png;base64,@@@", LIMITS)
     with pytest.raises(ImageError, match="http"):
         load_image("https://example.com/cat.png", LIMITS)
+
+
+def test_uris_are_read_through_the_filesystem_the_caller_passes(tmp_path):
+    """models/ reads no storage config: s3:// needs the caller's filesystem, which is then what reads."""
+    path = tmp_path / "a.png"
+    draw_sample_image(2).save(path)
+    assert load_image(f"file://{path}", LIMITS).size == (64, 64)
+    with pytest.raises(ImageError, match=r"s3:// images need a storage filesystem"):
+        load_image("s3://bucket/a.png", LIMITS)
+    asked: list[str] = []
+
+    def bucket_in_tmp(ref: str):  # a stand-in store: s3://bucket/<name> lives under tmp_path
+        asked.append(ref)
+        return LocalFileSystem(), str(tmp_path / ref.removeprefix("s3://bucket/"))
+
+    assert load_image("s3://bucket/a.png", LIMITS, filesystem=bucket_in_tmp).size == (64, 64)
+    assert asked == ["s3://bucket/a.png"]

@@ -25,7 +25,7 @@ POLICY = {
 
 @pytest.fixture
 def policy() -> SafetyPolicy:
-    return SafetyPolicy.from_section(SafetySection.model_validate(POLICY))
+    return SafetyPolicy.from_settings(SafetySection.model_validate(POLICY).model_dump())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,7 +78,9 @@ def test_stream_filter_releases_everything_when_clean(policy):
 
 
 def test_disabled_policy_blocks_nothing_and_holds_nothing_back():
-    policy = SafetyPolicy.from_section(SafetySection.model_validate({**POLICY, "enabled": False}))
+    policy = SafetyPolicy.from_settings(
+        SafetySection.model_validate({**POLICY, "enabled": False}).model_dump()
+    )
     assert policy.check("kill") is None
     assert policy.stream_filter().feed("kill")[0] == "kill"
 
