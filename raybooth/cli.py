@@ -20,7 +20,12 @@ import traceback
 from collections.abc import Callable
 
 from raybooth import __version__
-from raybooth.cluster.job_commands import JOB_SUBCOMMANDS, TRAIN_EPILOG, add_job_arguments
+from raybooth.cluster.job_commands import (
+    JOB_SUBCOMMANDS,
+    TRAIN_EPILOG,
+    add_job_arguments,
+    take_late_overrides,
+)
 from raybooth.errors import UserError
 
 Subcommand = Callable[[argparse._SubParsersAction], None]
@@ -444,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if getattr(args, "accepts_job_args", False):
         args.job_args = unknown
-    elif unknown:
+    elif args.command in JOB_SUBCOMMANDS:
+        unknown = take_late_overrides(args, unknown)
+    if unknown and not getattr(args, "accepts_job_args", False):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help()

@@ -151,7 +151,21 @@ def parse_job_args(name: str, argv: list[str]) -> argparse.Namespace:
     """A job's argv parsed exactly as the CLI parses it; a mistake is a UserError, never an exit."""
     p = _RaisingParser(prog=f"raybooth {name}", add_help=False)
     add_job_arguments(p, name)
-    return p.parse_args(argv)
+    args, unknown = p.parse_known_args(argv)
+    rest = take_late_overrides(args, unknown)
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
+def take_late_overrides(args: argparse.Namespace, unknown: list[str]) -> list[str]:
+    """Move `key=value` tokens argparse left over into `args.overrides`; return what is still unknown.
+
+    argparse fills a `nargs="*"` positional once, so in `--config a steps=2 --input x seed=3` the `seed=3`
+    after a flag comes back unknown; it is an override all the same."""
+    late = [a for a in unknown if "=" in a and not a.startswith("-")]
+    args.overrides = [*(args.overrides or []), *late]
+    return [a for a in unknown if a not in late]
 
 
 def given_flags(name: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -75,8 +75,8 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any], where: str = "") -> 
             and (current is None or isinstance(current, list))
         ):
             out[key] = _merge_into_list(list(current or []), value, here)
-        elif isinstance(value, dict) and isinstance(current, dict):
-            out[key] = deep_merge(current, value, f"{here}.")
+        elif isinstance(value, dict) and (current is None or isinstance(current, dict)):
+            out[key] = deep_merge(current or {}, value, f"{here}.")  # index trees deeper down become lists
         else:
             out[key] = value
     return out
