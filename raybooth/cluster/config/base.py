@@ -6,7 +6,7 @@
 A field whose value names a file, folder or server is marked once, where it is declared:
 `Field(..., json_schema_extra=path_mark("data"))`. Kinds: `data` (read or written by the job: local folder
 or s3://), `model` (a preset name, hub id, registry URI or local folder), `tracking` (an MLflow URI),
-`config` (a YAML shipped with the job's working dir). `cluster/jobs.py` and the CLI read the marks instead of
+`config` (a YAML shipped with the job's working dir). `cluster/job_paths.py` and the CLI read the marks instead of
 keeping their own lists of path keys.
 """
 
