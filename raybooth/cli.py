@@ -20,6 +20,12 @@ import traceback
 from collections.abc import Callable
 
 from raybooth import __version__
+from raybooth.cluster.job_commands import (
+    JOB_SUBCOMMANDS,
+    TRAIN_EPILOG,
+    add_job_arguments,
+    take_late_overrides,
+)
 from raybooth.errors import UserError
 
 Subcommand = Callable[[argparse._SubParsersAction], None]
@@ -58,7 +64,7 @@ def add_doctor(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--build", action="store_true", help="also build the tiny model presets that are missing")
 
     def run(args: argparse.Namespace) -> int:
-        from raybooth.cluster.doctor import run_doctor
+        from raybooth.doctor import run_doctor
 
         return run_doctor(args.config, args.overrides, build=args.build, verbose=args.verbose)
 
@@ -95,19 +101,30 @@ def add_build_models(sub: argparse._SubParsersAction) -> None:
 def add_config(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "config",
-        help="validate job YAMLs and print the resolved values",
-        description="Load each YAML with its job schema (its `kind:` or file name) and print the result.",
+        help="validate job YAMLs (with key=value overrides applied) and print the resolved values",
+        description="Load each YAML with its job schema (its `kind:` or file name), apply the key=value "
+        "overrides to each (a key a file's schema does not have is an error naming that file), and print "
+        "the result: what a job given the same file and overrides would run with.",
+        epilog="example: raybooth config configs/dreambooth.yaml steps=2 concepts.0.class_name=cat",
     )
-    p.add_argument("files", nargs="+", help="YAML files, e.g. configs/*.yaml")
+    p.add_argument(
+        "files", nargs="+", metavar="FILE|key=value", help="YAML files (e.g. configs/*.yaml), then overrides"
+    )
 
     def run(args: argparse.Namespace) -> int:
         import yaml
 
         from raybooth.cluster.config import load_any_config
 
-        for path in args.files:
-            cfg = load_any_config(path)
-            print(f"# {path}: {type(cfg).__name__}")
+        # An argument with `=` that is not an existing file is an override (a file name may hold `=`).
+        overrides = [a for a in args.files if "=" in a and not os.path.isfile(a)]
+        files = [a for a in args.files if a not in overrides]
+        if not files:
+            raise UserError("no YAML file given; pass one before the overrides, e.g. configs/dreambooth.yaml")
+        for path in files:
+            cfg = load_any_config(path, overrides)
+            applied = f" + {' '.join(overrides)}" if overrides else ""
+            print(f"# {path}{applied}: {type(cfg).__name__}")
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         return 0
 
@@ -146,23 +163,13 @@ def add_caption(sub: argparse._SubParsersAction) -> None:
         "write parquet rows (row_id, path, caption, model, error, timings) under --output. A rerun with the "
         "same --output skips rows already written.",
     )
-    p.add_argument("--input", help="folder, glob, parquet file/folder or s3:// prefix of images")
-    p.add_argument("--output", help="folder or s3:// prefix for the parquet parts")
-    p.add_argument("--model", help="tiny-vlm (default), a local model folder or a hub id")
-    p.add_argument("--prompt", help='instruction sent with every image (default "Describe the image.")')
-    p.add_argument("--batch-size", type=int, help="rows per model batch at most")
-    p.add_argument("--replicas", metavar="MIN:MAX", help="model replicas the actor pool scales between")
-    p.add_argument("--max-new-tokens", type=int, help="caption length cap in tokens")
-    add_job_config_args(p)
+    add_job_arguments(p, "caption")
 
     def run(args: argparse.Namespace) -> int:
-        from raybooth.cluster.config import CaptionConfig
+        from raybooth.cluster.job_commands import load_job_config
         from raybooth.pipelines.caption import run_caption
-        from raybooth.pipelines.inference import load_inference_config
 
-        names = ("input", "output", "model", "prompt", "batch_size", "replicas", "max_new_tokens")
-        flags = {name: getattr(args, name) for name in names}
-        cfg = load_inference_config(CaptionConfig, args.config, args.overrides, flags)
+        cfg = load_job_config("caption", args)
         print(run_caption(cfg, verbose=args.verbose).text())
         return 0
 
@@ -178,18 +185,13 @@ def add_batch(sub: argparse._SubParsersAction) -> None:
         "json_schema, ...) and write one OpenAI batch output line per request, in input order. A rerun with "
         "the same --output skips lines already done.",
     )
-    p.add_argument("--input", help="requests JSONL, local or s3://")
-    p.add_argument("--output", help="results JSONL, local or s3://")
-    p.add_argument("--model", help="tiny-vlm (default), a local model folder or a hub id")
-    add_job_config_args(p)
+    add_job_arguments(p, "batch")
 
     def run(args: argparse.Namespace) -> int:
-        from raybooth.cluster.config import BatchConfig
+        from raybooth.cluster.job_commands import load_job_config
         from raybooth.pipelines.batch import run_batch
-        from raybooth.pipelines.inference import load_inference_config
 
-        flags = {k: getattr(args, k) for k in ("input", "output", "model")}
-        cfg = load_inference_config(BatchConfig, args.config, args.overrides, flags)
+        cfg = load_job_config("batch", args)
         print(run_batch(cfg, verbose=args.verbose).text())
         return 0
 
@@ -209,13 +211,16 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         description="Fine-tune Stable Diffusion on a few photos of each concept with prior preservation, "
         "checkpointing to storage and MLflow, then register the final model. Continue a stopped run with "
         "resume=<mlflow run id> or resume=<checkpoint URI> (and a larger steps=).",
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_job_config_args(p, default_config="configs/dreambooth.yaml")
+    add_job_arguments(p, "train")
 
     def run(args: argparse.Namespace) -> int:
+        from raybooth.cluster.job_commands import load_job_config
         from raybooth.pipelines.train import run_train
 
-        return run_train(args.config, args.overrides, verbose=args.verbose)
+        return run_train(load_job_config("train", args), verbose=args.verbose)
 
     p.set_defaults(func=run)
 
@@ -228,17 +233,12 @@ def add_fleet(sub: argparse._SubParsersAction) -> None:
         description="Train every subject of a fleet manifest as its own training (its own MLflow run and "
         "registered model), at most max_concurrent at a time; failures are reported, never contagious.",
     )
-    p.add_argument(
-        "--manifest", default="configs/fleet.yaml", help="fleet YAML (default: configs/fleet.yaml)"
-    )
-    p.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="override manifest keys, e.g. max_concurrent=4"
-    )
+    add_job_arguments(p, "fleet")
 
     def run(args: argparse.Namespace) -> int:
         from raybooth.pipelines.fleet import run_fleet
 
-        return run_fleet(args.manifest, args.overrides, verbose=args.verbose)
+        return run_fleet(args.config, args.overrides, verbose=args.verbose)
 
     p.set_defaults(func=run)
 
@@ -326,7 +326,7 @@ ADDRESS_HELP = "Ray dashboard / Jobs API address, e.g. http://head:8265 (default
 
 def print_followed_logs(address: str | None, job_id: str) -> int:
     """Stream a job's logs until it ends; exit 0 only if it SUCCEEDED."""
-    from raybooth.cluster.jobs import follow_logs, job_status
+    from raybooth.cluster.job_api import follow_logs, job_status
 
     for chunk in follow_logs(address, job_id):
         print(chunk, end="", flush=True)
@@ -344,9 +344,7 @@ def add_submit(sub: argparse._SubParsersAction) -> None:
         "checkout; prints the job id. Arguments submit does not know are passed to the job, e.g. "
         "`raybooth submit caption --address http://head:8265 --input s3://b/imgs --output s3://b/caps`.",
     )
-    p.add_argument(
-        "job", choices=["train", "fleet", "caption", "batch"], help="the raybooth subcommand to run"
-    )
+    p.add_argument("job", choices=JOB_SUBCOMMANDS, help="the raybooth subcommand to run")
     p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
     p.add_argument(
@@ -385,7 +383,7 @@ def add_logs(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--follow", action="store_true", help="keep streaming until the job ends")
 
     def run(args: argparse.Namespace) -> int:
-        from raybooth.cluster.jobs import job_logs
+        from raybooth.cluster.job_api import job_logs
 
         if args.follow:
             return print_followed_logs(args.address, args.job_id)
@@ -402,7 +400,7 @@ def add_status(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", default=None, help=ADDRESS_HELP)
 
     def run(args: argparse.Namespace) -> int:
-        from raybooth.cluster.jobs import describe_job
+        from raybooth.cluster.job_api import describe_job
 
         job = describe_job(args.address, args.job_id)
         print(f"{job.job_id}: {job.status}" + (f" ({job.message})" if job.message else ""))
@@ -418,7 +416,7 @@ def add_stop(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", default=None, help=ADDRESS_HELP)
 
     def run(args: argparse.Namespace) -> int:
-        from raybooth.cluster.jobs import stop_job
+        from raybooth.cluster.job_api import stop_job
 
         stopped = stop_job(args.address, args.job_id)
         print(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
@@ -451,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if getattr(args, "accepts_job_args", False):
         args.job_args = unknown
-    elif unknown:
+    elif args.command in JOB_SUBCOMMANDS:
+        unknown = take_late_overrides(args, unknown)
+    if unknown and not getattr(args, "accepts_job_args", False):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help()

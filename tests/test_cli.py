@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from raybooth.cli import build_parser
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
@@ -119,3 +122,34 @@ def test_doctor_reports_an_unreachable_s3_endpoint_as_broken(tmp_path):
     bad = [line for line in result.stdout.splitlines() if line.startswith("BAD")]
     assert len(bad) == 1 and "storage" in bad[0] and "s3://raybooth-bucket/prefix" in bad[0]
     assert "Traceback" not in result.stderr
+
+
+def test_config_applies_overrides_and_prints_the_resolved_values():
+    result = run_cli("config", f"{REPO}/configs/dreambooth.yaml", "steps=3", "concepts.0.class_name=cat")
+    assert result.returncode == 0, result.stderr
+    assert "configs/dreambooth.yaml + steps=3 concepts.0.class_name=cat: DreamBoothConfig" in result.stdout
+    assert "\nsteps: 3\n" in result.stdout and "class_name: cat" in result.stdout
+
+
+def test_config_applies_overrides_to_every_file_and_refuses_a_key_one_lacks():
+    result = run_cli("config", f"{REPO}/configs/caption.yaml", f"{REPO}/configs/batch.yaml", "batch_size=3")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("\nbatch_size: 3\n") == 2
+    result = run_cli("config", f"{REPO}/configs/caption.yaml", f"{REPO}/configs/dreambooth.yaml", "prompt=hi")
+    assert result.returncode == 2
+    assert "configs/dreambooth.yaml + command line: key prompt: unknown key" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+
+
+def test_config_without_a_file_says_so():
+    result = run_cli("config", "steps=3")
+    assert result.returncode == 2 and "no YAML file given" in result.stderr
+
+
+def test_doctor_lives_beside_the_cli_not_in_cluster():
+    import importlib.util
+
+    from raybooth.doctor import run_doctor
+
+    assert callable(run_doctor)
+    assert importlib.util.find_spec("raybooth.cluster.doctor") is None

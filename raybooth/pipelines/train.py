@@ -31,7 +31,7 @@ import mlflow
 from mlflow import MlflowClient
 
 from raybooth.cluster import storage, tracking
-from raybooth.cluster.config import DreamBoothConfig, load_config
+from raybooth.cluster.config import DreamBoothConfig
 from raybooth.errors import UserError
 from raybooth.models import checkpoint as ckpt
 from raybooth.models.dreambooth_data import IMAGE_SUFFIXES, INSTANCE_IMAGE_LIMITS
@@ -301,11 +301,11 @@ def launch_training(cfg: DreamBoothConfig, fault: dict | None = None) -> TrainRe
     )
 
 
-def run_train(config: str | None, overrides: list[str], verbose: bool = False) -> int:
-    """CLI entry: load the config, start or join Ray, train, print where everything went."""
+def run_train(cfg: DreamBoothConfig, verbose: bool = False) -> int:
+    """CLI entry (the config loaded from YAML, overrides and flags): start or join Ray, train, print where
+    everything went."""
     from raybooth.cluster.runtime import ray_session
 
-    cfg = load_config(DreamBoothConfig, config, overrides)
     with ray_session(cfg.cluster, verbose=verbose):
         result = launch_training(cfg)
     loss = f"{result.loss:.4f}" if result.loss is not None else "n/a"

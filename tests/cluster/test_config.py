@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -9,11 +10,16 @@ import yaml
 
 from raybooth.cluster.config import (
     CONFIG_KINDS,
+    PATH_KINDS,
     DreamBoothConfig,
+    ServeConfig,
+    field_path_kind,
     load_any_config,
     load_config,
+    marked_paths,
     parse_overrides,
 )
+from raybooth.cluster.config.base import _model_in
 from raybooth.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,3 +99,120 @@ def test_every_repo_yaml_loads_against_its_schema(path):
     data = yaml.safe_load(path.read_text())
     expected = CONFIG_KINDS[data.get("kind") or path.stem]
     assert type(load_any_config(path)) is expected
+
+
+# --------------------------------------------------------------------------------------------------
+# List items by index in overrides
+# --------------------------------------------------------------------------------------------------
+
+TWO_CONCEPTS = "concepts:\n  - {instance_data: photos/rex, class_name: dog}\n  - {instance_data: photos/tom, class_name: cat}\n"
+
+
+def test_an_index_in_an_override_sets_into_that_list_item(tmp_path):
+    path = tmp_path / "db.yaml"
+    path.write_text(TWO_CONCEPTS)
+    cfg = load_config(
+        DreamBoothConfig, path, ["concepts.1.instance_data=s3://b/tom", "concepts.0.identifier=zwx"]
+    )
+    assert [c.instance_data for c in cfg.concepts] == ["photos/rex", "s3://b/tom"]
+    assert [c.class_name for c in cfg.concepts] == ["dog", "cat"]  # the rest of each item is the YAML's
+    assert cfg.concepts[0].resolved_instance_prompt == "a photo of zwx dog"
+
+
+def test_the_index_after_the_last_item_appends_one(tmp_path):
+    path = tmp_path / "db.yaml"
+    path.write_text(TWO_CONCEPTS)
+    cfg = load_config(
+        DreamBoothConfig, path, ["concepts.2.instance_data=photos/max", "concepts.2.class_name=cow"]
+    )
+    assert [(c.instance_data, c.class_name) for c in cfg.concepts][2] == ("photos/max", "cow")
+    # no concepts in the YAML at all: index 0 creates the list
+    assert (
+        load_config(DreamBoothConfig, None, ["concepts.0.instance_data=p"]).concepts[0].instance_data == "p"
+    )
+
+
+def test_an_index_past_the_end_names_the_key_and_the_highest_index(tmp_path):
+    path = tmp_path / "db.yaml"
+    path.write_text(TWO_CONCEPTS)
+    with pytest.raises(ConfigError, match=r"override concepts\.5: concepts has 2 item\(s\).*use concepts\.2"):
+        load_config(DreamBoothConfig, path, ["concepts.5.instance_data=x"])
+
+
+def test_index_overrides_reach_nested_lists_of_sections():
+    cfg = load_config(
+        ServeConfig, None, ["safety.categories.0.name=violence", "safety.categories.0.phrases=[gore]"]
+    )
+    assert cfg.safety.categories[0].name == "violence" and cfg.safety.categories[0].phrases == ["gore"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Path marks: each path-valued field is marked once, in its schema
+# --------------------------------------------------------------------------------------------------
+
+# String fields whose description mentions a path but whose value is not one.
+NOT_PATHS = {
+    ("CaptionConfig", "image_column"),  # a parquet column name
+    ("ServeConfig", "chat_model_name"),  # the model id clients send
+}
+PATH_WORDS = re.compile(r"path|s3://|folder|\buri\b|\bfile\b|hub id|yaml", re.IGNORECASE)
+
+
+def all_schemas() -> list[type]:
+    seen: list[type] = []
+
+    def walk(cls: type) -> None:
+        if cls in seen:
+            return
+        seen.append(cls)
+        for info in cls.model_fields.values():
+            sub = _model_in(info.annotation)
+            if sub is not None:
+                walk(sub)
+
+    for cls in CONFIG_KINDS.values():
+        walk(cls)
+    return seen
+
+
+def test_every_field_that_holds_a_path_is_marked_with_its_kind():
+    unmarked = []
+    for cls in all_schemas():
+        for name, info in cls.model_fields.items():
+            holds_text = "str" in str(info.annotation)
+            path_like = PATH_WORDS.search(info.description or "") and (cls.__name__, name) not in NOT_PATHS
+            if holds_text and path_like and field_path_kind(info) not in PATH_KINDS:
+                unmarked.append(f"{cls.__name__}.{name}")
+    assert not unmarked, f"path-valued fields without json_schema_extra=path_mark(...): {unmarked}"
+    kinds = {
+        f"{cls.__name__}.{n}": field_path_kind(i)
+        for cls in all_schemas()
+        for n, i in cls.model_fields.items()
+    }
+    assert kinds["StorageSection.root"] == "data" and kinds["ConceptConfig.instance_data"] == "data"
+    assert (
+        kinds["DreamBoothConfig.base_model"] == "model"
+        and kinds["TrackingSection.tracking_uri"] == "tracking"
+    )
+    assert kinds["FleetConfig.base"] == "config" and kinds["ServeConfig.image_models"] == "model"
+
+
+def test_marked_paths_walk_sections_and_list_items():
+    cfg = load_config(
+        DreamBoothConfig, None, ["concepts.0.instance_data=a", "concepts.1.instance_data=s3://b/c"]
+    )
+    found = {key: (kind, value) for key, kind, value in marked_paths(DreamBoothConfig, cfg.model_dump())}
+    assert found["concepts.0.instance_data"] == ("data", "a")
+    assert found["concepts.1.instance_data"] == ("data", "s3://b/c")
+    assert found["base_model"] == ("model", "tiny-sd")
+    assert "storage.root" not in found  # empty values are not paths
+    serve = {key for key, _, _ in marked_paths(ServeConfig, {"image_models": ["x", "y"]})}
+    assert serve == {"image_models.0", "image_models.1"}
+
+
+def test_the_config_package_keeps_every_name_importable():
+    import raybooth.cluster.config as config
+
+    for name in config.__all__:
+        assert getattr(config, name) is not None
+    assert config.IngressSection.__module__ == "raybooth.cluster.config.serve"

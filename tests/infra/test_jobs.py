@@ -29,7 +29,7 @@ import pyarrow.dataset as pads
 import pytest
 import requests
 
-from raybooth.cluster import jobs
+from raybooth.cluster import job_api, jobs
 from raybooth.errors import ConfigError, UserError
 from raybooth.samples import write_sample_images
 
@@ -270,7 +270,7 @@ def test_caption_job_submitted_followed_and_finished_through_the_cli(
     assert "raybooth caption: 6 rows (0 failed)" in logs.stdout, logs.stdout
     assert "SUCCEEDED" not in logs.stdout  # the stored logs are the job's own, not the follow's status line
 
-    entrypoint = jobs.describe_job(ray_head, job_id).entrypoint
+    entrypoint = job_api.describe_job(ray_head, job_id).entrypoint
     assert entrypoint.startswith(f"raybooth caption --input {tmp_path / 'imgs'} --output {tmp_path / 'out'}")
     # A cluster on this machine shares the submitter's work dir (built presets, storage, MLflow store).
     from ray.job_submission import JobSubmissionClient
@@ -314,9 +314,9 @@ def test_submitted_job_runs_the_shipped_project_and_streams_its_logs(ray_head, t
     )
     assert job_id.startswith("raysubmit_")
 
-    logs = "".join(jobs.follow_logs(ray_head, job_id))  # returns when the job ends
+    logs = "".join(job_api.follow_logs(ray_head, job_id))  # returns when the job ends
 
-    assert jobs.job_status(ray_head, job_id) == "SUCCEEDED", logs
+    assert job_api.job_status(ray_head, job_id) == "SUCCEEDED", logs
     lines = dict(
         line.split(" ", 1) for line in logs.splitlines() if line.split(" ", 1)[0].isupper() and " " in line
     )
@@ -325,9 +325,9 @@ def test_submitted_job_runs_the_shipped_project_and_streams_its_logs(ray_head, t
     assert lines["WORKING_DIR_FILE"] == "from the working dir"
     assert lines["MLFLOW_ENV"] == "from-the-submitter"  # MLFLOW_* of the submitter travels with the job
     assert lines["EXTRA_ENV"] == "explicit"
-    summary = jobs.describe_job(ray_head, job_id)
+    summary = job_api.describe_job(ray_head, job_id)
     assert summary.status == "SUCCEEDED" and "python -c" in summary.entrypoint
-    assert "RAYBOOTH_FROM" in jobs.job_logs(ray_head, job_id)
+    assert "RAYBOOTH_FROM" in job_api.job_logs(ray_head, job_id)
 
 
 @pytest.mark.slow
@@ -349,7 +349,7 @@ def test_job_for_a_cluster_on_this_machine_gets_paths_it_can_resolve(ray_head, t
         ],
     )
     try:
-        entrypoint = jobs.describe_job(ray_head, job_id).entrypoint
+        entrypoint = job_api.describe_job(ray_head, job_id).entrypoint
         # The config is read from the shipped copy of the working dir (relative); data paths on this machine
         # become absolute, because the job runs inside Ray's copy of the working dir, not in tmp_path.
         expected = [
@@ -361,18 +361,23 @@ def test_job_for_a_cluster_on_this_machine_gets_paths_it_can_resolve(ray_head, t
             str(tmp_path / "images"),
         ]
         assert entrypoint.split()[:6] == expected
-        assert f"--output={tmp_path / 'out'}" in entrypoint and entrypoint.endswith("seed=3")
+        # rebuilt from the parsed args (flags, then overrides), so `--output=out` comes back as two tokens
+        assert f"--output {tmp_path / 'out'}" in entrypoint and entrypoint.endswith("seed=3")
     finally:
-        jobs.stop_job(ray_head, job_id)
-    assert jobs.wait_for_job(ray_head, job_id, timeout_s=JOB_TIMEOUT_S) in ("STOPPED", "FAILED", "SUCCEEDED")
+        job_api.stop_job(ray_head, job_id)
+    assert job_api.wait_for_job(ray_head, job_id, timeout_s=JOB_TIMEOUT_S) in (
+        "STOPPED",
+        "FAILED",
+        "SUCCEEDED",
+    )
 
 
 @pytest.mark.slow
 def test_unknown_job_id_is_a_user_error(ray_head):
     with pytest.raises(UserError, match="no job 'raysubmit_doesnotexist'"):
-        jobs.job_status(ray_head, "raysubmit_doesnotexist")
+        job_api.job_status(ray_head, "raysubmit_doesnotexist")
     with pytest.raises(UserError, match="no job"):
-        jobs.follow_logs(ray_head, "raysubmit_doesnotexist")
+        job_api.follow_logs(ray_head, "raysubmit_doesnotexist")
 
 
 @pytest.mark.slow
@@ -389,12 +394,12 @@ def test_address_that_refuses_connections_fails_fast(port_picker):
     url = f"http://127.0.0.1:{port_picker()}"  # nothing listens there
     started = time.monotonic()
     with pytest.raises(UserError, match="does not answer"):
-        jobs.job_status(url, "raysubmit_x")
+        job_api.job_status(url, "raysubmit_x")
     assert time.monotonic() - started < 5
 
 
 def test_address_that_accepts_but_never_answers_fails_within_the_timeout(monkeypatch):
-    monkeypatch.setattr(jobs, "CONNECT_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(job_api, "CONNECT_TIMEOUT_S", 1.0)
     with socket.socket() as silent:  # the kernel completes the handshake; nobody ever replies
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
@@ -465,17 +470,17 @@ def test_not_a_job_subcommand():
         ("https://ray.example.com/", "https://ray.example.com:8265"),
     ],
 )
-def test_resolve_address(given, expected):
-    assert jobs.resolve_address(given) == expected
+def test_jobs_api_url(given, expected):
+    assert job_api.jobs_api_url(given) == expected
 
 
-def test_resolve_address_without_one_names_the_flag(monkeypatch):
+def test_jobs_api_url_without_one_names_the_flag(monkeypatch):
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a GCS address is not a Jobs API URL
     with pytest.raises(UserError, match="--address"):
-        jobs.resolve_address(None)
+        job_api.jobs_api_url(None)
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://head:8265")
-    assert jobs.resolve_address(None) == "http://head:8265"
+    assert job_api.jobs_api_url(None) == "http://head:8265"
 
 
 def test_forwarded_env_drops_what_only_this_machine_understands():
@@ -526,8 +531,11 @@ def test_flag_values_are_applied_like_the_cli_and_never_read_as_overrides():
         "32",
     ]
     assert jobs.cluster_path_problems("caption", args) == []
-    with pytest.raises(ConfigError, match="batch_size"):
+    # parsed by the CLI's own argparse definitions, so the same one-line error the CLI would give
+    with pytest.raises(UserError, match="--batch-size: invalid int value: 'many'"):
         jobs.cluster_path_problems("caption", [*args[:6], "--batch-size", "many"])
+    with pytest.raises(UserError, match="unrecognized arguments: --batch-sise"):
+        jobs.cluster_path_problems("caption", [*args[:6], "--batch-sise", "3"])
 
 
 def test_train_without_config_checks_the_clis_default_file(tmp_path):

@@ -1,0 +1,115 @@
+"""Schemas of the batch inference jobs (Ray Data): `raybooth caption` and `raybooth batch`.
+
+from raybooth.cluster.config import CaptionConfig, load_config
+cfg = load_config(CaptionConfig, "configs/caption.yaml", ["batch_size=16"])
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from raybooth.cluster.config.base import JobConfig, path_mark
+
+
+class InferenceJobConfig(JobConfig):
+    """What `raybooth caption` and `raybooth batch` share: input/output, model, packing and replicas."""
+
+    input: str | None = Field(
+        None,
+        description="Input: folder, glob, parquet file/folder or s3:// prefix.",
+        json_schema_extra=path_mark("data"),
+    )
+    output: str | None = Field(
+        None, description="Output folder/file, local or s3://.", json_schema_extra=path_mark("data")
+    )
+    model: str = Field(
+        "tiny-vlm",
+        description="VLM: a preset name, a local path or a hub id.",
+        json_schema_extra=path_mark("model"),
+    )
+    device: str = Field(
+        "auto", description="Device of each replica: auto (CUDA when the replica has a GPU), cpu, cuda."
+    )
+    dtype: str | None = Field(
+        None, description="Weights dtype (fp32, fp16, bf16); empty: the checkpoint's own."
+    )
+    batch_size: int = Field(
+        8, ge=1, description="Max rows per model batch (the token budget caps it further)."
+    )
+    max_batch_tokens: int = Field(
+        8192,
+        ge=16,
+        description="Token budget per batch: rows are packed until their padded length reaches it.",
+    )
+    packing: Literal["token_budget", "fifo"] = Field(
+        "token_budget",
+        description="token_budget: sort rows by image count and length and cut batches by the budget; "
+        "fifo: arrival order, batch_size rows (the baseline, for comparison).",
+    )
+    pack_window: int = Field(
+        64,
+        ge=1,
+        description="Rows a replica receives per call and packs into batches; larger packs tighter but holds "
+        "more decoded rows in memory.",
+    )
+    replicas: str = Field(
+        "1:1", pattern=r"^\d+:\d+$", description="MIN:MAX model replicas (actor pool autoscaling)."
+    )
+    num_gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per model replica (0 on CPU machines).")
+    num_cpus_per_replica: float = Field(1.0, gt=0, description="CPUs reserved per model replica.")
+    max_prepare_tasks: int | None = Field(
+        None,
+        ge=1,
+        description="CPU tasks decoding and tokenizing at once at most (each worker process loads the "
+        "processor once); empty: as many as there are free CPUs.",
+    )
+    max_new_tokens: int = Field(32, ge=1, le=8192, description="Tokens to generate per row at most.")
+    max_image_pixels: int = Field(
+        25_000_000, ge=1, description="Images over this many pixels are refused (decompression-bomb guard)."
+    )
+    max_image_bytes: int = Field(
+        32 * 1024 * 1024, ge=1, description="Image files over this size are refused."
+    )
+    seed: int = Field(0, description="Seed for sampling when a request does not give one.")
+    limit: int | None = Field(
+        None,
+        ge=1,
+        description="Process at most this many not-yet-done rows, then stop (a trial; rerun for the rest).",
+    )
+
+    @field_validator("replicas")
+    @classmethod
+    def _replicas_ordered(cls, value: str) -> str:
+        low, high = (int(v) for v in value.split(":"))
+        if low < 1 or high < low:
+            raise ValueError(f"replicas {value!r} must be MIN:MAX with 1 <= MIN <= MAX, e.g. 1:4")
+        return value
+
+    def replica_range(self) -> tuple[int, int]:
+        low, high = (int(v) for v in self.replicas.split(":"))
+        return low, high
+
+
+class CaptionConfig(InferenceJobConfig):
+    """`raybooth caption`: one caption per image, written as parquet."""
+
+    prompt: str = Field("Describe the image.", description="Instruction sent with every image.")
+    temperature: float = Field(
+        0.0,
+        ge=0.0,
+        le=2.0,
+        description="Sampling temperature; 0 is greedy, so a rerun gives the same captions.",
+    )
+    image_column: str | None = Field(
+        None,
+        description="Parquet input: column with image bytes or paths (default: guessed: image, bytes, path).",
+    )
+
+
+class BatchConfig(InferenceJobConfig):
+    """`raybooth batch`: OpenAI Batch API JSONL in, OpenAI batch output JSONL out."""
+
+    max_new_tokens: int = Field(64, ge=1, le=8192, description="max_tokens of a request that gives none.")
+    max_tokens_cap: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
