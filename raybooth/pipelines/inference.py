@@ -26,14 +26,14 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from raybooth.cluster import storage
-from raybooth.cluster.config import InferenceJobConfig, build_config, load_config
+from raybooth.cluster.config import InferenceJobConfig
 from raybooth.errors import UserError
 from raybooth.models.decoding import SamplingParams
 from raybooth.models.packing import PackedBatch, PackItem, pack_by_token_budget, pack_fifo
@@ -64,19 +64,6 @@ STATS_FIELDS: list[tuple[str, pa.DataType]] = [
     ("batch_padding_fraction", pa.float64()),
     ("padding_tokens", pa.int32()),  # pads added to this row's prompt in its batch
 ]
-
-
-J = TypeVar("J", bound=InferenceJobConfig)
-
-
-def load_inference_config(cls: type[J], path: str | None, overrides: list[str], flags: dict[str, Any]) -> J:
-    """YAML, then `key=value` overrides, then the CLI's explicit flags (those not None) on top; bad
-    values are `ConfigError`s naming the key, raised before any cluster starts."""
-    cfg = load_config(cls, path, overrides)
-    given = {k: v for k, v in flags.items() if v is not None}
-    if not given:
-        return cfg
-    return build_config(cls, {**cfg.model_dump(), **given}, "command line flags")
 
 
 # --------------------------------------------------------------------------------------------------
