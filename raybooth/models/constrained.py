@@ -85,6 +85,11 @@ def _check_limits(schema: Any) -> None:
                     f"response_format json_schema minLength/maxLength may be at most {MAX_STRING_BOUND}, "
                     f"got {max(bounds)}"
                 )
+            low, high = node.get("minLength"), node.get("maxLength")
+            if len(bounds) == 2 and low > high:  # else the pattern rewrite fails with regex parser text
+                raise GrammarError(
+                    f"response_format json_schema minLength {low} is greater than maxLength {high}"
+                )
             total += int(max(bounds, default=0))
             if total > MAX_TOTAL_STRING_BOUND:
                 raise GrammarError(
