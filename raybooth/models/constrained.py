@@ -35,10 +35,12 @@ from raybooth.models.decoding import SamplingParams
 # Distinct schemas kept compiled per engine: a batch job usually has one or a few.
 GRAMMAR_CACHE_SIZE = 64
 ANY_OBJECT = '{"type": "object"}'
-# Limits that keep one schema's compile well under a second on one CPU (measured on a 2-core box:
-# a 1000-character bound ~0.4 s, 40 strings of 100 ~0.7 s, 190 nested arrays ~0.5 s).
+# Limits that keep one schema's compile around a second of one CPU at worst (measured on a 2-core box:
+# a 1000-character bound ~0.4 s, two of them ~0.8 s, 20 strings of 100 ~0.4 s, 190 nested arrays ~0.5 s).
 MAX_SCHEMA_DEPTH = 64  # nested JSON objects/arrays in the schema text (one object property is two)
 MAX_SCHEMA_NODES = 1000  # JSON objects/arrays in the schema text
+# xgrammar's cost grows with the square of an object's optional properties (400: ~0.5 s, 990: ~10 s).
+MAX_OPTIONAL_PROPERTIES = 128  # properties not in `required`, per object
 MAX_STRING_BOUND = 1000  # one string's minLength / maxLength
 MAX_TOTAL_STRING_BOUND = 2000  # the sum of every string's largest bound
 
@@ -85,6 +87,14 @@ def _check_limits(schema: Any) -> None:
                     f"response_format json_schema minLength/maxLength may be at most {MAX_STRING_BOUND}, "
                     f"got {max(bounds)}"
                 )
+            properties, required = node.get("properties"), node.get("required")
+            if isinstance(properties, dict):
+                optional = set(properties) - set(required if isinstance(required, list) else [])
+                if len(optional) > MAX_OPTIONAL_PROPERTIES:
+                    raise GrammarError(
+                        f"an object in response_format json_schema has {len(optional)} optional properties, "
+                        f"more than {MAX_OPTIONAL_PROPERTIES}; list some in 'required' or split the object"
+                    )
             low, high = node.get("minLength"), node.get("maxLength")
             if len(bounds) == 2 and low > high:  # else the pattern rewrite fails with regex parser text
                 raise GrammarError(
@@ -238,6 +248,9 @@ class JSONGrammars:
         self._cache: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()
 
     def _compile(self, params: SamplingParams) -> xgr.CompiledGrammar:
+        if params.json_schema is not None:
+            # The limits first: json.dumps below recurses, and a very deep schema would raise RecursionError.
+            _check_limits(params.json_schema)
         # Not sort_keys: property order is meaningful (xgrammar emits properties in schema order).
         key = json.dumps(params.json_schema) if params.json_schema is not None else "<json_object>"
         if key in self._cache:
