@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections import OrderedDict
 from typing import Any
 
@@ -246,6 +247,8 @@ class JSONGrammars:
         # `not`) fails a C++ check (xgrammar 0.2.8); the LRU below caches compiled grammars instead.
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
         self._cache: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()
+        # Callers may compile ahead of a batch from other threads (VLMEngine.check); compiles run unlocked.
+        self._lock = threading.Lock()
 
     def _compile(self, params: SamplingParams) -> xgr.CompiledGrammar:
         if params.json_schema is not None:
@@ -253,9 +256,10 @@ class JSONGrammars:
             _check_limits(params.json_schema)
         # Not sort_keys: property order is meaningful (xgrammar emits properties in schema order).
         key = json.dumps(params.json_schema) if params.json_schema is not None else "<json_object>"
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
         if params.json_schema is not None:
             check_schema(params.json_schema)
         try:
@@ -271,9 +275,10 @@ class JSONGrammars:
                 )
         except (RuntimeError, ValueError, TypeError) as e:
             raise GrammarError(f"response_format json_schema cannot be compiled: {user_reason(e)}") from e
-        self._cache[key] = compiled
-        if len(self._cache) > GRAMMAR_CACHE_SIZE:
-            self._cache.popitem(last=False)
+        with self._lock:
+            self._cache[key] = compiled
+            if len(self._cache) > GRAMMAR_CACHE_SIZE:
+                self._cache.popitem(last=False)
         return compiled
 
     def matcher(self, params: SamplingParams) -> xgr.GrammarMatcher | None:

@@ -6,6 +6,7 @@
                                                {"type": "text", "text": "Describe the image."}]}],
         params=SamplingParams(max_tokens=32, temperature=0.0),
     )
+    engine.check(req)                              # optional, ahead of batching: its 400 (ValueError) now
     [result] = engine.generate([req])              # result.text, .finish_reason, .prompt_tokens, ...
     for step in engine.generate_stream([req]):     # one list per decode step, one slot per request
         ...
@@ -36,6 +37,7 @@ Only a failure of the shared model call itself (prefill, a decode step's forward
 from __future__ import annotations
 
 import logging
+import threading
 from collections import Counter
 from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -267,6 +269,7 @@ class VLMEngine:
             self.pad_token_id = self.tokenizer.eos_token_id or 0
         self.eos_token_ids = self._eos_ids()
         self._grammars: JSONGrammars | None = None  # built on the first constrained request
+        self._grammars_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(
@@ -290,14 +293,29 @@ class VLMEngine:
 
     @property
     def grammars(self) -> JSONGrammars:
-        if self._grammars is None:
-            self._grammars = JSONGrammars(self.tokenizer, self.vocab_size)
+        with self._grammars_lock:  # check() may build it from a caller's thread
+            if self._grammars is None:
+                self._grammars = JSONGrammars(self.tokenizer, self.vocab_size)
         return self._grammars
 
     # -- public API ---------------------------------------------------------------------------------
 
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         return prepare_request(self.processor, request)
+
+    def check(self, request: GenerationRequest | PreparedRequest) -> None:
+        """Run every check a row meets before it joins a batch, and compile (and cache) its grammar.
+
+        Raises the row's ValueError (its 400). Thread-safe, and meant to be called before a request is
+        queued for a batch (e.g. in a worker thread), so a slow schema compile or a refusal happens off the
+        shared decode loop; the batch then finds the grammar compiled."""
+        params = request.params
+        params.validate()
+        if isinstance(request, PreparedRequest):
+            check_context(request, self.max_context)
+        self._check_token_ids(params)
+        if params.constrained:
+            self.grammars.matcher(params)
 
     def generate(self, requests: Sequence[GenerationRequest | PreparedRequest]) -> list[GenerationResult]:
         """Run the requests as one batch; one result per request, in order."""

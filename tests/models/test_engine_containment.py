@@ -182,3 +182,35 @@ def test_errors_before_decoding_carry_their_type(engine):
     assert [r.finish_reason for r in results] == ["error", "error"]
     assert [r.error_type for r in results] == [INVALID_REQUEST, INVALID_REQUEST]
     assert "/project/cpp" not in results[1].error and "json_schema cannot be compiled" in results[1].error
+
+
+def test_check_refuses_a_row_and_compiles_its_grammar_before_the_batch(engine, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from raybooth.models.constrained import GrammarError
+
+    with pytest.raises(GrammarError, match="admits no value"):
+        engine.check(request("x", json_schema={"$ref": "#"}))
+    with pytest.raises(ValueError, match="temperature"):
+        bad = request("x")
+        bad.params.temperature = -1.0
+        engine.check(bad)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        engine.check(engine.prepare(request("x", max_tokens=engine.max_context)))
+    schemas = [
+        {"type": "object", "properties": {f"k{i}": {"type": "string", "maxLength": 40}}} for i in range(4)
+    ]
+    requests = [request("json", max_tokens=16, temperature=0.0, json_schema=s) for s in schemas]
+    with ThreadPoolExecutor(4) as pool:  # callers compile ahead from their own threads
+        list(pool.map(engine.check, requests))
+    compiles = []
+    real = engine.grammars.compiler
+
+    class CountingCompiler:
+        def compile_json_schema(self, *args, **kwargs):
+            compiles.append(args[0])
+            return real.compile_json_schema(*args, **kwargs)
+
+    monkeypatch.setattr(engine.grammars, "compiler", CountingCompiler())
+    results = engine.generate(requests)
+    assert compiles == [] and all(r.error is None for r in results)  # the batch found every grammar compiled
