@@ -9,10 +9,16 @@
 
 Everything here works on one row, on the CPU, from that row's own state only. That is what makes a row's
 output independent of the batch it was packed into: no batch-wide softmax, no shared random stream.
+
+Sampling never hands torch.multinomial a distribution it would refuse: a temperature below
+`GREEDY_BELOW_TEMPERATURE` (1e-300 included) is greedy, a top_p that rounds to 0 keeps the likeliest
+token, and a row with no token left to sample (every logit -inf) or a non-finite logit raises
+`NoTokenError` / `SamplingError` for that row alone.
 """
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,9 +26,27 @@ from typing import Any
 
 import torch
 
-FinishReason = str  # "stop" | "length"
+FinishReason = str  # "stop" | "length" | "cancelled" | "error" (see vlm_engine.StreamDelta)
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
+# Below this, logits / temperature overflows float32 for ordinary logits and the softmax is a one-hot
+# anyway: such rows are greedy (vLLM uses the same cut-off).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
+class NoTokenError(ValueError):
+    """Every token of a row is forbidden (its grammar admits nothing more): the request's fault."""
+
+
+class SamplingError(RuntimeError):
+    """A row's logits hold NaN or +inf: the model's fault, not the request's."""
+
+
+def _real(name: str, value: Any) -> float:
+    """`value` as a finite float, or a one-line error naming the parameter."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -48,24 +72,47 @@ class SamplingParams:
     logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if not 0.0 <= self.temperature <= 2.0:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field. The engine calls it again before a row joins a
+        batch: params may have been changed after construction or rebuilt from JSON (a pipeline row)."""
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not 0.0 <= _real("temperature", self.temperature) <= 2.0:
             raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
+        if not 0.0 < _real("top_p", self.top_p) <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
+            raise ValueError(f"stop must be a list of strings, got {self.stop!r}")
+        if self.json_schema is not None and not isinstance(self.json_schema, dict | bool):
+            raise ValueError(f"json_schema must be a JSON object, got {type(self.json_schema).__name__}")
         for name in ("presence_penalty", "frequency_penalty"):
-            if not -2.0 <= getattr(self, name) <= 2.0:
+            if not -2.0 <= _real(name, getattr(self, name)) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not isinstance(self.logit_bias, dict):
+            raise ValueError(f"logit_bias must map token ids to biases, got {type(self.logit_bias).__name__}")
         try:  # ids may arrive as strings: OpenAI's wire format, and JSON round trips (a pipeline's rows)
             self.logit_bias = {int(token): float(bias) for token, bias in self.logit_bias.items()}
-        except ValueError as e:
+        except (TypeError, ValueError) as e:
             raise ValueError(f"logit_bias keys must be token ids, got {list(self.logit_bias)[:5]}") from e
         for token, bias in self.logit_bias.items():
-            if not -100.0 <= bias <= 100.0:
+            if not -100.0 <= bias <= 100.0:  # NaN fails this too
                 raise ValueError(f"logit_bias for token {token} must be in [-100, 100], got {bias}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
+        if self.logprobs is not None and (
+            isinstance(self.logprobs, bool)
+            or not isinstance(self.logprobs, int)
+            or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS
+        ):
+            raise ValueError(
+                f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}"
+            )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     @property
     def constrained(self) -> bool:
@@ -112,14 +159,27 @@ def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, l
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Pick the next token of one row from its logits `(V,)` (already masked by any grammar)."""
-    if params.temperature == 0.0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)  # (V,)
+    """Pick the next token of one row from its logits `(V,)` (already masked by any grammar).
+
+    Raises NoTokenError when every token is masked and SamplingError on NaN/+inf logits, so the engine
+    can end this row alone; torch.multinomial only ever sees a finite distribution with mass."""
+    logits = logits.float()
+    if torch.isnan(logits).any() or torch.isposinf(logits).any():
+        raise SamplingError("the model produced non-finite logits for this row")
+    best = torch.argmax(logits)
+    if logits[best] == float("-inf"):
+        raise NoTokenError("no token may follow: the response_format schema admits no further output")
+    if params.greedy:
+        return int(best)
+    # Subtracting the max first keeps the best logit at 0, so a small temperature sends the others towards
+    # -inf (probability 0) instead of overflowing to inf - inf = NaN.
+    probs = torch.softmax((logits - logits[best]) / params.temperature, dim=-1)  # (V,)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
         keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
+        # The likeliest token always stays: a top_p that rounds to 0 in float32 (1e-300) means top-1.
+        keep[0] = True
         sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
         choice = torch.multinomial(sorted_probs, 1, generator=generator)
         return int(order[choice])

@@ -6,6 +6,7 @@
                                                {"type": "text", "text": "Describe the image."}]}],
         params=SamplingParams(max_tokens=32, temperature=0.0),
     )
+    engine.check(req)                              # optional, ahead of batching: its 400 (ValueError) now
     [result] = engine.generate([req])              # result.text, .finish_reason, .prompt_tokens, ...
     for step in engine.generate_stream([req]):     # one list per decode step, one slot per request
         ...
@@ -19,12 +20,24 @@ grammars are per row (see `decoding.py`, `constrained.py`), each row with its ow
 row's output never depends on its batch. Finished rows are dropped from the batch (and the KV cache), so
 one long answer does not make the others pay for its steps.
 
-Errors that belong to one row (a prompt over the context window, a schema that cannot compile) come
-back as that row's `error`; the other rows run. Plain PyTorch + transformers: no Ray here.
+Errors that belong to one row come back as that row's `error` and the other rows run on, token for token
+as they would without it: before decoding (bad params, a prompt over the context window, a schema refused
+or that cannot compile) and during it (anything raised while that row's grammar is advanced or its token
+sampled). Such a row ends with `finish_reason="error"`, `error` (a message for the user) and `error_type`:
+
+- `"invalid_request_error"` (INVALID_REQUEST): the request is bad; an HTTP caller answers 400. These are
+  the ValueErrors: RequestError, GrammarError, decoding.NoTokenError, SamplingParams' checks.
+- `"server_error"` (SERVER_ERROR): anything else (a bug, NaN logits); 500. The message is generic and the
+  traceback is logged here.
+
+Only a failure of the shared model call itself (prefill, a decode step's forward pass) raises out of
+`generate_stream`: it is the server's fault and no row has an answer. Plain PyTorch + transformers: no Ray.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections import Counter
 from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +46,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from raybooth.models.constrained import GrammarError, JSONGrammars
+from raybooth.models.constrained import JSONGrammars
 from raybooth.models.decoding import (
     SamplingParams,
     TextTracker,
@@ -42,6 +55,11 @@ from raybooth.models.decoding import (
     sample_token,
     token_logprobs,
 )
+
+log = logging.getLogger(__name__)
+
+INVALID_REQUEST = "invalid_request_error"  # the row's request is bad (HTTP 400); OpenAI's error type
+SERVER_ERROR = "server_error"  # the engine failed on the row (HTTP 500)
 
 
 @dataclass
@@ -87,7 +105,7 @@ class TokenLogprob:
 @dataclass
 class GenerationResult:
     text: str
-    # "stop" (EOS, stop string, grammar complete) | "length" | "cancelled" | None on error
+    # "stop" (EOS, stop string, grammar complete) | "length" | "cancelled" | "error" (then `error` is set)
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
@@ -95,11 +113,13 @@ class GenerationResult:
     error: str | None = None
     # One entry per sampled token but EOS, when the request asked for logprobs; None when it did not.
     logprobs: list[TokenLogprob] | None = None
+    error_type: str | None = None  # INVALID_REQUEST | SERVER_ERROR when `error` is set
 
 
 @dataclass
 class StreamDelta:
-    """What one row produced in one step: new text, and on its last step the finish reason and counts."""
+    """What one row produced in one step: new text, and on its last step the finish reason and counts.
+    A failed row's last delta has finish_reason "error", `error` and `error_type` (see the module doc)."""
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)  # tokens sampled this step (EOS included)
@@ -108,6 +128,7 @@ class StreamDelta:
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    error_type: str | None = None  # INVALID_REQUEST | SERVER_ERROR when `error` is set
 
     @property
     def done(self) -> bool:
@@ -116,6 +137,23 @@ class StreamDelta:
 
 class RequestError(ValueError):
     """A request this engine cannot run (too long for the context, no text, bad images)."""
+
+
+def error_delta(error: BaseException, prompt_tokens: int = 0, completion_tokens: int = 0) -> StreamDelta:
+    """The last delta of a row that failed with `error`: ValueErrors are the request's fault, the rest
+    the server's (logged with their traceback; the user sees no internal text)."""
+    if isinstance(error, ValueError):
+        message, kind = str(error), INVALID_REQUEST
+    else:
+        log.error("a generation row failed", exc_info=error)
+        message, kind = f"internal error while generating this request ({type(error).__name__})", SERVER_ERROR
+    return StreamDelta(
+        finish_reason="error",
+        error=message,
+        error_type=kind,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,6 +249,9 @@ class _Row:
             completion_tokens=self.generated,
         )
 
+    def fail(self, error: BaseException) -> StreamDelta:
+        return error_delta(error, self.prepared.prompt_tokens, self.generated)
+
 
 class VLMEngine:
     """Batched generation for a LLaVA-style model and processor; see the module docstring."""
@@ -228,6 +269,7 @@ class VLMEngine:
             self.pad_token_id = self.tokenizer.eos_token_id or 0
         self.eos_token_ids = self._eos_ids()
         self._grammars: JSONGrammars | None = None  # built on the first constrained request
+        self._grammars_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(
@@ -251,14 +293,29 @@ class VLMEngine:
 
     @property
     def grammars(self) -> JSONGrammars:
-        if self._grammars is None:
-            self._grammars = JSONGrammars(self.tokenizer, self.vocab_size)
+        with self._grammars_lock:  # check() may build it from a caller's thread
+            if self._grammars is None:
+                self._grammars = JSONGrammars(self.tokenizer, self.vocab_size)
         return self._grammars
 
     # -- public API ---------------------------------------------------------------------------------
 
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         return prepare_request(self.processor, request)
+
+    def check(self, request: GenerationRequest | PreparedRequest) -> None:
+        """Run every check a row meets before it joins a batch, and compile (and cache) its grammar.
+
+        Raises the row's ValueError (its 400). Thread-safe, and meant to be called before a request is
+        queued for a batch (e.g. in a worker thread), so a slow schema compile or a refusal happens off the
+        shared decode loop; the batch then finds the grammar compiled."""
+        params = request.params
+        params.validate()
+        if isinstance(request, PreparedRequest):
+            check_context(request, self.max_context)
+        self._check_token_ids(params)
+        if params.constrained:
+            self.grammars.matcher(params)
 
     def generate(self, requests: Sequence[GenerationRequest | PreparedRequest]) -> list[GenerationResult]:
         """Run the requests as one batch; one result per request, in order."""
@@ -283,6 +340,7 @@ class VLMEngine:
                         token_ids=tokens[i],
                         error=delta.error,
                         logprobs=logprobs[i] if request.params.logprobs is not None else None,
+                        error_type=delta.error_type,
                     )
         missing = [i for i, r in enumerate(results) if r is None]
         if missing:  # generate_stream promises a last delta per row; anything else is a bug
@@ -297,7 +355,8 @@ class VLMEngine:
         """Yield one list per step, `len(requests)` slots: a `StreamDelta` for each row still running this
         step (its `text` may be "" while a stop string or a UTF-8 character is pending), None for rows
         already done. A row's last delta has `done` set. Rows that fail before decoding report their
-        `error` in the first list.
+        `error` in the first list; a row that fails while decoding reports it in that step and leaves the
+        batch, the others go on unchanged.
 
         `cancelled` holds indices (into `requests`) of rows nobody wants any more (the client left, the
         safety policy ended the stream); the caller may add to it between steps. At the next step each
@@ -311,22 +370,22 @@ class VLMEngine:
             first = None
             keep: list[int] = []
             next_tokens: list[int] = []
-            self._mask_with_grammars(logits, rows)
+            grammar_failed = self._mask_with_grammars(logits, rows)
             for b, row in enumerate(rows):
                 if row.index in cancelled:
                     step[row.index] = row.finish("cancelled")
                     continue
-                row_logits = adjust_logits(logits[b], row.params, row.counts)
-                token = sample_token(row_logits, row.params, row.generator)
-                delta = self._advance(row, token)
-                delta.token_ids.append(token)
-                row.counts[token] += 1
-                if row.params.logprobs is not None and token not in self.eos_token_ids:
-                    delta.logprobs.append(self._logprob(row_logits, token, row.params.logprobs))
+                try:
+                    if b in grammar_failed:
+                        raise grammar_failed[b]
+                    delta = self._step_row(row, logits[b])
+                except Exception as e:  # this row's failure only: it leaves, the batch goes on
+                    step[row.index] = row.fail(e)
+                    continue
                 step[row.index] = delta
                 if not delta.done:
                     keep.append(b)
-                    next_tokens.append(token)
+                    next_tokens.append(delta.token_ids[-1])
             yield step
             # Rows cancelled while the caller held this step leave before the next forward pass.
             gone = [b for b in keep if rows[b].index in cancelled]
@@ -367,11 +426,13 @@ class VLMEngine:
         for i, request in enumerate(requests):
             try:
                 prepared = request if isinstance(request, PreparedRequest) else self.prepare(request)
+                # Again here: params may have been changed or rebuilt since they were constructed.
+                prepared.params.validate()
                 check_context(prepared, self.max_context)
                 self._check_token_ids(prepared.params)
                 matcher = self.grammars.matcher(prepared.params) if prepared.params.constrained else None
-            except (RequestError, GrammarError, ValueError) as e:
-                errors[i] = StreamDelta(error=str(e))
+            except Exception as e:  # this row's failure only (GrammarError, RequestError: its 400)
+                errors[i] = error_delta(e)
                 failed = True
                 continue
             rows.append(
@@ -442,10 +503,23 @@ class VLMEngine:
         logits = self._forward(**inputs)
         return logits, inputs["past_key_values"], inputs["attention_mask"], inputs["position_ids"][:, -1:]
 
-    def _mask_with_grammars(self, logits: torch.Tensor, rows: list[_Row]) -> None:
+    def _mask_with_grammars(self, logits: torch.Tensor, rows: list[_Row]) -> dict[int, Exception]:
+        """Mask every constrained row's logits in place; the rows whose matcher raised, with the error."""
         matchers = [row.matcher for row in rows]
         if any(m is not None for m in matchers):
-            self.grammars.mask_logits(logits, matchers)
+            return self.grammars.mask_logits(logits, matchers)
+        return {}
+
+    def _step_row(self, row: _Row, logits: torch.Tensor) -> StreamDelta:
+        """Sample one row's next token from its (masked) logits `(V,)` and feed it to the row."""
+        row_logits = adjust_logits(logits, row.params, row.counts)
+        token = sample_token(row_logits, row.params, row.generator)
+        delta = self._advance(row, token)
+        delta.token_ids.append(token)
+        row.counts[token] += 1
+        if row.params.logprobs is not None and token not in self.eos_token_ids:
+            delta.logprobs.append(self._logprob(row_logits, token, row.params.logprobs))
+        return delta
 
     def _advance(self, row: _Row, token: int) -> StreamDelta:
         """Feed one sampled token to a row; its delta, finished when EOS, a stop, the grammar or the budget says so."""

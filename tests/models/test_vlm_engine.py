@@ -132,6 +132,9 @@ def test_row_errors_do_not_stop_the_batch(engine):
     assert "json_schema cannot be compiled" in results[0].error and "objectx" in results[0].error
     assert results[1].error is None and results[1].completion_tokens >= 1
     assert "exceeds the model's context" in results[2].error
+    # Failed rows say so in finish_reason, and that the request is at fault (an HTTP caller's 400).
+    assert [r.finish_reason for r in results] == ["error", results[1].finish_reason, "error"]
+    assert [r.error_type for r in results] == ["invalid_request_error", None, "invalid_request_error"]
 
 
 def test_stream_deltas_add_up_to_the_result(engine):
