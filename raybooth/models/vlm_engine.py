@@ -180,7 +180,7 @@ def split_images(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any
                 else:
                     raise RequestError(
                         f"content part type {part.get('type')!r} is not 'text' or 'image'; decode image_url "
-                        "parts first (raybooth.models.chat.engine_messages_from_chat)"
+                        "parts first (raybooth.openai.chat.engine_messages_from_chat)"
                     )
             content = parts
         # Tool turns keep what templates read of them (the calls made, the call a tool result answers).
