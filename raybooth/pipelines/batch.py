@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from raybooth.cluster import storage
 from raybooth.cluster.config import BatchConfig
 from raybooth.errors import UserError
-from raybooth.models.vlm_engine import GenerationResult, prepare_request
+from raybooth.models.vlm_engine import SERVER_ERROR, GenerationResult, prepare_request
 from raybooth.openai.chat import (
     ChatLimits,
     ToolCallFormat,
@@ -217,8 +217,10 @@ def batch_output_line(
         message = row["error"] or (result.error if result is not None else "no result")
         if row["error"] is None:
             message = f"line {row['row_id']}: {message}"
-        code = row["error_code"] or ("server_error" if stats.server_error else "invalid_request")
-        err = APIError(500 if stats.server_error else 400, message, param=row["error_param"], code=code)
+        # The server's fault: the whole batch failed, or the engine says this row failed on its side.
+        server = stats.server_error or (result is not None and result.error_type == SERVER_ERROR)
+        code = row["error_code"] or ("server_error" if server else "invalid_request")
+        err = APIError(500 if server else 400, message, param=row["error_param"], code=code)
         return BatchOutputLine(
             custom_id=row["custom_id"],
             response=BatchResponse(status_code=err.status, request_id=request_id, body=err.body()),

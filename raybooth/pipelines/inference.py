@@ -37,7 +37,7 @@ from raybooth.cluster.config import InferenceJobConfig
 from raybooth.errors import UserError
 from raybooth.models.decoding import SamplingParams
 from raybooth.models.packing import PackedBatch, PackItem, pack_by_token_budget, pack_fifo
-from raybooth.models.vlm_engine import GenerationResult, PreparedRequest, VLMEngine
+from raybooth.models.vlm_engine import SERVER_ERROR, GenerationResult, PreparedRequest, VLMEngine
 from raybooth.pipelines.parts import SUMMARY_COLUMNS, list_parts, read_parts, run_counts
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,11 @@ class GenerationWorker:
         except Exception as e:  # the rows carry the error; the job goes on
             log.error("generation failed for a batch of %d rows:\n%s", len(batch), traceback.format_exc())
             message = f"generation failed: {type(e).__name__}: {e}"
-            return [GenerationResult("", None, p.prompt_tokens, 0, error=message) for p in batch], True
+            failed = [
+                GenerationResult("", "error", p.prompt_tokens, 0, error=message, error_type=SERVER_ERROR)
+                for p in batch
+            ]
+            return failed, True
 
     def __call__(self, table: pa.Table) -> pa.Table:
         rows = table.to_pylist()

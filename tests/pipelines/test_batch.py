@@ -15,8 +15,10 @@ import pytest
 from raybooth.cli import main
 from raybooth.cluster import storage
 from raybooth.cluster.config import BatchConfig
+from raybooth.models.vlm_engine import INVALID_REQUEST, SERVER_ERROR, GenerationResult
 from raybooth.openai.protocol import BatchOutputLine, ChatCompletionResponse
-from raybooth.pipelines.batch import parts_uri_for, run_batch
+from raybooth.pipelines.batch import batch_output_line, parts_uri_for, run_batch
+from raybooth.pipelines.inference import RowStats
 from raybooth.samples import draw_sample_image, png_bytes
 
 pytestmark = pytest.mark.slow
@@ -209,3 +211,20 @@ def test_cli_fails_fast(tmp_path, capsys):
     (tmp_path / "in.jsonl").write_text("{}\n")
     assert main(["batch", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("error_type", "status", "code"),
+    [(INVALID_REQUEST, 400, "invalid_request"), (SERVER_ERROR, 500, "server_error")],
+)
+def test_a_row_the_engine_failed_is_its_own_error_with_the_engines_status(error_type, status, code):
+    """The engine says whose fault a failed row is; the batch line carries the status the route would send."""
+    row = {
+        "row_id": 3, "custom_id": "r3", "error": None, "error_kind": None, "error_code": None,
+        "error_param": None, "tool_format": None,
+    }  # fmt: skip
+    result = GenerationResult("", "error", 5, 0, error="the row failed", error_type=error_type)
+    line = batch_output_line(row, result, RowStats(), "tiny-vlm")
+    assert line.response.status_code == status
+    assert line.response.body["error"]["code"] == code
+    assert line.response.body["error"]["message"] == "line 3: the row failed"
