@@ -33,6 +33,7 @@ import torch
 
 from raybooth.cluster.config import BatchConfig, ClusterSection
 from raybooth.cluster.runtime import init_ray
+from raybooth.cluster.workdir import default_models_dir
 from raybooth.models.packing import PackItem, pack_by_token_budget, pack_fifo, padding_fraction
 from raybooth.models.vlm_engine import VLMEngine
 from raybooth.openai.chat import ChatLimits, generation_request_from_chat
@@ -79,7 +80,7 @@ def build_bench_vlm(dest: Path, device: str) -> Path:
 
     if (dest / "config.json").exists():
         return dest
-    tiny = AutoProcessor.from_pretrained(resolve_model("tiny-vlm"))
+    tiny = AutoProcessor.from_pretrained(resolve_model("tiny-vlm", models_dir=default_models_dir()))
     tokenizer = tiny.tokenizer
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessorPil(
@@ -149,7 +150,7 @@ def plain_loop(
 ) -> tuple[float, list]:
     """The baseline: one process, FIFO batches, same engine. Returns (seconds, prepared requests)."""
     started = time.perf_counter()
-    engine = VLMEngine.from_pretrained(model, device=device, dtype=dtype)
+    engine = VLMEngine.from_pretrained(model, device=device, dtype=dtype, models_dir=default_models_dir())
     limits = ChatLimits(default_max_tokens=64, max_tokens_cap=4096)
     prepared = []
     for line in lines:

@@ -29,6 +29,8 @@ from typing import Any
 
 import httpx
 
+from raybooth.cluster.workdir import default_models_dir
+
 
 @dataclass
 class RequestResult:
@@ -243,7 +245,7 @@ def run_embedded(args: argparse.Namespace) -> list[RunResult]:
     from raybooth.serving.app import build_app
 
     for name in (args.image_model, args.chat_model):
-        resolve_model(name)  # build presets once, before replicas race to
+        resolve_model(name, models_dir=default_models_dir())  # build presets once, before replicas race to
     # One whole CPU per model replica (its torch threads); the ingress takes none.
     init_ray(ClusterSection(num_cpus=args.num_cpus or max(2, os.cpu_count() or 2)))
     port = args.port

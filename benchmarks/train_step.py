@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from raybooth.cluster.workdir import default_models_dir
 from raybooth.models.device import make_grad_scaler, pick_device, resolve_precision
 from raybooth.models.dreambooth import (
     EncodingCache,
@@ -87,7 +88,7 @@ def timed_loop(setup: Setup, steps: int, warmup: int, report: Any = None, report
     torch.set_num_threads(setup.threads)
     device = pick_device(setup.device)
     plan = resolve_precision(setup.mixed_precision, device)
-    components = load_sd_components(setup.preset, device=device)
+    components = load_sd_components(setup.preset, device=device, models_dir=default_models_dir())
     models = prepare_for_training(
         components,
         train_mode="full",

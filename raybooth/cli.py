@@ -85,13 +85,14 @@ def add_build_models(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for the random weights")
 
     def run(args: argparse.Namespace) -> int:
-        from raybooth.models.presets import PRESETS, build_preset
+        from raybooth.cluster.workdir import default_models_dir
+        from raybooth.models.presets import PRESETS, build_preset, preset_dir
 
         for name in args.presets:
             if name not in PRESETS:
                 raise UserError(f"unknown preset {name!r}; choose from {', '.join(sorted(PRESETS))}")
         for name in args.presets:
-            print(f"{name}: {build_preset(name, seed=args.seed)}")
+            print(f"{name}: {build_preset(name, preset_dir(name, default_models_dir()), seed=args.seed)}")
         return 0
 
     p.set_defaults(func=run)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from raybooth.cluster.config import DemoConfig, load_config
+from raybooth.cluster.workdir import default_models_dir
 
 if TYPE_CHECKING:
     from raybooth.pipelines.progress import JobSummary
@@ -157,7 +158,7 @@ def run_demo(config: str | None, overrides: list[str], verbose: bool = False) ->
 
     step("1/7 model presets (tiny, seeded, saved in diffusers/transformers format)")
     for preset in ("tiny-sd", "tiny-vlm"):
-        report.add(f"model {preset}", resolve_model(preset))
+        report.add(f"model {preset}", resolve_model(preset, models_dir=default_models_dir()))
 
     step("2/7 Ray")
     with ray_session(cfg.cluster, verbose=verbose) as info:

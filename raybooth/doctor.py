@@ -9,8 +9,10 @@ MLflow tracking URI, the model presets) and exits 2 when any check fails, each f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from raybooth.cluster.config import JobConfig, build_config, deep_merge, load_any_config, parse_overrides
+from raybooth.cluster.workdir import default_models_dir
 
 
 @dataclass
@@ -73,9 +75,9 @@ def check_presets(build: bool) -> Check:
     from raybooth.models.presets import build_preset, preset_status
 
     parts = []
-    for status in preset_status():
+    for status in preset_status(default_models_dir()):
         if build and not status["built"] and status["name"] != "sd15-arch":
-            build_preset(status["name"])
+            build_preset(status["name"], Path(status["path"]))
             status["built"] = True
         state = f"built at {status['path']}" if status["built"] else "not built (raybooth build-models)"
         parts.append(f"{status['name']} [{status['kind']}] {state}")

@@ -318,16 +318,18 @@ def ray_cluster(s3_server: S3Server):
 def tiny_sd_path() -> Path:
     """The tiny-sd preset, built once per session into the session work dir exactly as users get it;
     Ray workers started later find it built through the same `resolve_model`."""
+    from raybooth.cluster.workdir import default_models_dir
     from raybooth.models.presets import resolve_model
 
-    return Path(resolve_model("tiny-sd"))
+    return Path(resolve_model("tiny-sd", models_dir=default_models_dir()))
 
 
 @pytest.fixture(scope="session")
 def tiny_vlm_path() -> Path:
+    from raybooth.cluster.workdir import default_models_dir
     from raybooth.models.presets import resolve_model
 
-    return Path(resolve_model("tiny-vlm"))
+    return Path(resolve_model("tiny-vlm", models_dir=default_models_dir()))
 
 
 @pytest.fixture(autouse=True)

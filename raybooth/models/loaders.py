@@ -4,7 +4,7 @@ Presets, local folders and hub ids all end in the same `from_pretrained(path)` c
 is loaded exactly as a real checkpoint is. Loading errors a user can cause (a folder missing files,
 a hub id with no network) become one-line `ModelError`s; the original error is chained.
 
-    pipe = load_sd_pipeline("tiny-sd")
+    pipe = load_sd_pipeline("tiny-sd", models_dir=Path(".raybooth/models"))   # a preset, folder or hub id
     image = pipe("a photo of sks dog", height=64, width=64, num_inference_steps=10).images[0]
 """
 
@@ -52,19 +52,22 @@ class SDComponents:
 
 
 def load_sd_pipeline(
-    name_or_path: str, device: DeviceLike = None, dtype: DtypeLike = None
+    name_or_path: str, device: DeviceLike = None, dtype: DtypeLike = None, *, models_dir: Path | None = None
 ) -> StableDiffusionPipeline:
-    """A `StableDiffusionPipeline` on `device` (default: cuda if there is one) in `dtype` (default fp32)."""
-    path = resolve_model(name_or_path, kind="sd")
+    """A `StableDiffusionPipeline` on `device` (default: cuda if there is one) in `dtype` (default fp32).
+    `models_dir`: where presets are built (needed only when `name_or_path` is a preset name)."""
+    path = resolve_model(name_or_path, kind="sd", models_dir=models_dir)
     with _explain_load_errors(name_or_path, path, "sd") as options:
         pipeline = StableDiffusionPipeline.from_pretrained(path, **options, **_dtype_option(dtype))
     pipeline.set_progress_bar_config(disable=True)  # jobs and servers report progress their own way
     return pipeline.to(_device(device))
 
 
-def load_sd_components(name_or_path: str, device: DeviceLike = None, dtype: DtypeLike = None) -> SDComponents:
+def load_sd_components(
+    name_or_path: str, device: DeviceLike = None, dtype: DtypeLike = None, *, models_dir: Path | None = None
+) -> SDComponents:
     """UNet, VAE, text encoder, tokenizer and a DDPM noise scheduler, from the pipeline's subfolders."""
-    path = resolve_model(name_or_path, kind="sd")
+    path = resolve_model(name_or_path, kind="sd", models_dir=models_dir)
     target = _device(device)
     with _explain_load_errors(name_or_path, path, "sd") as options:
         weights = {**options, **_dtype_option(dtype)}
@@ -83,10 +86,10 @@ def load_sd_components(name_or_path: str, device: DeviceLike = None, dtype: Dtyp
 
 
 def load_vlm(
-    name_or_path: str, device: DeviceLike = None, dtype: DtypeLike = None
+    name_or_path: str, device: DeviceLike = None, dtype: DtypeLike = None, *, models_dir: Path | None = None
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
     """`(model, processor)` in eval mode via the Auto classes; default dtype: the checkpoint's own."""
-    path = resolve_model(name_or_path, kind="vlm")
+    path = resolve_model(name_or_path, kind="vlm", models_dir=models_dir)
     with _explain_load_errors(name_or_path, path, "vlm") as options:
         processor = AutoProcessor.from_pretrained(path, **options)
         model = AutoModelForImageTextToText.from_pretrained(path, **options, **_dtype_option(dtype))

@@ -8,7 +8,10 @@ diffusers/transformers folder format under the work dir (`raybooth build-models`
     sd15-arch   SD 1.5's real architecture with random weights: GPU benchmarks only (~4 GB)
 
 `resolve_model` maps a preset name to its built folder, a local folder to itself, and `org/name` to a
-hub id; from there the loaders treat all three the same way.
+hub id; from there the loaders treat all three the same way. Where presets live is the caller's to say
+(`models_dir`; the jobs pass `raybooth.cluster.workdir.default_models_dir()`): models/ reads no work dir.
+
+    folder = resolve_model("tiny-sd", kind="sd", models_dir=Path(".raybooth/models"))
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from raybooth.cluster.workdir import default_models_dir
 from raybooth.errors import ModelError
 
 ModelKind = Literal["sd", "vlm"]
@@ -62,9 +64,9 @@ def get_preset(name: str) -> Preset:
         raise ModelError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}") from None
 
 
-def preset_dir(name: str) -> Path:
-    """Where `resolve_model` keeps a preset: `<work dir>/models/<name>`."""
-    return default_models_dir() / get_preset(name).name
+def preset_dir(name: str, models_dir: Path) -> Path:
+    """Where `resolve_model` keeps a preset: `<models_dir>/<name>`."""
+    return Path(models_dir) / get_preset(name).name
 
 
 def read_marker(folder: Path) -> dict[str, Any] | None:
@@ -82,15 +84,16 @@ def _is_current_build(folder: Path, name: str, seed: int | None = None) -> bool:
     return seed is None or marker.get("seed") == seed
 
 
-def build_preset(name: str, dest: Path | None = None, seed: int = 0) -> Path:
-    """Build preset `name` into `dest` (default: its folder in the work dir) and return the folder.
+def build_preset(name: str, dest: Path, seed: int = 0) -> Path:
+    """Build preset `name` into `dest` (`preset_dir(name, models_dir)` for the one `resolve_model` finds)
+    and return the folder.
 
     It is built in a hidden sibling folder and renamed into place, so `dest` either does not exist or
     is complete: a crash mid-build leaves nothing that looks done. Building again with the same seed
     is a no-op; another seed replaces the old build. Same seed → byte-identical weight files.
     """
     preset = get_preset(name)
-    dest = Path(dest).expanduser().resolve() if dest is not None else preset_dir(name)
+    dest = Path(dest).expanduser().resolve()
     if _is_current_build(dest, name, seed):
         return dest
     if dest.exists() and read_marker(dest) is None:
@@ -143,8 +146,9 @@ def _move_into_place(building: Path, dest: Path, name: str, seed: int) -> None:
             raise
 
 
-def resolve_model(name_or_path: str, kind: str | None = None) -> str:
-    """A preset name → its built folder (built on first use); a local folder → itself; `org/name` → as is.
+def resolve_model(name_or_path: str, kind: str | None = None, *, models_dir: Path | None = None) -> str:
+    """A preset name → its built folder under `models_dir` (built on first use); a local folder → itself;
+    `org/name` → as is.
 
     With `kind` ("sd" or "vlm") a preset or folder of the other kind is refused here, before any
     loading. A hub id is returned unchanged: the loaders fetch it, or explain that they cannot offline.
@@ -160,7 +164,12 @@ def resolve_model(name_or_path: str, kind: str | None = None) -> str:
                 f"preset {preset.name!r} is a {KIND_NAMES[preset.kind]}, but a {KIND_NAMES[kind]} is "
                 f"needed here; use {same_kind} or a path"
             )
-        folder = preset_dir(preset.name)
+        if models_dir is None:
+            raise ModelError(
+                f"{preset.name!r} is a preset, and no models_dir says where presets are built; pass "
+                "models_dir (e.g. raybooth.cluster.workdir.default_models_dir()) or the preset's folder"
+            )
+        folder = preset_dir(preset.name, models_dir)
         if not _is_current_build(folder, preset.name):  # any seed will do; an old format will not
             build_preset(preset.name, folder, seed=(read_marker(folder) or {}).get("seed", 0))
         return str(folder)
@@ -186,11 +195,11 @@ def resolve_model(name_or_path: str, kind: str | None = None) -> str:
     )
 
 
-def preset_status() -> list[dict[str, Any]]:
+def preset_status(models_dir: Path) -> list[dict[str, Any]]:
     """One row per preset (name, kind, description, built, path, seed) for `raybooth doctor`."""
     rows = []
     for preset in PRESETS.values():
-        folder = preset_dir(preset.name)
+        folder = preset_dir(preset.name, models_dir)
         built = _is_current_build(folder, preset.name)
         marker = read_marker(folder) if built else None
         rows.append(

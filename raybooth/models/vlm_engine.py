@@ -41,6 +41,7 @@ import threading
 from collections import Counter
 from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -273,12 +274,18 @@ class VLMEngine:
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str, device: str | None = None, dtype: torch.dtype | str | None = None
+        cls,
+        name_or_path: str,
+        device: str | None = None,
+        dtype: torch.dtype | str | None = None,
+        *,
+        models_dir: Path | None = None,
     ) -> VLMEngine:
-        """A preset name (`tiny-vlm`), a local path or a hub id; device "auto" picks CUDA when present."""
+        """A preset name (`tiny-vlm`, built under `models_dir`), a local path or a hub id; device "auto"
+        picks CUDA when present."""
         from raybooth.models.loaders import load_vlm
 
-        model, processor = load_vlm(name_or_path, device=device, dtype=dtype)
+        model, processor = load_vlm(name_or_path, device=device, dtype=dtype, models_dir=models_dir)
         return cls(model, processor)
 
     def _eos_ids(self) -> set[int]:

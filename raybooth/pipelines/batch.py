@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 from raybooth.cluster import storage
 from raybooth.cluster.config import BatchConfig
+from raybooth.cluster.workdir import default_models_dir
 from raybooth.errors import UserError
 from raybooth.models.vlm_engine import SERVER_ERROR, GenerationResult, prepare_request
 from raybooth.openai.chat import (
@@ -274,7 +275,7 @@ def check_batch_config(cfg: BatchConfig) -> None:
         raise UserError(f"--input {cfg.input} is a folder; pass the JSONL file itself")
     if not storage.is_remote(cfg.output) and storage.local_path(cfg.output).is_dir():
         raise UserError(f"--output {cfg.output} is a folder; pass a file name such as results.jsonl")
-    resolve_model(cfg.model, kind="vlm")
+    resolve_model(cfg.model, kind="vlm", models_dir=default_models_dir())
 
 
 def assemble_results(parts_uri: str, output: str) -> int:

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from raybooth.cluster import storage
 from raybooth.cluster.config import CaptionConfig
+from raybooth.cluster.workdir import default_models_dir
 from raybooth.errors import UserError
 from raybooth.models.decoding import SamplingParams
 from raybooth.models.images import ImageLimits, decode_image, load_image
@@ -272,7 +273,9 @@ def check_caption_config(cfg: CaptionConfig) -> CaptionInput:
     if not storage.is_remote(cfg.output) and storage.local_path(cfg.output).is_file():
         raise UserError(f"--output {cfg.output} is a file; captions are written as parts into a folder")
     source = find_caption_input(cfg.input, cfg.image_column)
-    resolve_model(cfg.model, kind="vlm")  # builds a preset once here, not in every worker at once
+    resolve_model(
+        cfg.model, kind="vlm", models_dir=default_models_dir()
+    )  # builds a preset once here, not in every worker at once
     return source
 
 

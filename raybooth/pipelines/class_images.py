@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from raybooth.cluster import storage
+from raybooth.cluster.workdir import default_models_dir
 
 CACHE_SECTION = "class_images"
 INFO_FILE = "cache.json"
@@ -79,7 +80,9 @@ class ClassImageWriter:
         self.folder = folder
         # fp16 on a GPU: class images only need to look like the base model's, and it halves the memory.
         dtype = "fp16" if device.startswith("cuda") else None
-        self.pipeline = load_sd_pipeline(self.request.base_model, device=device, dtype=dtype)
+        self.pipeline = load_sd_pipeline(
+            self.request.base_model, device=device, dtype=dtype, models_dir=default_models_dir()
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from raybooth.models.sampling import sample_images

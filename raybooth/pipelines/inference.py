@@ -34,6 +34,7 @@ import torch
 
 from raybooth.cluster import storage
 from raybooth.cluster.config import InferenceJobConfig
+from raybooth.cluster.workdir import default_models_dir
 from raybooth.errors import UserError
 from raybooth.models.decoding import SamplingParams
 from raybooth.models.packing import PackedBatch, PackItem, pack_by_token_budget, pack_fifo
@@ -104,7 +105,7 @@ def load_processor(model: str) -> Any:
 
     from raybooth.models.presets import resolve_model
 
-    return AutoProcessor.from_pretrained(resolve_model(model, kind="vlm"))
+    return AutoProcessor.from_pretrained(resolve_model(model, kind="vlm", models_dir=default_models_dir()))
 
 
 def describe_error(e: BaseException) -> str:
@@ -167,7 +168,9 @@ class GenerationWorker:
         counter: Any,
         model_label: str,
     ):
-        self.engine = VLMEngine.from_pretrained(model, device=device, dtype=dtype)
+        self.engine = VLMEngine.from_pretrained(
+            model, device=device, dtype=dtype, models_dir=default_models_dir()
+        )
         self.max_rows = max_rows
         self.max_batch_tokens = max_batch_tokens
         self.packing = packing

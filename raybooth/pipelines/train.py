@@ -32,6 +32,7 @@ from mlflow import MlflowClient
 
 from raybooth.cluster import storage, tracking
 from raybooth.cluster.config import DreamBoothConfig
+from raybooth.cluster.workdir import default_models_dir
 from raybooth.errors import UserError
 from raybooth.models import checkpoint as ckpt
 from raybooth.models.dreambooth_data import IMAGE_SUFFIXES, INSTANCE_IMAGE_LIMITS
@@ -180,7 +181,9 @@ def preflight(cfg: DreamBoothConfig) -> Preflight:
         )
         for i, c in enumerate(cfg.concepts)
     ]
-    resolve_model(cfg.base_model, kind="sd")  # ModelError for an unknown preset or a bad folder
+    resolve_model(
+        cfg.base_model, kind="sd", models_dir=default_models_dir()
+    )  # ModelError for an unknown preset or a bad folder
     tracking_uri = tracking.configure(cfg.tracking)
     return Preflight(concepts, resolve_resume(cfg), tracking_uri)
 

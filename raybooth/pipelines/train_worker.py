@@ -28,6 +28,7 @@ from mlflow import MlflowClient
 
 from raybooth.cluster import storage, tracking
 from raybooth.cluster.config import DreamBoothConfig, TrackingSection
+from raybooth.cluster.workdir import default_models_dir
 from raybooth.models import checkpoint as ckpt
 from raybooth.models.device import PrecisionPlan, autocast, make_grad_scaler, resolve_precision
 from raybooth.models.dreambooth import (
@@ -349,7 +350,7 @@ def train_func(raw_job: dict[str, Any]) -> None:
     plan = resolve_precision(cfg.mixed_precision, device)
 
     seed_everything(cfg.seed)
-    components = load_sd_components(cfg.base_model, device=device)
+    components = load_sd_components(cfg.base_model, device=device, models_dir=default_models_dir())
     models = prepare_for_training(
         components,
         train_mode=cfg.train_mode,

@@ -24,6 +24,7 @@ from ray import serve
 from ray.serve import metrics
 
 from raybooth.cluster.config import ChatServeSection, SafetySection
+from raybooth.cluster.workdir import default_models_dir
 from raybooth.models.device import pick_device
 from raybooth.models.safety import SafetyPolicy, StreamingSafetyFilter
 from raybooth.models.vlm_engine import GenerationRequest, StreamDelta, VLMEngine
@@ -106,7 +107,9 @@ class ChatDeployment:
         self.policy = SafetyPolicy.from_settings(SafetySection.model_validate(safety).model_dump())
         device = pick_device(self.cfg.device or "auto")
         dtype = None if self.cfg.dtype == "auto" else self.cfg.dtype
-        self.engine = VLMEngine.from_pretrained(model, device=str(device), dtype=dtype)
+        self.engine = VLMEngine.from_pretrained(
+            model, device=str(device), dtype=dtype, models_dir=default_models_dir()
+        )
         self.generate_batch = serve.batch(
             max_batch_size=self.cfg.max_batch_size,
             batch_wait_timeout_s=self.cfg.batch_wait_timeout_s,

@@ -24,6 +24,7 @@ from typing import Any
 from PIL import Image
 
 from raybooth.cluster import tracking
+from raybooth.cluster.workdir import default_models_dir
 from raybooth.errors import ModelError, TrackingError
 from raybooth.models.loaders import load_sd_pipeline
 from raybooth.models.presets import resolve_model
@@ -103,7 +104,9 @@ class ImageModelStore:
                 floating = not _PINNED.search(model_id.removeprefix("models:/"))
                 return Located(model_id, folder, f"{ref.name}/{ref.version}", floating=floating)
         # A preset or hub id the operator listed in image_models.
-        return Located(model_id, Path(resolve_model(model_id)), model_id, floating=False)
+        return Located(
+            model_id, Path(resolve_model(model_id, models_dir=default_models_dir())), model_id, floating=False
+        )
 
     # ------------------------------------------------------------------ loading
 
@@ -122,7 +125,7 @@ class ImageModelStore:
 
     def _load_lora(self, located: Located, folder: Path) -> LoadedImageModel:
         base_name = lora_base_model(folder) or self.lora_base_model
-        base_path = str(resolve_model(base_name))
+        base_path = str(resolve_model(base_name, models_dir=default_models_dir()))
         with self._bases_lock:
             base = self._bases.get(base_path)
             if base is None:

@@ -13,6 +13,7 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from torch import nn
 
+from raybooth.cluster.workdir import default_models_dir
 from raybooth.models import checkpoint as ckpt
 from raybooth.models.device import make_grad_scaler, resolve_precision
 from raybooth.models.dreambooth import (
@@ -45,7 +46,7 @@ def make_data(with_prior: bool = True, random_flip: bool = False, instances: int
 
 def make_models(train_mode: str = "full", train_text_encoder: bool = False, plan=FP32, **kw) -> TrainModels:
     return prepare_for_training(
-        load_sd_components("tiny-sd", device="cpu"),
+        load_sd_components("tiny-sd", device="cpu", models_dir=default_models_dir()),
         train_mode=train_mode,
         train_text_encoder=train_text_encoder,
         plan=plan,

@@ -95,13 +95,13 @@ def test_build_never_overwrites_a_foreign_folder(tmp_path):
     assert (mine / "notes.txt").read_text() == "keep me"
 
 
-def test_resolve_builds_a_preset_on_first_use(tmp_path, monkeypatch):
-    monkeypatch.setenv("RAYBOOTH_HOME", str(tmp_path))
-    assert not next(r for r in preset_status() if r["name"] == "tiny-vlm")["built"]
-    path = resolve_model("tiny-vlm", kind="vlm")
-    assert Path(path) == tmp_path.resolve() / "models" / "tiny-vlm"
+def test_resolve_builds_a_preset_on_first_use_in_the_models_dir_it_is_given(tmp_path):
+    models_dir = tmp_path / "models"
+    assert not next(r for r in preset_status(models_dir) if r["name"] == "tiny-vlm")["built"]
+    path = resolve_model("tiny-vlm", kind="vlm", models_dir=models_dir)
+    assert Path(path) == models_dir.resolve() / "tiny-vlm"
     assert (Path(path) / "config.json").is_file()
-    status = {r["name"]: r for r in preset_status()}
+    status = {r["name"]: r for r in preset_status(models_dir)}
     assert status["tiny-vlm"]["built"] and status["tiny-vlm"]["path"] == path
     assert not status["sd15-arch"]["built"] and status["sd15-arch"]["kind"] == "sd"
 
@@ -121,9 +121,16 @@ def test_resolve_local_folders_and_hub_ids(tmp_path, tiny_sd_path):
         ("tiny-sd", "audio", "unknown model kind 'audio'"),
     ],
 )
-def test_resolve_errors_name_the_fix(reference, kind, message):
+def test_resolve_errors_name_the_fix(reference, kind, message, tmp_path):
     with pytest.raises(ModelError, match=message.replace("(", r"\(")):
-        resolve_model(reference, kind=kind)
+        resolve_model(reference, kind=kind, models_dir=tmp_path)
+
+
+def test_a_preset_name_needs_a_models_dir(tmp_path):
+    """models/ reads no work dir: where presets live is always the caller's to say."""
+    with pytest.raises(ModelError, match="'tiny-sd' is a preset, and no models_dir says where"):
+        resolve_model("tiny-sd", kind="sd")
+    assert not any(tmp_path.iterdir())
 
 
 def test_resolve_refuses_a_folder_of_the_wrong_kind(tiny_sd_path, tmp_path):

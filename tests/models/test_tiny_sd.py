@@ -11,6 +11,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from PIL import Image
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, CLIPTokenizerFast
 
+from raybooth.cluster.workdir import default_models_dir
 from raybooth.errors import ModelError
 from raybooth.models import load_sd_components, load_sd_pipeline
 
@@ -38,14 +39,14 @@ def test_loads_with_plain_diffusers_and_samples_deterministically(tiny_sd_path):
 
 
 def test_load_sd_pipeline_puts_it_on_the_device_in_the_dtype(tiny_sd_path):
-    pipe = load_sd_pipeline("tiny-sd", device="cpu")
+    pipe = load_sd_pipeline("tiny-sd", device="cpu", models_dir=default_models_dir())
     assert pipe.device.type == "cpu" and pipe.unet.dtype == torch.float32
     assert np.array_equal(sample(pipe), sample(load_sd_pipeline(str(tiny_sd_path), device="cpu")))
-    assert load_sd_pipeline("tiny-sd", device="cpu", dtype="bf16").unet.dtype == torch.bfloat16
+    assert load_sd_pipeline(str(tiny_sd_path), device="cpu", dtype="bf16").unet.dtype == torch.bfloat16
 
 
 def test_components_load_from_subfolders_and_fit_together(tiny_sd_path):
-    parts = load_sd_components("tiny-sd", device="cpu")
+    parts = load_sd_components(str(tiny_sd_path), device="cpu")
     assert isinstance(parts.unet, UNet2DConditionModel)
     assert isinstance(parts.vae, AutoencoderKL)
     assert isinstance(parts.text_encoder, CLIPTextModel)

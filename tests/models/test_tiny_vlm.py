@@ -12,6 +12,7 @@ from transformers import (
     LlavaProcessor,
 )
 
+from raybooth.cluster.workdir import default_models_dir
 from raybooth.errors import ModelError
 from raybooth.models import load_vlm
 
@@ -39,7 +40,7 @@ def test_loads_through_the_auto_classes(tiny_vlm_path):
 
 
 def test_chat_template_renders_openai_content_parts(tiny_vlm_path):
-    _, processor = load_vlm("tiny-vlm", device="cpu")
+    _, processor = load_vlm("tiny-vlm", device="cpu", models_dir=default_models_dir())
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
@@ -63,7 +64,7 @@ def test_processor_expands_each_image_to_its_tokens(tiny_vlm_path):
 
 
 def test_batched_greedy_generate_is_deterministic_with_left_padding(tiny_vlm_path):
-    model, processor = load_vlm("tiny-vlm", device="cpu")
+    model, processor = load_vlm("tiny-vlm", device="cpu", models_dir=default_models_dir())
     questions = [
         "Describe the image.",
         "What color is the cat in this photo?",
@@ -90,7 +91,7 @@ def test_batched_greedy_generate_is_deterministic_with_left_padding(tiny_vlm_pat
 
 def test_vlm_load_errors_name_the_fix(tiny_sd_path, monkeypatch):
     with pytest.raises(ModelError, match="preset 'tiny-sd' is a Stable Diffusion pipeline"):
-        load_vlm("tiny-sd")
+        load_vlm("tiny-sd", models_dir=default_models_dir())
     from raybooth.models import loaders
 
     monkeypatch.setattr(loaders, "hub_reachable", lambda: False)

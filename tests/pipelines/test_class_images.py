@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from raybooth.cluster import storage
+from raybooth.cluster.workdir import default_models_dir
 from raybooth.models.loaders import load_sd_pipeline
 from raybooth.models.sampling import sample_images
 from raybooth.pipelines.class_images import ClassImageRequest, ensure_class_images, image_seed
@@ -52,7 +53,7 @@ def test_generated_once_reused_and_topped_up(ray_cluster, tmp_path):
     assert (fewer.generated, fewer.reused) == (0, 2)
 
     # Image i is the base model's sample for seed image_seed(seed, i), whatever batch it was made in.
-    pipe = load_sd_pipeline("tiny-sd", device="cpu")
+    pipe = load_sd_pipeline("tiny-sd", device="cpu", models_dir=default_models_dir())
     (expected,) = sample_images(
         pipe,
         ["a photo of a toy"],
