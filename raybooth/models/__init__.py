@@ -1,10 +1,14 @@
 """Ray-free compute cores: building and loading Stable Diffusion and VLMs, devices and precision.
 
-Nothing under `raybooth.models` imports Ray, so GPU benchmarks run this code on a bare machine.
+Nothing under `raybooth.models` imports Ray, so GPU benchmarks run this code on a bare machine, and
+nothing imports `raybooth.cluster` either: paths (where presets are built) and filesystems come in as
+arguments (tests/test_layers.py keeps it so).
 
+    from pathlib import Path
     from raybooth.models import load_sd_pipeline, load_vlm
-    pipe = load_sd_pipeline("tiny-sd")              # a preset, a local folder or a hub id
-    model, processor = load_vlm("tiny-vlm", device="cpu")
+    models = Path(".raybooth/models")                   # where presets are built (the jobs' work dir)
+    pipe = load_sd_pipeline("tiny-sd", models_dir=models)   # a preset, a local folder or a hub id
+    model, processor = load_vlm("tiny-vlm", device="cpu", models_dir=models)
 
 The names below are imported on first use (PEP 562): importing diffusers and transformers takes
 seconds, and `raybooth doctor` or `from raybooth.models.presets import resolve_model` need neither.
