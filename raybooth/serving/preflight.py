@@ -1,7 +1,8 @@
 """Before deploying: does what the Serve app asks for fit the cluster? One line naming the keys if not.
 
-    from raybooth.serving.preflight import check_app_fits
-    check_app_fits(cfg)   # in `raybooth serve` and `raybooth demo`, after Ray is up, before serve.start
+    from raybooth.serving.preflight import check_app_fits, check_fits, embedded_resources
+    check_fits(cfg, embedded_resources(cfg.cluster), can_grow=False)   # `raybooth serve`, before Ray starts
+    check_app_fits(cfg)   # against the connected cluster (`raybooth demo`, a remote cluster), before serve.start
 
 Ray Serve places each replica as an actor with its `ray_actor_options`; a replica that does not fit waits
 forever ("total resources available: {}"), and the app with it. So the app's ask at start, per deployment
@@ -20,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from raybooth.cluster.config import ServeConfig
+from raybooth.cluster.config import ClusterSection, ServeConfig
 from raybooth.errors import UserError
 
 SECTIONS = ("ingress", "image", "chat")  # the ServeConfig sections that become deployments
@@ -107,6 +108,16 @@ def check_fits(cfg: ServeConfig, cluster: Mapping[str, float], can_grow: bool) -
             "scaling up where the cluster is full"
         )
     return notes
+
+
+def embedded_resources(section: ClusterSection) -> dict[str, float]:
+    """What the embedded Ray that `cluster.runtime.init_ray` would start offers (its same defaults)."""
+    import os
+
+    import torch
+
+    gpus = section.num_gpus if section.num_gpus is not None else torch.cuda.device_count()
+    return {"CPU": float(section.num_cpus or os.cpu_count() or 1), "GPU": float(gpus)}
 
 
 def check_app_fits(cfg: ServeConfig) -> None:

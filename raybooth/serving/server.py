@@ -16,7 +16,7 @@ import time
 
 from raybooth.cluster.config import ServeConfig, load_config
 from raybooth.serving.auth import check_bind_allowed, key_digests
-from raybooth.serving.preflight import check_app_fits
+from raybooth.serving.preflight import check_app_fits, check_fits, embedded_resources
 
 APP_NAME = "raybooth"
 ROUTES = (
@@ -68,16 +68,20 @@ def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
 def run_server(config: str | None, overrides: list[str], verbose: bool = False) -> int:
     from ray import serve
 
-    from raybooth.cluster.runtime import ray_session
+    from raybooth.cluster.runtime import ray_session, resolve_address
 
     cfg = load_config(ServeConfig, config, overrides)
     digests = key_digests(cfg.api_keys_env, cfg.api_keys_file)
     check_bind_allowed(cfg.host, digests)  # before Ray starts: fail in a second, not a minute
+    embedded = resolve_address(cfg.cluster) is None
+    if embedded:  # an embedded Ray cannot grow: refuse replicas that would never be placed, before it starts
+        check_fits(cfg, embedded_resources(cfg.cluster), can_grow=False)
     with ray_session(cfg.cluster, verbose=verbose) as info:
         # SIGTERM (Kubernetes, systemd, `kill`) shuts down as cleanly as Ctrl-C; set after ray.init, whose
         # own handler would abort the process.
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-        check_app_fits(cfg)  # before Serve starts: nothing deployed, nothing to shut down
+        if not embedded:
+            check_app_fits(cfg)  # a connected cluster: notes only (its autoscaler may add nodes)
         try:
             print(f"starting Serve on {'embedded Ray' if info.embedded else info.address} ...", flush=True)
             url = start_server(cfg, preflight=False)
