@@ -44,10 +44,14 @@ def start_server(cfg: ServeConfig, preflight: bool = True) -> str:
     check_bind_allowed(cfg.host, key_digests(cfg.api_keys_env, cfg.api_keys_file))
     if preflight:
         check_app_fits(cfg)
+    # Built before the proxy starts: until the controller has the app's route, the proxy answers 404 to
+    # every path (healthz included), so that window stays as short as submitting the app.
+    application = build_app(cfg)
     serve.start(
         http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.ingress.request_timeout_s}
     )
-    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
+    # Blocks until every deployment is RUNNING; meanwhile the ingress's /healthz answers 503.
+    serve.run(application, name=APP_NAME, route_prefix="/")
     return base_url(cfg)
 
 
