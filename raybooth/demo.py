@@ -93,10 +93,10 @@ def serve_and_ask(cfg: DemoConfig, image_model: str, report: DemoReport) -> None
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-    small = {"num_cpus": 0.25}  # three replicas beside the demo's other jobs on a laptop
+    # Resources are the serve defaults (they fit a 2-core laptop); start_server checks them first.
     serve_cfg = ServeConfig(
         cluster=cfg.cluster, storage=cfg.storage, tracking=cfg.tracking, port=port, image_models=[image_model],
-        ingress=small, image={**small, "default_size": "64x64", "default_steps": 8}, chat={**small, "default_max_tokens": 16},
+        image={"default_size": "64x64", "default_steps": 8}, chat={"default_max_tokens": 16},
     )  # fmt: skip
     url = start_server(serve_cfg)
     try:

@@ -2,7 +2,8 @@
 
     save_checkpoint(folder, models.trainable(), optimizer, lr_scheduler, scaler, step=10, meta={...})
     state = load_checkpoint(folder, models.trainable(), optimizer, lr_scheduler, scaler)   # -> step 10
-    export_model(out_dir, models, base_model="tiny-sd", fp16=True)   # diffusers folder or LoRA weights
+    save_full_pipeline(out_dir, components, scheduler)   # fp32 diffusers folder plus its fp16 variant
+    save_lora_weights(out_dir, unet, text_encoder, base_model="tiny-sd", dtype=torch.float16)
 
 A checkpoint folder holds:
     unet.safetensors, text_encoder.safetensors   the trainable weights only (fp32; LoRA: the adapters)
@@ -192,25 +193,41 @@ def save_lora_weights(
     return folder
 
 
-def save_full_pipeline(
-    folder: str | Path, components: Any, inference_scheduler: Any, dtype: torch.dtype = torch.float16
-) -> Path:
-    """A complete diffusers folder (model_index.json + parts) that StableDiffusionPipeline loads, in `dtype`.
+FP16_VARIANT = "fp16"  # diffusers' variant name: files `*.fp16.safetensors` beside the fp32 ones
 
-    The modules are cast in place: call this after the last checkpoint, when training is over.
+
+def save_full_pipeline(
+    folder: str | Path, components: Any, inference_scheduler: Any, fp16_variant: bool = True
+) -> Path:
+    """A complete diffusers folder (model_index.json + parts), laid out as diffusers publishes checkpoints.
+
+    The main weights are fp32, so a plain `StableDiffusionPipeline.from_pretrained(folder)` gets one dtype
+    everywhere and runs on a CPU. With `fp16_variant`, each part also gets an fp16 copy
+    (`diffusion_pytorch_model.fp16.safetensors`, `model.fp16.safetensors`) that a GPU loads with
+    `from_pretrained(folder, variant="fp16", dtype=torch.float16)`: half the download, half the memory.
     """
+    import copy
+
     from diffusers import StableDiffusionPipeline
 
-    pipeline = StableDiffusionPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        unet=components.unet,
-        scheduler=inference_scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.to(dtype=dtype)
-    pipeline.save_pretrained(folder, safe_serialization=True)
-    return Path(folder)
+    def pipeline_of(parts: dict[str, Any]) -> StableDiffusionPipeline:
+        return StableDiffusionPipeline(
+            **parts,
+            tokenizer=components.tokenizer,
+            scheduler=inference_scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    folder = Path(folder)
+    modules = {"vae": components.vae, "text_encoder": components.text_encoder, "unet": components.unet}
+    if fp16_variant:
+        # The fp16 copies first: transformers writes the weights' dtype into text_encoder/config.json and
+        # loads that dtype by default, so the fp32 save that follows must be the one that writes the config.
+        halves = {name: copy.deepcopy(m).to(torch.float16) for name, m in modules.items()}
+        pipeline_of(halves).save_pretrained(folder, safe_serialization=True, variant=FP16_VARIANT)
+        del halves
+    full = {name: m.to(torch.float32) for name, m in modules.items()}
+    pipeline_of(full).save_pretrained(folder, safe_serialization=True)
+    return folder

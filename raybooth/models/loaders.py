@@ -52,12 +52,20 @@ class SDComponents:
 
 
 def load_sd_pipeline(
-    name_or_path: str, device: DeviceLike = None, dtype: DtypeLike = None, *, models_dir: Path | None = None
+    name_or_path: str,
+    device: DeviceLike = None,
+    dtype: DtypeLike = None,
+    variant: str | None = None,
+    *,
+    models_dir: Path | None = None,
 ) -> StableDiffusionPipeline:
-    """A `StableDiffusionPipeline` on `device` (default: cuda if there is one) in `dtype` (default fp32).
+    """A `StableDiffusionPipeline` on `device` (default: cuda if there is one) in `dtype` (default fp32);
+    `variant="fp16"` reads the checkpoint's `*.fp16.safetensors` files instead of the fp32 ones.
     `models_dir`: where presets are built (needed only when `name_or_path` is a preset name)."""
     path = resolve_model(name_or_path, kind="sd", models_dir=models_dir)
     with _explain_load_errors(name_or_path, path, "sd") as options:
+        if variant:
+            options = {**options, "variant": variant}
         pipeline = StableDiffusionPipeline.from_pretrained(path, **options, **_dtype_option(dtype))
     pipeline.set_progress_bar_config(disable=True)  # jobs and servers report progress their own way
     return pipeline.to(_device(device))

@@ -253,7 +253,11 @@ def validation_images(
 def export_final_model(
     folder: Path, models: TrainModels, scheduler: Any, cfg: DreamBoothConfig, job: WorkerJob
 ) -> Path:
-    """The trained model as `raybooth generate` and the server load it: diffusers folder or LoRA weights."""
+    """The trained model as `raybooth generate` and the server load it: diffusers folder or LoRA weights.
+
+    A full fine-tune is fp32 plus (`export_fp16`) an fp16 variant, as diffusers publishes checkpoints, so
+    plain `from_pretrained(folder)` works on a CPU; LoRA adapters are saved in fp16 (`export_fp16`), which
+    `load_lora_weights` casts to the base pipeline's dtype."""
     dtype = torch.float16 if cfg.export_fp16 else torch.float32
     unet, text_encoder = unwrap(models.unet), unwrap(models.text_encoder)
     if cfg.train_mode == "lora":
@@ -264,7 +268,7 @@ def export_final_model(
         parts = SimpleNamespace(
             unet=unet, text_encoder=text_encoder, vae=models.vae, tokenizer=models.tokenizer
         )
-        ckpt.save_full_pipeline(folder, parts, scheduler, dtype)
+        ckpt.save_full_pipeline(folder, parts, scheduler, fp16_variant=cfg.export_fp16)
     info = {
         "base_model": cfg.base_model,
         "train_mode": cfg.train_mode,

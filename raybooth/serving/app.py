@@ -23,9 +23,6 @@ from ray.serve import Application
 
 from raybooth.cluster.config import DeploymentSection, ServeConfig, deep_merge, load_config
 from raybooth.serving.auth import key_digests
-from raybooth.serving.chat_deployment import ChatDeployment
-from raybooth.serving.image_deployment import ImageDeployment
-from raybooth.serving.ingress import Ingress
 
 
 def load_serve_config(args: dict[str, Any] | None) -> ServeConfig:
@@ -44,6 +41,7 @@ def load_serve_config(args: dict[str, Any] | None) -> ServeConfig:
 
 
 def deployment_options(section: DeploymentSection) -> dict[str, Any]:
+    """The one place a deployment's resources, queues and replicas are set (serving/preflight.py sums them)."""
     return {
         "ray_actor_options": {"num_cpus": section.num_cpus, "num_gpus": section.num_gpus},
         "max_ongoing_requests": section.max_ongoing_requests,
@@ -53,6 +51,12 @@ def deployment_options(section: DeploymentSection) -> dict[str, Any]:
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
+    # The deployments' modules import torch and transformers: only here, so the preflight that reads
+    # `deployment_options` stays a light import that fails in a second.
+    from raybooth.serving.chat_deployment import ChatDeployment
+    from raybooth.serving.image_deployment import ImageDeployment
+    from raybooth.serving.ingress import Ingress
+
     cfg = args if isinstance(args, ServeConfig) else load_serve_config(args)
     digests = key_digests(cfg.api_keys_env, cfg.api_keys_file)
     chat = ChatDeployment.options(**deployment_options(cfg.chat)).bind(

@@ -26,12 +26,14 @@ from PIL import Image
 from raybooth.cluster import tracking
 from raybooth.cluster.workdir import default_models_dir
 from raybooth.errors import ModelError, TrackingError
+from raybooth.models.device import pick_device
 from raybooth.models.loaders import load_sd_pipeline
 from raybooth.models.presets import resolve_model
 from raybooth.models.sampling import sample_images
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 LORA_META = "raybooth_lora.json"
+FP16_WEIGHTS = "unet/diffusion_pytorch_model.fp16.safetensors"  # present when the folder has an fp16 variant
 _PINNED = re.compile(r"/\d+$")  # name/3: a fixed version never moves
 
 
@@ -113,15 +115,26 @@ class ImageModelStore:
     def load(self, located: Located) -> LoadedImageModel:
         folder = model_folder(located.path)
         if (folder / "model_index.json").is_file():
-            return LoadedImageModel(
-                located, load_sd_pipeline(str(folder), device=self.device, dtype=self.dtype)
-            )
+            dtype, variant = self.weights_for(folder)
+            pipeline = load_sd_pipeline(str(folder), device=self.device, dtype=dtype, variant=variant)
+            return LoadedImageModel(located, pipeline)
         if (folder / LORA_WEIGHTS).is_file():
             return self._load_lora(located, folder)
         raise ModelError(
             f"model {located.model_id!r} ({located.path}) is neither a diffusers folder (model_index.json) nor "
             f"LoRA weights ({LORA_WEIGHTS})"
         )
+
+    def weights_for(self, folder: Path) -> tuple[str | None, str | None]:
+        """`(dtype, variant)` to load a diffusers folder with. Exported models are fp32 plus an fp16 variant
+        (models/checkpoint.py): a GPU with dtype auto or float16 reads the fp16 files (half the memory and
+        the read), a CPU the fp32 ones (CPUs have no fast fp16 kernels)."""
+        if not (folder / FP16_WEIGHTS).is_file():
+            return self.dtype, None
+        wants_fp16 = self.dtype == "float16" or (
+            self.dtype is None and pick_device(self.device or "auto").type == "cuda"
+        )
+        return ("float16", "fp16") if wants_fp16 else (self.dtype, None)
 
     def _load_lora(self, located: Located, folder: Path) -> LoadedImageModel:
         base_name = lora_base_model(folder) or self.lora_base_model

@@ -1,6 +1,6 @@
 """`Ingress`: the FastAPI router in front of the two model deployments (a thin layer, as in vLLM).
 
-    GET  /healthz                    no auth: for load balancers
+    GET  /healthz                    no auth, for load balancers: 200 when ready, 503 while models start
     GET  /v1/models                  the chat model and every servable image model
     GET  /v1/models/{id}
     POST /v1/chat/completions        -> ChatService  -> ChatDeployment (streaming, batched)
@@ -32,6 +32,7 @@ from raybooth.models.safety import SafetyPolicy
 from raybooth.openai.errors import APIError, validation_error
 from raybooth.openai.protocol import ChatCompletionRequest, ImageGenerationRequest, ModelCard, ModelList
 from raybooth.serving.auth import KeyChecker, check_bind_allowed
+from raybooth.serving.readiness import Readiness
 from raybooth.serving.serving_chat import ChatService
 from raybooth.serving.serving_images import ImageService
 from raybooth.serving.upstream import call_deployment
@@ -149,6 +150,7 @@ class Ingress:
         self.chat = ChatService(chat, self.cfg, policy, self.chat_model)
         self.images = ImageService(images, self.cfg, policy)
         self.chat_handle, self.images_handle = chat, images
+        self.readiness = Readiness([chat.deployment_name, images.deployment_name])  # what /healthz waits for
 
     def authorize(self, request: Request) -> None:
         if not self.keys.allows(request.headers.get("authorization")):
@@ -163,7 +165,18 @@ class Ingress:
         return self.cfg.ingress.request_timeout_s
 
     @api.get("/healthz")
-    async def healthz(self) -> dict[str, str]:
+    async def healthz(self) -> Any:
+        """200 once every model deployment has a running replica; until then 503 with the OpenAI error body
+        (returned, not raised: a load balancer's polls during start-up are no warnings for the log)."""
+        try:
+            missing = await self.readiness.missing()
+        except TimeoutError:
+            return error_response(
+                APIError(503, "not ready: the Serve controller did not answer", code="not_ready")
+            )
+        if missing:
+            message = f"not ready: no running replica of {', '.join(missing)} yet"
+            return error_response(APIError(503, message, code="not_ready"))
         return {"status": "ok"}
 
     @api.get("/v1/models")

@@ -114,7 +114,9 @@ class DreamBoothConfig(JobConfig):
         0, ge=0, description="Steps between validation images (0: only at the end)."
     )
     export_fp16: bool = Field(
-        True, description="Save the final model in fp16 (half the size; what serving loads)."
+        True,
+        description="Also save an fp16 variant next to the fp32 weights of a full fine-tune (what GPU serving "
+        "loads; LoRA: fp16 adapters).",
     )
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks).")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (0: CPU training).")

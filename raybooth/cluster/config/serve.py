@@ -49,7 +49,12 @@ class AutoscalingSection(Strict):
 class DeploymentSection(Strict):
     """Resources and queueing of one Serve deployment (the Serve YAML may override them)."""
 
-    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")
+    num_cpus: float = Field(
+        0.5,
+        ge=0,
+        description="Logical CPUs Ray reserves per replica (placement only: torch's threads are not capped "
+        "by it); 0.5 lets ingress + image + chat fit a 2-core laptop's embedded Ray.",
+    )
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (0 on CPU machines).")
     max_ongoing_requests: int = Field(16, ge=1, description="Requests a replica works on at once.")
     max_queued_requests: int = Field(
@@ -135,7 +140,7 @@ class IngressSection(DeploymentSection):
     """The FastAPI ingress (`Ingress`): cheap, so many requests per replica."""
 
     num_cpus: float = Field(
-        0.25, ge=0, description="CPUs per ingress replica (it only validates and routes)."
+        0.1, ge=0, description="CPUs per ingress replica (it only validates, routes and awaits)."
     )
     max_ongoing_requests: int = Field(256, ge=1, description="Requests one ingress replica holds at once.")
     max_queued_requests: int = Field(512, ge=-1, description="Queued at the proxy before it answers 503.")
