@@ -120,18 +120,25 @@ def _log_tail(log: Path, chars: int = 3000) -> str:
     return log.read_text(errors="replace")[-chars:] if log.exists() else ""
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def _stop(proc: subprocess.Popen[bytes], grace_s: float = 15) -> None:
     """End the server and everything it forked (its own process group), politely first."""
     if proc.poll() is not None:
         return
     try:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=15)
+        proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=15)
     except ProcessLookupError:
         pass
+
+
+@pytest.fixture(scope="session")
+def stop_process_group() -> Callable[..., None]:
+    """`stop_process_group(proc, grace_s=15)`: SIGTERM a server started in its own process group, then
+    SIGKILL what lingers; for tests that start a server process of their own."""
+    return _stop
 
 
 def start_server(

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -46,17 +45,6 @@ def child_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in dropped}
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (it shuts Serve and its Ray down), SIGKILL if it lingers."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-
-
 def wait_for_health(base: str, proc: subprocess.Popen | None, log: Path | None = None) -> list[int]:
     """Poll `/healthz` until it says 200; the statuses seen on the way."""
     seen: list[int] = []
@@ -83,7 +71,7 @@ def free_port(port_picker: Callable[[], int]) -> Callable[[], int]:
 
 
 def test_committed_serve_yaml_comes_up_on_a_two_cpu_embedded_ray_and_answers(
-    tiny_sd_path, tiny_vlm_path, free_port, tmp_path
+    tiny_sd_path, tiny_vlm_path, free_port, tmp_path, stop_process_group
 ):
     port = free_port()
     log = tmp_path / "serve.log"
@@ -110,7 +98,7 @@ def test_committed_serve_yaml_comes_up_on_a_two_cpu_embedded_ray_and_answers(
         choice = answer.json()["choices"][0]
         assert choice["message"]["role"] == "assistant" and answer.json()["usage"]["completion_tokens"] >= 1
     finally:
-        stop(proc)
+        stop_process_group(proc, grace_s=60)  # SIGTERM shuts Serve and its Ray down: give it time
     assert "raybooth is serving at" in log.read_text()
 
 
