@@ -56,6 +56,25 @@ def _pixel_range(image_processor: Any, rule: dict[str, int]) -> tuple[int, int] 
     return None
 
 
+def _grid(image_processor: Any) -> int:
+    """The side multiple an area-clamping processor rounds to: its patch times its token merge."""
+    patch = getattr(image_processor, "patch_size", None)
+    merge = getattr(image_processor, "merge_size", None) or 1
+    return int(patch * merge) if isinstance(patch, int) and isinstance(merge, int) else 1
+
+
+def _area_clamped(width: int, height: int, low: int, high: int, grid: int) -> tuple[int, int]:
+    """Qwen-VL's rule: sides on the grid, the area scaled into [low, high] keeping the aspect ratio."""
+    w, h = max(grid, round(width / grid) * grid), max(grid, round(height / grid) * grid)
+    if w * h > high:
+        beta = math.sqrt(width * height / high)
+        w, h = (max(grid, math.floor(side / beta / grid) * grid) for side in (width, height))
+    elif w * h < low:
+        beta = math.sqrt(low / (width * height))
+        w, h = (math.ceil(side * beta / grid) * grid for side in (width, height))
+    return w, h
+
+
 def resized_size(processor: Any, width: int, height: int) -> tuple[int, int] | None:
     """(width, height) of the image the processor's resize produces, or None for an unknown rule."""
     image_processor = getattr(processor, "image_processor", processor)
@@ -64,11 +83,7 @@ def resized_size(processor: Any, width: int, height: int) -> tuple[int, int] | N
     rule = _size_rule(image_processor)
     pixels = _pixel_range(image_processor, rule)
     if pixels is not None:
-        low, high = pixels
-        area = width * height
-        # Rounding to the patch grid moves each side by under a patch; the area bound is what costs.
-        scale = math.sqrt(high / area) if area > high else math.sqrt(low / area) if area < low else 1.0
-        return max(1, round(width * scale)), max(1, round(height * scale))
+        return _area_clamped(width, height, *pixels, _grid(image_processor))
     if "height" in rule and "width" in rule:
         return rule["width"], rule["height"]
     short, long = min(width, height), max(width, height)
