@@ -117,7 +117,9 @@ def decode_image(data: bytes, limits: ImageLimits, name: str = "image") -> Image
         raise ImageError(f"{name}: decompression bomb refused: {e}") from e
     except UnidentifiedImageError as e:
         # PIL cannot tell "EPS, which we do not open" from garbage once the EPS plugin is left out.
-        raise ImageError(f"{name}: corrupt image or unsupported format: accepted formats are {ACCEPTED_NAMES}") from e
+        raise ImageError(
+            f"{name}: corrupt image or unsupported format: accepted formats are {ACCEPTED_NAMES}"
+        ) from e
     except (OSError, SyntaxError, ValueError) as e:
         # PIL raises OSError("image file is truncated ...") for cut-off files, SyntaxError for broken headers;
         # its own wording beyond that (decoder names, byte counts) means nothing to the sender.
@@ -127,6 +129,7 @@ def decode_image(data: bytes, limits: ImageLimits, name: str = "image") -> Image
 
 def _format_name(fmt: str | None) -> str:
     return {"WEBP": "WebP", None: "image"}.get(fmt, fmt or "image")
+
 
 def decode_data_url(url: str, limits: ImageLimits, name: str = "image") -> bytes:
     """`data:image/png;base64,...` → bytes, refusing oversized payloads before decoding them."""

@@ -47,7 +47,6 @@ import torch
 from PIL import Image
 
 from raybooth.models.constrained import JSONGrammars
-from raybooth.models.image_budget import check_image_budget
 from raybooth.models.decoding import (
     SamplingParams,
     TextTracker,
@@ -56,6 +55,7 @@ from raybooth.models.decoding import (
     sample_token,
     token_logprobs,
 )
+from raybooth.models.image_budget import check_image_budget
 from raybooth.models.images import ImageLimits
 
 log = logging.getLogger(__name__)

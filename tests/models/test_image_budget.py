@@ -61,11 +61,16 @@ def test_fixed_and_pixel_count_and_longest_edge_rules_of_real_processors():
 
     siglip = SiglipImageProcessorPil()  # size height=width=224 whatever comes in
     assert resized_size(siglip, 50, 900) == (224, 224)
-    assert siglip(images=Image.new("RGB", (50, 900)), return_tensors="np")["pixel_values"].shape[2:] == (224, 224)
+    assert siglip(images=Image.new("RGB", (50, 900)), return_tensors="np")["pixel_values"].shape[2:] == (
+        224,
+        224,
+    )
 
     qwen = Qwen2VLImageProcessorPil()  # v5 keeps min/max pixels as size.shortest_edge/longest_edge
     for width, height in [(4000, 3000), (100, 2000), (640, 480), (30, 40)]:
-        _, grid_h, grid_w = qwen(images=Image.new("RGB", (width, height)), return_tensors="np")["image_grid_thw"][0]
+        _, grid_h, grid_w = qwen(images=Image.new("RGB", (width, height)), return_tensors="np")[
+            "image_grid_thw"
+        ][0]
         ours, theirs = resized_size(qwen, width, height), (grid_w * qwen.patch_size, grid_h * qwen.patch_size)
         assert ours == theirs
     assert resized_size(qwen, 4000, 3000)[0] * resized_size(qwen, 4000, 3000)[1] <= qwen.size.longest_edge
@@ -84,7 +89,10 @@ def test_fixed_and_pixel_count_and_longest_edge_rules_of_real_processors():
         (SimpleNamespace(size={"longest_edge": 1456}), (1456, 14)),  # Idefics3 / SmolVLM
         (SimpleNamespace(size={"max_height": 512, "max_width": 512}), (512, 5)),
         # older Qwen-VL configs: min/max pixels as attributes, sides left off the grid when it is unknown
-        (SimpleNamespace(size={"shortest_edge": 56 * 56}, min_pixels=3136, max_pixels=1_000_000), (1_000, 10)),
+        (
+            SimpleNamespace(size={"shortest_edge": 56 * 56}, min_pixels=3136, max_pixels=1_000_000),
+            (1_000, 10),
+        ),
         (SimpleNamespace(size={"shortest_edge": 32}, do_resize=False), (1_000, 10)),
         (SimpleNamespace(size={}), None),  # unknown rule: only aspect and input-pixel limits apply
     ],
@@ -118,7 +126,9 @@ def test_requests_get_the_default_limits_unless_given_others(processor, thin_ima
         check_image_budget((300, 20), processor, ImageLimits(max_aspect_ratio=10), "wide")
     # A small square image passes, and a budget that fits the strip's resize lets it through the check.
     prepare_request(processor, image_request(Image.new("RGB", (40, 30))))
-    check_image_budget((1, 400_000), processor, ImageLimits(max_aspect_ratio=1e9, max_resized_pixels=10**9), "x")
+    check_image_budget(
+        (1, 400_000), processor, ImageLimits(max_aspect_ratio=1e9, max_resized_pixels=10**9), "x"
+    )
 
 
 def test_a_thin_image_fails_its_own_row_only(tiny_vlm_path, thin_image):

@@ -121,7 +121,9 @@ def test_thin_image_is_refused_from_its_header_naming_the_limit():
     tracemalloc.start()
     started = time.perf_counter()
     try:
-        with pytest.raises(ImageError, match=r"1x400000 is 4e\+05:1 > limit 50:1 \(raise max_image_aspect_ratio"):
+        with pytest.raises(
+            ImageError, match=r"1x400000 is 4e\+05:1 > limit 50:1 \(raise max_image_aspect_ratio"
+        ):
             decode_image(data, ImageLimits())
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -135,8 +137,18 @@ def test_thin_image_is_refused_from_its_header_naming_the_limit():
         decode_image(encoded(Image.new("RGB", (800, 100))), ImageLimits(max_aspect_ratio=4))
 
 
-@pytest.mark.parametrize(("fmt", "save"), [("PNG", {}), ("JPEG", {}), ("WEBP", {}), ("GIF", {}), ("BMP", {}),
-                                          ("TIFF", {}), ("MPO", {"save_all": True})])
+@pytest.mark.parametrize(
+    ("fmt", "save"),
+    [
+        ("PNG", {}),
+        ("JPEG", {}),
+        ("WEBP", {}),
+        ("GIF", {}),
+        ("BMP", {}),
+        ("TIFF", {}),
+        ("MPO", {"save_all": True}),
+    ],
+)
 def test_the_documented_formats_decode(fmt, save):
     # MPO is what PIL calls many phone JPEGs (a multi-picture JPEG): it opens through the JPEG plugin.
     image = Image.new("RGB", (12, 10), (200, 30, 60))
