@@ -1,6 +1,7 @@
 """What a model's processor will make of an image, known from its width and height before any resize.
 
     from raybooth.models.image_budget import check_image_budget, resized_size
+    from raybooth.models.images import ImageLimits
     resized_size(processor, 1, 400_000)       # (32, 12_800_000) for tiny-vlm: shortest edge up to 32
     check_image_budget(image.size, processor, ImageLimits(), "message 0 part 1")   # ImageError if over
 
