@@ -9,8 +9,11 @@ Accepts raw bytes, `data:image/...;base64,` URLs, local paths and `file://` URIs
 through the `filesystem` the caller passes (a function URI -> (fsspec filesystem, path), such as
 `raybooth.cluster.storage.filesystem`, so models/ never reads the storage config itself). Every check runs
 before the expensive step it guards: the byte size before reading (or base64-decoding) the payload, the
-pixel count from the header before decoding pixels (a decompression bomb is a tiny file that expands
-to gigabytes). PIL's own `DecompressionBombError` is caught too. EXIF orientation is applied so a phone
+pixel count and aspect ratio from the header before decoding pixels (a decompression bomb is a tiny file
+that expands to gigabytes; a 1x400,000 PNG is 1 KB that a processor's shortest-edge resize makes 13 G
+pixels). PIL's own `DecompressionBombError` is caught too. Only the formats README lists are opened
+(`ACCEPTED_FORMATS`): PIL would otherwise hand an EPS/PDF to Ghostscript. What the model's processor
+will make of an image is checked by `image_budget.check_image_budget`, which needs the processor. EXIF orientation is applied so a phone
 photo is upright, and every mode (P, RGBA, CMYK, 16-bit) ends as RGB, which is what vision towers expect.
 """
 
@@ -22,6 +25,7 @@ import io
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -32,6 +36,11 @@ from raybooth.errors import StorageError
 HTTP_SCHEMES = ("http://", "https://")
 # URI -> (filesystem, path inside it); `raybooth.cluster.storage.filesystem` is the one jobs pass.
 Filesystem = Callable[[str], tuple[fsspec.AbstractFileSystem, str]]
+# PIL's format names of the files README lists (.jpg .jpeg .png .webp .bmp .gif .tif .tiff); phone photos
+# that PIL reads as MPO open through its JPEG plugin. Nothing else is opened: no EPS/PS/PDF (Ghostscript),
+# no exotic plugins whose decoders nobody here vets.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+ACCEPTED_NAMES = "PNG, JPEG, WebP, GIF, BMP or TIFF"
 
 
 class ImageError(ValueError):
@@ -44,6 +53,34 @@ class ImageLimits:
     max_pixels: int = 25_000_000
     # 32 MiB: larger than any sane JPEG/PNG of a 25 MP photo.
     max_bytes: int = 32 * 1024 * 1024
+    # long side / short side. 50 lets scrolling screenshots (1080x20000 is 18.5) and 360-degree panoramas
+    # through, stays under Qwen-VL's hard limit of 200, and refuses the 1x400,000 strip at its header.
+    max_aspect_ratio: float = 50.0
+    # Pixels of an image after the processor's own resize (see image_budget.py). 16 MP is above every
+    # shipped processor's normal output (Qwen2.5-VL's max_pixels is 12.8 MP) yet 1/25 of what a
+    # shortest-edge-32 resize makes of the 1x400,000 strip.
+    max_resized_pixels: int = 16_777_216
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ImageLimits:
+        """The limits of a config section with `max_image_pixels`, `max_image_bytes`,
+        `max_image_aspect_ratio` and `max_image_resized_pixels` (a batch job's config, serve's `limits`)."""
+        return cls(
+            max_pixels=settings.max_image_pixels,
+            max_bytes=settings.max_image_bytes,
+            max_aspect_ratio=settings.max_image_aspect_ratio,
+            max_resized_pixels=settings.max_image_resized_pixels,
+        )
+
+
+def check_aspect_ratio(width: int, height: int, limits: ImageLimits, name: str) -> None:
+    """Refuse a strip of an image: processors scale the short side up, so its cost is in the long side."""
+    ratio = max(width, height) / max(1, min(width, height))
+    if ratio > limits.max_aspect_ratio:
+        raise ImageError(
+            f"{name}: image aspect ratio too extreme: {width}x{height} is {ratio:.4g}:1 > limit "
+            f"{limits.max_aspect_ratio:g}:1 (raise max_image_aspect_ratio to allow it)"
+        )
 
 
 def _check_bytes(size: int, limits: ImageLimits, name: str) -> None:
@@ -58,17 +95,19 @@ def decode_image(data: bytes, limits: ImageLimits, name: str = "image") -> Image
     _check_bytes(len(data), limits, name)
     if not data:
         raise ImageError(f"{name}: corrupt image: empty file")
+    fmt: str | None = None  # what the header says, for the message when decoding fails
     try:
         with warnings.catch_warnings():
             # PIL warns (not raises) between its two bomb thresholds; our own pixel check decides instead.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size  # from the header: no pixel is decoded yet
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+            fmt, (width, height) = image.format, image.size  # from the header: no pixel is decoded yet
             if width * height > limits.max_pixels:
                 raise ImageError(
                     f"{name}: decompression bomb refused: {width}x{height} = {width * height} pixels > limit "
                     f"{limits.max_pixels} (raise max_image_pixels to allow it)"
                 )
+            check_aspect_ratio(width, height, limits, name)
             image.load()
             image = ImageOps.exif_transpose(image)
             return image if image.mode == "RGB" else image.convert("RGB")
@@ -77,11 +116,19 @@ def decode_image(data: bytes, limits: ImageLimits, name: str = "image") -> Image
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: decompression bomb refused: {e}") from e
     except UnidentifiedImageError as e:
-        raise ImageError(f"{name}: corrupt image: not a format PIL can identify") from e
+        # PIL cannot tell "EPS, which we do not open" from garbage once the EPS plugin is left out.
+        raise ImageError(
+            f"{name}: corrupt image or unsupported format: accepted formats are {ACCEPTED_NAMES}"
+        ) from e
     except (OSError, SyntaxError, ValueError) as e:
-        # PIL raises OSError("image file is truncated ...") for cut-off files, SyntaxError for broken headers.
+        # PIL raises OSError("image file is truncated ...") for cut-off files, SyntaxError for broken headers;
+        # its own wording beyond that (decoder names, byte counts) means nothing to the sender.
         problem = "truncated image" if "truncated" in str(e).lower() else "corrupt image"
-        raise ImageError(f"{name}: {problem}: {e}") from e
+        raise ImageError(f"{name}: {problem}: the {_format_name(fmt)} data cannot be decoded") from e
+
+
+def _format_name(fmt: str | None) -> str:
+    return {"WEBP": "WebP", None: "image"}.get(fmt, fmt or "image")
 
 
 def decode_data_url(url: str, limits: ImageLimits, name: str = "image") -> bytes:

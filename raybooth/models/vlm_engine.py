@@ -56,6 +56,8 @@ from raybooth.models.decoding import (
     sample_token,
     token_logprobs,
 )
+from raybooth.models.image_budget import check_image_budget
+from raybooth.models.images import ImageLimits
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,9 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     # OpenAI tool definitions the chat template shows the model (`{"type": "function", "function": ...}`).
     tools: list[dict[str, Any]] | None = None
+    # Aspect-ratio and after-resize pixel limits `prepare_request` checks before the processor resizes;
+    # the caller's configured ones travel with the request to wherever it is prepared.
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
 
 
 @dataclass
@@ -193,8 +198,13 @@ def split_images(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any
 
 
 def prepare_request(processor: Any, request: GenerationRequest) -> PreparedRequest:
-    """Chat template → token ids with expanded image tokens, plus the images' pixel tensors."""
+    """Chat template → token ids with expanded image tokens, plus the images' pixel tensors.
+
+    Each image's aspect ratio and its size after the processor's resize are checked first (an
+    `ImageError`, a ValueError, so the row's 400): the resize is where a thin image costs gigabytes."""
     template_messages, images = split_images(request.messages)
+    for i, image in enumerate(images):
+        check_image_budget(image.size, processor, request.image_limits, f"image {i}")
     options = {"tools": request.tools} if request.tools else {}
     prompt = processor.apply_chat_template(
         template_messages, add_generation_prompt=True, tokenize=False, **options

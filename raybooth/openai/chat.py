@@ -57,7 +57,7 @@ class ChatLimits:
         return cls(
             default_max_tokens=cfg.chat.default_max_tokens,
             max_tokens_cap=cfg.limits.max_tokens,
-            images=ImageLimits(max_pixels=cfg.limits.max_image_pixels, max_bytes=cfg.limits.max_image_bytes),
+            images=ImageLimits.from_settings(cfg.limits),
             cap_setting="limits.max_tokens",
         )
 
@@ -67,7 +67,7 @@ class ChatLimits:
         return cls(
             default_max_tokens=cfg.max_new_tokens,
             max_tokens_cap=cfg.max_tokens_cap,
-            images=ImageLimits(max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_image_bytes),
+            images=ImageLimits.from_settings(cfg),
             cap_setting="max_tokens_cap",
         )
 
@@ -237,7 +237,10 @@ def generation_request_from_chat(
         raise bad_request(str(e)) from e
     tools = [tool.model_dump(exclude_none=True) for tool in request.tools] if request.tools else None
     return GenerationRequest(
-        messages=engine_messages_from_chat(request, limits.images), params=params, tools=tools
+        messages=engine_messages_from_chat(request, limits.images),
+        params=params,
+        tools=tools,
+        image_limits=limits.images,  # where it is prepared, against the processor's resize
     )
 
 

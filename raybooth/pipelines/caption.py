@@ -193,12 +193,10 @@ def prepare_caption_items(
     max_new_tokens: int,
     temperature: float,
     seed: int,
-    max_image_pixels: int,
-    max_image_bytes: int,
+    limits: ImageLimits,
 ) -> pa.Table:
     """Ray Data CPU stage: work items → one prepared row per image (or an error row)."""
     processor = load_processor(model)
-    limits = ImageLimits(max_pixels=max_image_pixels, max_bytes=max_image_bytes)
     out: list[dict[str, Any]] = []
     for item in items.to_pylist():
         if item["row_group"] < 0:
@@ -228,6 +226,7 @@ def prepare_caption_items(
                     params=SamplingParams(
                         max_tokens=max_new_tokens, temperature=temperature, seed=row_seed(seed, row_id)
                     ),
+                    image_limits=limits,
                 )
                 columns = prepared_columns(prepare_request(processor, request), None, started)
             except Exception as e:
@@ -289,8 +288,7 @@ def run_caption(cfg: CaptionConfig, verbose: bool = False) -> JobSummary:
         "max_new_tokens": cfg.max_new_tokens,
         "temperature": cfg.temperature,
         "seed": cfg.seed,
-        "max_image_pixels": cfg.max_image_pixels,
-        "max_image_bytes": cfg.max_image_bytes,
+        "limits": ImageLimits.from_settings(cfg),
     }
     # An image file is one item; a parquet row group (many rows) is one item on its own.
     per_call = IMAGES_PER_PREPARE_CALL if source.kind == "images" else 1

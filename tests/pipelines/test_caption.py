@@ -76,6 +76,26 @@ def test_200_images_with_6_bad_ones(ray_cluster, images_with_bad_ones, tmp_path)
     assert summary.rows_per_s > 0 and 0.0 <= summary.padding_fraction < 1.0
 
 
+def test_thin_images_fail_their_own_rows_with_the_limit_named(ray_cluster, tmp_path):
+    """Both image limits of the config reach the CPU stage: the aspect ratio from the header, and the
+    size after tiny-vlm's resize (shortest edge up to 32) before the processor runs."""
+    folder = tmp_path / "imgs"
+    write_sample_images(folder, 4, size=32)
+    (folder / "strip.png").write_bytes(png_bytes(Image.new("RGB", (1, 400_000))))  # 400000:1
+    (folder / "tall.png").write_bytes(png_bytes(Image.new("RGB", (10, 1000))))  # 100:1 -> 32x3200 resized
+    out = tmp_path / "captions"
+    limits = {"max_image_aspect_ratio": 100, "max_image_resized_pixels": 50_000}
+    summary = run_caption(CaptionConfig(input=str(folder), output=str(out), **limits, **FAST))
+    rows = {Path(r["path"]).name: r for r in read_output(str(out)).to_pylist()}
+    assert (summary.rows, summary.failed) == (6, 2)
+    assert "> limit 100:1 (raise max_image_aspect_ratio" in rows["strip.png"]["error"]
+    assert (
+        "32x3200 = 102400 pixels > limit 50000 (raise max_image_resized_pixels" in rows["tall.png"]["error"]
+    )
+    good = [r for name, r in rows.items() if name not in ("strip.png", "tall.png")]
+    assert len(good) == 4 and all(r["error"] is None and r["caption"] for r in good)
+
+
 def test_rerun_resumes_without_duplicates_or_gaps(ray_cluster, tmp_path):
     folder = tmp_path / "imgs"
     write_sample_images(folder, 30, size=32)

@@ -72,6 +72,18 @@ class InferenceJobConfig(JobConfig):
     max_image_bytes: int = Field(
         32 * 1024 * 1024, ge=1, description="Image files over this size are refused."
     )
+    max_image_aspect_ratio: float = Field(
+        50.0,
+        ge=1.0,
+        description="Images whose long side / short side is over this are refused (processors scale the "
+        "short side up, so a 1x400000 strip would become gigabytes).",
+    )
+    max_image_resized_pixels: int = Field(
+        16_777_216,
+        ge=1,
+        description="Images the model's processor would resize to more pixels than this are refused, "
+        "checked before it resizes.",
+    )
     seed: int = Field(0, description="Seed for sampling when a request does not give one.")
     limit: int | None = Field(
         None,

@@ -159,6 +159,16 @@ class LimitsSection(Strict):
         ge=1,
         description="Largest image (width*height) in a chat request; a decompression-bomb guard.",
     )
+    max_image_aspect_ratio: float = Field(
+        50.0,
+        ge=1.0,
+        description="Largest long side / short side of a chat image (processors scale the short side up).",
+    )
+    max_image_resized_pixels: int = Field(
+        16_777_216,
+        ge=1,
+        description="Largest chat image after the model's processor resizes it; checked before it does.",
+    )
     max_images_per_request: int = Field(4, ge=0, description="image_url parts in one chat request.")
     max_messages: int = Field(64, ge=1, description="Messages in one chat request.")
     max_tokens: int = Field(
