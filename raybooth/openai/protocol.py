@@ -23,10 +23,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 CHAT_COMPLETIONS_URL = "/v1/chat/completions"
 
 
-class _Lenient(BaseModel):
-    """Requests: unknown fields are ignored, so clients that send newer fields still work."""
+# Requests are strict about types, as README promises: `"stream": "yes"` or `"max_tokens": "10"` is a 400
+# naming the field, never silently coerced (an int is still a valid float); NaN/Infinity are refused too.
+_REQUEST_CONFIG = ConfigDict(strict=True, allow_inf_nan=False, populate_by_name=True, protected_namespaces=())
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True, protected_namespaces=())
+
+class _Lenient(BaseModel):
+    """Request parts: unknown fields are ignored, so clients that send newer fields still work."""
+
+    model_config = ConfigDict(extra="ignore", **_REQUEST_CONFIG)
 
 
 class _Response(BaseModel):
@@ -150,7 +155,7 @@ class ChatCompletionRequest(_Lenient):
     rather than ignored; OpenAI parameters this engine does not implement are accepted only at their no-op
     values (e.g. `store: false`, `service_tier: "auto"`), anything else is a 400 that names them."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", **_REQUEST_CONFIG)
 
     model: str | None = None
     messages: list[ChatMessage] = Field(..., min_length=1)
@@ -410,7 +415,7 @@ class BatchOutputLine(_Response):
 class ImageGenerationRequest(BaseModel):
     """POST /v1/images/generations; the last four fields come through the SDK's `extra_body`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", **_REQUEST_CONFIG)
 
     prompt: str = Field(..., min_length=1, description="What to draw.")
     model: str = Field(
