@@ -66,7 +66,7 @@ def run_server(config: str | None, overrides: list[str], verbose: bool = False) 
     cfg = load_config(ServeConfig, config, overrides)
     digests = key_digests(cfg.api_keys_env, cfg.api_keys_file)
     check_bind_allowed(cfg.host, digests)  # before Ray starts: fail in a second, not a minute
-    with ray_session(cfg.cluster, verbose=verbose) as info:
+    with ray_session(cfg.cluster, verbose=verbose, secret_env=[cfg.api_keys_env]) as info:
         # SIGTERM (Kubernetes, systemd, `kill`) shuts down as cleanly as Ctrl-C; set after ray.init, whose
         # own handler would abort the process.
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
