@@ -60,7 +60,7 @@ def test_nested_parts_are_strict_too():
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 def test_nan_and_infinity_literals_are_refused(literal):
-    raw = '{"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": %s}' % literal
+    raw = '{"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": ' + literal + "}"
     with pytest.raises(ValidationError) as info:
         ChatCompletionRequest.model_validate_json(raw)
     assert validation_error(info.value.errors()).param == "frequency_penalty"
