@@ -14,6 +14,7 @@ at anything but their no-op values, with a message naming them.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any, Literal
@@ -21,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 CHAT_COMPLETIONS_URL = "/v1/chat/completions"
+_TOKEN_ID = re.compile(r"[0-9]{1,10}")
 
 
 # Requests are strict about types, as README promises: `"stream": "yes"` or `"max_tokens": "10"` is a 400
@@ -200,8 +202,9 @@ class ChatCompletionRequest(_Lenient):
     @classmethod
     def _bias_by_token_id(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (value or {}).items():
-            if not key.strip().isdigit():
-                raise ValueError(f'logit_bias keys are token ids like "1234", got {key!r}')
+            # ASCII digits, at most 10: a token id, and never long enough for int() to refuse it later.
+            if not _TOKEN_ID.fullmatch(key.strip()):
+                raise ValueError(f'logit_bias keys are token ids like "1234", got {key[:20]!r}')
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias for token {key} must be in [-100, 100], got {bias}")
         return value
