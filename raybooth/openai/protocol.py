@@ -165,7 +165,7 @@ class ChatCompletionRequest(_Lenient):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # a 64-bit integer, as in OpenAI's API
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1)
     stream: bool = False
