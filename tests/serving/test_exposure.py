@@ -123,9 +123,11 @@ def keyless_app(serve_app) -> Iterator[str]:
     serve.run(application, name="raybooth", route_prefix="/")
     try:
         yield serve_app.base_url
-    finally:
-        with serve_app.redeployed(serve_app.settings):  # deploys the keyed app back
-            pass
+    finally:  # the keyed app back, as conftest's deploy_app runs it (one deploy, not redeployed's two)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("RAYBOOTH_API_KEYS", f"{serve_app.api_key}, test-key-2")
+            application = build_app({"settings": serve_app.settings})
+        serve.run(application, name="raybooth", route_prefix="/")
 
 
 @pytest.mark.slow
