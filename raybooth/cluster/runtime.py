@@ -6,6 +6,11 @@ Which cluster: `cluster.address` in the job's YAML, else the `RAY_ADDRESS` envir
 embedded local Ray started with this machine's resources. On a remote cluster the project is shipped to
 the workers through the runtime env (`py_modules`), and the AWS_* / MLFLOW_* variables of this process go
 with it, so workers reach the same storage and tracking server without any secret written to a file.
+The serving API keys never go: `RAYBOOTH_API_KEYS` (or the `secret_env` names, e.g. the serve config's
+`api_keys_env`) is left out of the runtime env and hidden while an embedded Ray starts its processes,
+so only the digests the ingress gets as arguments reach a worker.
+
+    with ray_session(cfg.cluster, secret_env=[cfg.api_keys_env]): ...
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -26,6 +31,8 @@ from raybooth.errors import UserError
 
 # Variables a worker needs to reach storage and tracking; forwarded, never written anywhere.
 PASSTHROUGH_PREFIXES = ("AWS_", "MLFLOW_", "RAYBOOTH_", "HF_")
+# Never forwarded, whatever the caller names: the serving keys' default variable (see serving/auth.py).
+SECRET_ENV_VARS = ("RAYBOOTH_API_KEYS",)
 # Embedded Ray's object store: big enough for image batches, small enough to leave RAM to the models.
 EMBEDDED_OBJECT_STORE_BYTES = 2 * 1024**3
 
@@ -45,18 +52,31 @@ def resolve_address(section: ClusterSection) -> str | None:
     return section.address or os.environ.get("RAY_ADDRESS") or None
 
 
-def passthrough_env() -> dict[str, str]:
-    """AWS_* / MLFLOW_* / RAYBOOTH_* / HF_* variables of this process, for the workers' runtime env."""
-    return {k: v for k, v in os.environ.items() if k.startswith(PASSTHROUGH_PREFIXES)}
+def passthrough_env(secret_env: Iterable[str] = ()) -> dict[str, str]:
+    """AWS_* / MLFLOW_* / RAYBOOTH_* / HF_* variables of this process, for the workers' runtime env, less
+    the secrets (SECRET_ENV_VARS and `secret_env`)."""
+    hidden = {*SECRET_ENV_VARS, *secret_env}
+    return {k: v for k, v in os.environ.items() if k.startswith(PASSTHROUGH_PREFIXES) and k not in hidden}
 
 
-def project_runtime_env(ship_project: bool) -> dict:
+@contextlib.contextmanager
+def hidden_env(names: Iterable[str]) -> Iterator[None]:
+    """Remove `names` from os.environ for the block: an embedded Ray's raylet (and so every worker it
+    spawns) inherits the environment of the process that starts it."""
+    saved = {name: os.environ.pop(name) for name in {*names} if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def project_runtime_env(ship_project: bool, secret_env: Iterable[str] = ()) -> dict:
     """Runtime env for a remote cluster: this checkout of raybooth plus the pass-through variables.
 
     Inside a submitted job (`raybooth submit`, a RayJob) the job's own runtime env already applies to this
     driver and every worker it starts, and Ray refuses a `ray.init` runtime env that repeats any of its
     fields or variables: then only what the job's env lacks is added."""
-    env: dict = {"env_vars": passthrough_env()}
+    env: dict = {"env_vars": passthrough_env(secret_env)}
     if ship_project:
         import raybooth
 
@@ -100,8 +120,9 @@ def quiet_ray_logging(verbose: bool) -> None:
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
-def init_ray(section: ClusterSection, verbose: bool = False) -> ClusterInfo:
-    """Connect to the configured cluster or start an embedded one; idempotent within a process."""
+def init_ray(section: ClusterSection, verbose: bool = False, secret_env: Iterable[str] = ()) -> ClusterInfo:
+    """Connect to the configured cluster or start an embedded one; idempotent within a process. The
+    `secret_env` variables (and SECRET_ENV_VARS) reach no worker."""
     import ray
 
     quiet_ray_logging(verbose)
@@ -115,26 +136,28 @@ def init_ray(section: ClusterSection, verbose: bool = False) -> ClusterInfo:
     )
     if address:
         _check_reachable(address)
-        ray.init(address=address, runtime_env=project_runtime_env(section.ship_project), **common)
+        ray.init(address=address, runtime_env=project_runtime_env(section.ship_project, secret_env), **common)
     else:
         num_gpus = section.num_gpus
         if num_gpus is None:
             import torch
 
             num_gpus = torch.cuda.device_count()
-        ray.init(
-            # "local" always starts a new instance; None would attach to any `ray start` cluster on this
-            # machine, which is not what "embedded" promises.
-            address="local",
-            num_cpus=section.num_cpus or os.cpu_count(),
-            num_gpus=num_gpus,
-            object_store_memory=EMBEDDED_OBJECT_STORE_BYTES,
-            include_dashboard=False,
-            # Workers start in Ray's own folder: give them the absolute work dir so they find the same
-            # storage root, MLflow store and built presets as this process.
-            runtime_env={"env_vars": {**passthrough_env(), "RAYBOOTH_HOME": str(work_dir())}},
-            **common,
-        )
+        secrets = [*SECRET_ENV_VARS, *secret_env]
+        with hidden_env(secrets):
+            ray.init(
+                # "local" always starts a new instance; None would attach to any `ray start` cluster on this
+                # machine, which is not what "embedded" promises.
+                address="local",
+                num_cpus=section.num_cpus or os.cpu_count(),
+                num_gpus=num_gpus,
+                object_store_memory=EMBEDDED_OBJECT_STORE_BYTES,
+                include_dashboard=False,
+                # Workers start in Ray's own folder: give them the absolute work dir so they find the same
+                # storage root, MLflow store and built presets as this process.
+                runtime_env={"env_vars": {**passthrough_env(secrets), "RAYBOOTH_HOME": str(work_dir())}},
+                **common,
+            )
     info = cluster_info()
     info.address = address or "embedded"
     info.embedded = not address
@@ -158,12 +181,14 @@ def cluster_info() -> ClusterInfo:
 
 
 @contextlib.contextmanager
-def ray_session(section: ClusterSection, verbose: bool = False) -> Iterator[ClusterInfo]:
+def ray_session(
+    section: ClusterSection, verbose: bool = False, secret_env: Iterable[str] = ()
+) -> Iterator[ClusterInfo]:
     """Init Ray for one CLI command and shut it down afterwards (unless it was already up)."""
     import ray
 
     was_up = ray.is_initialized()
-    info = init_ray(section, verbose=verbose)
+    info = init_ray(section, verbose=verbose, secret_env=secret_env)
     try:
         yield info
     finally:

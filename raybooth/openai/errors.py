@@ -12,6 +12,7 @@ error `type` is derived from the status here and nowhere else (`error_type`).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import BaseModel
@@ -71,11 +72,16 @@ def limit_exceeded(setting: str, value: object, allowed: object, param: str) -> 
     )
 
 
+# Pydantic puts the union arm it tried into an error's loc (`stop.str`, `tool_choice.NamedToolChoice.type`):
+# type names, not fields, so they stay out of the param the client reads.
+_UNION_ARM = re.compile(r"^(str|int|float|bool|none|[a-z-]+\[.*\]|[A-Z][A-Za-z0-9]*)$")
+
+
 def loc_to_param(loc: tuple[Any, ...]) -> str:
     """`("body", "messages", 0, "content")` -> `messages[0].content`, the way OpenAI names a field."""
     out = ""
-    for part in loc:
-        if part == "body":
+    for i, part in enumerate(loc):
+        if part == "body" or (i > 0 and isinstance(part, str) and _UNION_ARM.match(part)):
             continue
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out

@@ -14,6 +14,7 @@ at anything but their no-op values, with a message naming them.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any, Literal
@@ -21,12 +22,18 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 CHAT_COMPLETIONS_URL = "/v1/chat/completions"
+_TOKEN_ID = re.compile(r"[0-9]{1,10}")
+
+
+# Requests are strict about types, as README promises: `"stream": "yes"` or `"max_tokens": "10"` is a 400
+# naming the field, never silently coerced (an int is still a valid float); NaN/Infinity are refused too.
+_REQUEST_CONFIG = ConfigDict(strict=True, allow_inf_nan=False, populate_by_name=True, protected_namespaces=())
 
 
 class _Lenient(BaseModel):
-    """Requests: unknown fields are ignored, so clients that send newer fields still work."""
+    """Request parts: unknown fields are ignored, so clients that send newer fields still work."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True, protected_namespaces=())
+    model_config = ConfigDict(extra="ignore", **_REQUEST_CONFIG)
 
 
 class _Response(BaseModel):
@@ -150,7 +157,7 @@ class ChatCompletionRequest(_Lenient):
     rather than ignored; OpenAI parameters this engine does not implement are accepted only at their no-op
     values (e.g. `store: false`, `service_tier: "auto"`), anything else is a 400 that names them."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", **_REQUEST_CONFIG)
 
     model: str | None = None
     messages: list[ChatMessage] = Field(..., min_length=1)
@@ -158,7 +165,7 @@ class ChatCompletionRequest(_Lenient):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # a 64-bit integer, as in OpenAI's API
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1)
     stream: bool = False
@@ -195,8 +202,9 @@ class ChatCompletionRequest(_Lenient):
     @classmethod
     def _bias_by_token_id(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (value or {}).items():
-            if not key.strip().isdigit():
-                raise ValueError(f'logit_bias keys are token ids like "1234", got {key!r}')
+            # ASCII digits, at most 10: a token id, and never long enough for int() to refuse it later.
+            if not _TOKEN_ID.fullmatch(key.strip()):
+                raise ValueError(f'logit_bias keys are token ids like "1234", got {key[:20]!r}')
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias for token {key} must be in [-100, 100], got {bias}")
         return value
@@ -410,7 +418,7 @@ class BatchOutputLine(_Response):
 class ImageGenerationRequest(BaseModel):
     """POST /v1/images/generations; the last four fields come through the SDK's `extra_body`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", **_REQUEST_CONFIG)
 
     prompt: str = Field(..., min_length=1, description="What to draw.")
     model: str = Field(

@@ -4,7 +4,14 @@
 
 Keys never travel in the Serve config: the app builder reads them where it runs and hands the
 ingress only their digests. With any key configured every route but `/healthz` needs
-`Authorization: Bearer <key>`; with none, the server refuses to listen on anything but loopback.
+`Authorization: Bearer <key>` (the docs and `/openapi.json` too); with none, the server refuses to listen
+on anything but loopback, and, since a web page in the user's browser can reach loopback, it also
+refuses requests whose `Host` is not a loopback name or the bound address (DNS rebinding) and POSTs
+that are not `Content-Type: application/json` (a cross-site form or `text/plain` fetch needs no CORS
+preflight; a JSON one does, and the server answers no preflight).
+
+    edge_refusal("POST", "evil.example:8000", "text/plain", keys_enabled=False, bound_host="127.0.0.1")
+    # -> APIError 421 naming the Host rule
 """
 
 from __future__ import annotations
@@ -14,8 +21,10 @@ import hmac
 import ipaddress
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from raybooth.errors import ConfigError
+from raybooth.openai.errors import APIError
 
 LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
 
@@ -78,3 +87,53 @@ class KeyChecker:
         presented = digest(token.strip())
         # Compare against every key (no early exit) so timing does not reveal which one matched.
         return sum(hmac.compare_digest(presented, d) for d in self.digests) > 0
+
+
+def host_name(host_header: str | None) -> str | None:
+    """The name in a `Host` header (`127.0.0.1:8000`, `[::1]:8000`, `localhost`), lower-case; None if absent
+    or malformed."""
+    if not host_header:
+        return None
+    try:
+        return urlsplit(f"//{host_header.strip()}").hostname
+    except ValueError:
+        return None
+
+
+def is_json_content_type(content_type: str | None) -> bool:
+    """`application/json`, with or without parameters such as `; charset=utf-8`."""
+    return (content_type or "").split(";", 1)[0].strip().lower() == "application/json"
+
+
+def edge_refusal(
+    method: str,
+    host_header: str | None,
+    content_type: str | None,
+    *,
+    keys_enabled: bool,
+    bound_host: str | None,
+) -> APIError | None:
+    """Why a request to the keyless (loopback) server is refused before auth and parsing, or None.
+
+    With keys set both checks are off: a browser cannot attach the Bearer key to a cross-site request,
+    and a server behind an ingress is reached under names this process cannot know."""
+    if keys_enabled:
+        return None
+    name = host_name(host_header)
+    bound = (bound_host or "").strip("[]").lower()
+    if name is None or not (is_loopback(name) or name == bound):
+        return APIError(
+            421,
+            f"Host {(host_header or '')[:80]!r} is not this server: without API keys only loopback names "
+            f"(localhost, 127.0.0.1, [::1]) and the bound address are accepted; set RAYBOOTH_API_KEYS to "
+            "serve under other names",
+            code="invalid_host",
+        )
+    if method.upper() == "POST" and not is_json_content_type(content_type):
+        return APIError(
+            415,
+            f"Content-Type {(content_type or '')[:80]!r} is not accepted; send the body as "
+            "Content-Type: application/json",
+            code="unsupported_media_type",
+        )
+    return None

@@ -6,9 +6,11 @@
     POST /v1/chat/completions        -> ChatService  -> ChatDeployment (streaming, batched)
     POST /v1/images/generations      -> ImageService -> ImageDeployment (batched, multiplexed)
     GET  /v1/internal/stats          what the batchers did (batch sizes, loaded model versions)
+    GET  /openapi.json, /docs, /redoc   the API's schema (request bodies included) and its docs pages
 
-Each route authenticates, reads the body with the size limit, parses it into the protocol model and
-hands it to the service. Every error leaves as the OpenAI error body with its status; client mistakes
+Each route is admitted (`authorize`: Host and Content-Type rules of the keyless server, then the API key,
+which the docs need too when keys are set), reads the body with the size limit, parses it into the
+protocol model and hands it to the service. Every error leaves as the OpenAI error body with its status; client mistakes
 are logged at INFO at most, never ERROR.
 """
 
@@ -18,6 +20,8 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
@@ -31,7 +35,7 @@ from raybooth.cluster.config import ServeConfig
 from raybooth.models.safety import SafetyPolicy
 from raybooth.openai.errors import APIError, validation_error
 from raybooth.openai.protocol import ChatCompletionRequest, ImageGenerationRequest, ModelCard, ModelList
-from raybooth.serving.auth import KeyChecker, check_bind_allowed
+from raybooth.serving.auth import KeyChecker, check_bind_allowed, edge_refusal
 from raybooth.serving.readiness import Readiness
 from raybooth.serving.serving_chat import ChatService
 from raybooth.serving.serving_images import ImageService
@@ -40,7 +44,20 @@ from raybooth.serving.upstream import call_deployment
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T", bound=BaseModel)
 
-api = FastAPI(title="raybooth", description="OpenAI-compatible chat and personalised image generation.")
+# FastAPI's own docs routes would skip `admit`; the Ingress serves them itself, behind the same checks.
+api = FastAPI(
+    title="raybooth",
+    description="OpenAI-compatible chat and personalised image generation.",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
+)
+# The POST routes read their bodies themselves (size-limited), so FastAPI cannot see their schemas:
+# they are published from the protocol models here.
+_REQUEST_BODIES = {
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/images/generations": ImageGenerationRequest,
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,6 +131,29 @@ def parse_body(raw: bytes, model: type[T]) -> T:
         raise validation_error(e.errors()) from e
 
 
+def openapi_schema() -> dict[str, Any]:
+    """The app's OpenAPI document with the real request bodies of the POST routes."""
+    if api.openapi_schema is None:
+        doc = get_openapi(
+            title=api.title, version=api.version, description=api.description, routes=api.routes
+        )
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for path, model in _REQUEST_BODIES.items():
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, sub in schema.pop("$defs", {}).items():
+                schemas.setdefault(name, sub)
+            schemas[model.__name__] = schema
+            operation = doc.get("paths", {}).get(path, {}).get("post")
+            if operation is not None:
+                ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+                operation["requestBody"] = {
+                    "required": True,
+                    "content": {"application/json": {"schema": ref}},
+                }
+        api.openapi_schema = doc
+    return api.openapi_schema
+
+
 def _bound_host(configured: str) -> str | None:
     """The address Serve's proxy listens on (its HTTP options win over our config's `host`)."""
     try:
@@ -151,8 +191,18 @@ class Ingress:
         self.images = ImageService(images, self.cfg, policy)
         self.chat_handle, self.images_handle = chat, images
         self.readiness = Readiness([chat.deployment_name, images.deployment_name])  # what /healthz waits for
+        self.bound_host = _bound_host(self.cfg.host)
 
     def authorize(self, request: Request) -> None:
+        refusal = edge_refusal(
+            request.method,
+            request.headers.get("host"),
+            request.headers.get("content-type"),
+            keys_enabled=self.keys.enabled,
+            bound_host=self.bound_host,
+        )
+        if refusal is not None:
+            raise refusal
         if not self.keys.allows(request.headers.get("authorization")):
             raise APIError(
                 401,
@@ -215,3 +265,18 @@ class Ingress:
             "images": await call_deployment(self.images_handle.stats.remote(), 30, "stats"),
             "chat": await call_deployment(self.chat_handle.stats.remote(), 30, "stats"),
         }
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> JSONResponse:
+        self.authorize(request)
+        return JSONResponse(openapi_schema())
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request):
+        self.authorize(request)
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{api.title} - docs")
+
+    @api.get("/redoc", include_in_schema=False)
+    async def redoc(self, request: Request):
+        self.authorize(request)
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{api.title} - ReDoc")

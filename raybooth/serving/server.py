@@ -80,7 +80,7 @@ def run_server(config: str | None, overrides: list[str], verbose: bool = False) 
     embedded = resolve_address(cfg.cluster) is None
     if embedded:  # an embedded Ray cannot grow: refuse replicas that would never be placed, before it starts
         check_fits(cfg, embedded_resources(cfg.cluster), can_grow=False)
-    with ray_session(cfg.cluster, verbose=verbose) as info:
+    with ray_session(cfg.cluster, verbose=verbose, secret_env=[cfg.api_keys_env]) as info:
         # SIGTERM (Kubernetes, systemd, `kill`) shuts down as cleanly as Ctrl-C; set after ray.init, whose
         # own handler would abort the process.
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)

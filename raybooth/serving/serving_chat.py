@@ -26,6 +26,7 @@ import jsonschema
 from ray.serve.handle import DeploymentHandle
 
 from raybooth.cluster.config import ServeConfig
+from raybooth.models.constrained import GrammarError, check_schema
 from raybooth.models.safety import SafetyPolicy
 from raybooth.models.vlm_engine import GenerationRequest
 from raybooth.openai.chat import (
@@ -282,9 +283,16 @@ class ChatService:
 
 def _check_schema(schema: dict[str, Any], what: str, param: str) -> None:
     try:
+        # The compile bounds first: their walk is iterative, so a 190-deep schema is refused here before
+        # jsonschema's recursive check could hit Python's recursion limit.
+        check_schema(schema)
         jsonschema.validators.validator_for(schema).check_schema(schema)
+    except GrammarError as e:
+        raise bad_request(str(e).replace("response_format json_schema", what), param=param) from e
     except jsonschema.SchemaError as e:
         raise bad_request(f"{what} is not a valid JSON Schema: {e.message}", param=param) from e
+    except RecursionError as e:  # still too deep for the recursive check: refused, never a 500
+        raise bad_request(f"{what} nests too deeply; flatten it", param=param) from e
 
 
 def _whole_calls(calls: list[Any]) -> DeltaMessage:

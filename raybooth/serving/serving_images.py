@@ -25,7 +25,10 @@ from raybooth.openai.protocol import ImageData, ImageGenerationRequest, ImageGen
 from raybooth.serving.image_deployment import ImageJob
 from raybooth.serving.upstream import call_deployment
 
-_SIZE = re.compile(r"^(\d+)x(\d+)$")
+# ASCII digits, at most 5 each: bounded before int() (a 5,000-digit side would hit Python's int-string
+# limit, a server error) and far above any side limit anyway.
+_SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
+_SHOWN_CHARS = 40  # how much of a bad value an error message echoes
 SIZE_MULTIPLE = 8  # Stable Diffusion's VAE downsamples 8x: other sizes cannot be decoded
 _CATALOG_TTL_S = 5.0  # registry answers are reused this long, so a burst costs one MLflow call
 
@@ -77,7 +80,10 @@ class ImageModelCatalog:
 def parse_size(size: str, max_side: int) -> tuple[int, int]:
     match = _SIZE.match(size.strip())
     if not match:
-        raise bad_request(f"size {size!r} must be WIDTHxHEIGHT, e.g. 512x512", param="size")
+        shown = size if len(size) <= _SHOWN_CHARS else f"{size[:_SHOWN_CHARS]}... ({len(size)} characters)"
+        raise bad_request(
+            f"size {shown!r} must be WIDTHxHEIGHT with up to 5 digits each, e.g. 512x512", param="size"
+        )
     width, height = int(match[1]), int(match[2])
     if max(width, height) > max_side:
         raise limit_exceeded("limits.max_image_side", size, f"{max_side}x{max_side}", "size")
