@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentResponse, DeploymentResponseGenerator
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from raybooth.openai.errors import APIError
 
@@ -133,14 +133,38 @@ class OverloadGuard:
             return
         cls = type(self)
         if cls.limit is not None and cls.ongoing >= cls.limit:
-            err = overloaded("ingress")
-            headers = [(b"content-type", b"application/json")]
-            headers += [(k.lower().encode(), v.encode()) for k, v in (error_headers(err) or {}).items()]
-            await send({"type": "http.response.start", "status": 503, "headers": headers})
-            await send({"type": "http.response.body", "body": json.dumps(err.body()).encode()})
+            await send_error(send, overloaded("ingress"))
             return
         cls.ongoing += 1
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, json_503s(send))
         finally:
             cls.ongoing -= 1
+
+
+async def send_error(send: Send, err: APIError) -> None:
+    headers = [(b"content-type", b"application/json")]
+    headers += [(k.lower().encode(), v.encode()) for k, v in (error_headers(err) or {}).items()]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": json.dumps(err.body()).encode()})
+
+
+def json_503s(send: Send) -> Send:
+    """`send` that turns a plain-text 503 into the OpenAI one. Ray Serve registers its own FastAPI
+    handler for its backpressure errors, and in the chat route under load (seen in the tests) its
+    plain-text 503 won over ours; whatever path makes one, the client still gets the JSON error."""
+    replaced = False
+
+    async def send_or_replace(message: Message) -> None:
+        nonlocal replaced
+        if message["type"] == "http.response.start" and message["status"] == 503:
+            content_type = dict(message.get("headers") or []).get(b"content-type", b"")
+            if not bytes(content_type).startswith(b"application/json"):
+                replaced = True
+                await send_error(send, overloaded("model deployment"))
+                return
+        if replaced:
+            return  # the plain-text body of the replaced response
+        await send(message)
+
+    return send_or_replace

@@ -14,7 +14,7 @@ import pytest
 from ray.exceptions import ActorDiedError
 from ray.serve.exceptions import BackPressureError
 from starlette.applications import Starlette
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 from raybooth.cluster.config import BatchConfig, ServeConfig
@@ -34,8 +34,13 @@ async def _slow(request):
     return JSONResponse({"ok": True})
 
 
+async def _plain_503(request):
+    return PlainTextResponse("Request dropped due to backpressure", status_code=503)
+
+
 def _guarded_app() -> Starlette:
-    app = Starlette(routes=[Route("/v1/slow", _slow), Route("/healthz", _slow)])
+    routes = [Route("/v1/slow", _slow), Route("/healthz", _slow), Route("/v1/plain", _plain_503)]
+    app = Starlette(routes=routes)
     app.add_middleware(OverloadGuard)
     return app
 
@@ -69,6 +74,12 @@ def test_requests_over_the_ingress_limit_get_the_openai_503_with_retry_after(gua
     assert "ingress" in error["message"]
     assert OverloadGuard.ongoing == 0  # every admitted request released its seat
     assert [r.status_code for r in _burst("/v1/slow", 2)] == [200, 200]  # and the limit is free again
+
+
+def test_a_plain_text_503_from_inside_the_app_leaves_as_the_openai_error():
+    [resp] = _burst("/v1/plain", 1)
+    assert resp.status_code == 503 and resp.headers["content-type"] == "application/json"
+    assert resp.headers["retry-after"] == "1" and resp.json()["error"]["code"] == "overloaded"
 
 
 def test_healthz_is_never_refused_for_load(guard_limit_2):
