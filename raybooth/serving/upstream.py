@@ -12,7 +12,9 @@ fix. A call still running after the request timeout is cancelled and becomes 504
 
 Serve's proxy answers its own 503 in plain text when the ingress's queue is full, so the ingress never
 lets it get there: `OverloadGuard` refuses requests beyond `ingress.max_ongoing_requests` per replica
-with the same JSON 503, and app.py gives the Ingress deployment room above that limit.
+with the same JSON 503, and app.py gives the Ingress deployment room above that limit. The guard also
+rewrites any plain-text 503 made inside the ingress (Serve's own handler for its backpressure errors)
+into the OpenAI one, so every 503 a client sees has the JSON body and `Retry-After`.
 """
 
 from __future__ import annotations
