@@ -103,9 +103,7 @@ def test_route_and_batch_job_refuse_an_over_cap_request_alike(tiny_vlm_path):
 
     body = {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 101}
     serve_cfg = ServeConfig.model_validate({"limits": {"max_tokens": 100}})
-    route = ChatService(
-        _NoDeployment(), serve_cfg, SafetyPolicy.from_settings(serve_cfg.safety.model_dump()), "tiny-vlm"
-    )
+    route = ChatService(_NoDeployment(), serve_cfg, SafetyPolicy.from_settings(serve_cfg.safety.model_dump()), "tiny-vlm")
     with pytest.raises(APIError) as info:
         route.check_request(ChatCompletionRequest.model_validate(body))
     route_error = info.value.body()["error"]
