@@ -5,8 +5,10 @@
     [result] = engine.generate([gen_req])
     response = chat_completion_response(result, model="tiny-vlm")
 
-Every check that needs no HTTP happens here, once for both callers: `max_tokens_for` decides a
-request's token budget (default and cap), and images in `image_url` parts are fetched and decoded
+Every check that needs no HTTP happens here, once for both callers: `check_prompt_size` refuses a
+prompt over `max_prompt_bytes` before anything tokenizes it (a 10 MB prompt would take seconds of a
+replica's CPU only to be refused for its length), `max_tokens_for` decides a request's token budget
+(default and cap), and images in `image_url` parts are fetched and decoded
 (data: URLs, paths, s3://) with the byte and pixel limits of `models/images.py`. Any problem is an
 `APIError` (400) whose `param` says which field or part, the way OpenAI's error bodies do.
 
@@ -37,6 +39,7 @@ from raybooth.openai.protocol import (
     ChoiceLogprobs,
     FunctionCall,
     ImageContentPart,
+    TextContentPart,
     ToolCall,
     ToolDefinition,
     TopLogprob,
@@ -50,6 +53,10 @@ class ChatLimits:
     max_tokens_cap: int = 1024  # a request asking for more is refused, not silently truncated
     images: ImageLimits = ImageLimits()
     cap_setting: str = "max_tokens_cap"  # the config key that sets the cap: the refusal names it as the fix
+    # UTF-8 bytes of all the prompt's text. 256 KiB is ~64K tokens at ~4 bytes a token: more than most
+    # context windows hold, while tokenizing it still takes well under a second.
+    max_prompt_bytes: int = 256 * 1024
+    prompt_setting: str = "max_prompt_bytes"  # the config key of that limit, named in the refusal
 
     @classmethod
     def for_serving(cls, cfg: ServeConfig) -> ChatLimits:
@@ -59,6 +66,8 @@ class ChatLimits:
             max_tokens_cap=cfg.limits.max_tokens,
             images=ImageLimits.from_settings(cfg.limits),
             cap_setting="limits.max_tokens",
+            max_prompt_bytes=cfg.limits.max_prompt_bytes,
+            prompt_setting="limits.max_prompt_bytes",
         )
 
     @classmethod
@@ -69,6 +78,7 @@ class ChatLimits:
             max_tokens_cap=cfg.max_tokens_cap,
             images=ImageLimits.from_settings(cfg),
             cap_setting="max_tokens_cap",
+            max_prompt_bytes=cfg.max_prompt_bytes,
         )
 
 
@@ -79,6 +89,27 @@ def max_tokens_for(request: ChatCompletionRequest, limits: ChatLimits) -> int:
     if max_tokens > limits.max_tokens_cap:
         raise limit_exceeded(limits.cap_setting, max_tokens, limits.max_tokens_cap, "max_tokens")
     return max_tokens
+
+
+def prompt_bytes(request: ChatCompletionRequest) -> int:
+    """UTF-8 bytes of the texts the prompt holds: message texts and tool-call arguments (tool schemas have
+    their own bounds in `models/constrained.py`)."""
+    size = 0
+    for message in request.messages:
+        if isinstance(message.content, str):
+            size += len(message.content.encode())
+        elif message.content:
+            size += sum(len(p.text.encode()) for p in message.content if isinstance(p, TextContentPart))
+        for call in message.tool_calls or []:
+            size += len(call.function.arguments.encode()) + len(call.function.name.encode())
+    return size
+
+
+def check_prompt_size(request: ChatCompletionRequest, limits: ChatLimits) -> None:
+    """Refuse a prompt over `limits.max_prompt_bytes` with a 400 naming the setting (before tokenizing)."""
+    size = prompt_bytes(request)
+    if size > limits.max_prompt_bytes:
+        raise limit_exceeded(limits.prompt_setting, f"<{size} bytes>", limits.max_prompt_bytes, "messages")
 
 
 @dataclass(frozen=True)
@@ -231,6 +262,7 @@ def generation_request_from_chat(
     request: ChatCompletionRequest, limits: ChatLimits, default_seed: int | None = None
 ) -> GenerationRequest:
     """The engine request of a chat request; an `APIError` (400) when it cannot run as asked."""
+    check_prompt_size(request, limits)  # first: the cheapest check, and the one that saves the most
     try:
         params = sampling_params_from_chat(request, limits, default_seed)
     except ValueError as e:  # SamplingParams' own checks

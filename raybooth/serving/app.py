@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
 
 from raybooth.cluster.config import DeploymentSection, ServeConfig, deep_merge, load_config
 from raybooth.serving.auth import key_digests
@@ -65,7 +66,12 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     images = ImageDeployment.options(**deployment_options(cfg.image)).bind(
         cfg.image.model_dump(), cfg.tracking.model_dump(), cfg.image_models
     )
-    return Ingress.options(**deployment_options(cfg.ingress)).bind(chat, images, cfg.model_dump(), digests)
+    ingress = deployment_options(cfg.ingress)
+    # The ingress itself refuses requests over ingress.max_ongoing_requests with the OpenAI JSON 503
+    # (upstream.OverloadGuard); Serve's limit sits above it, so a client never gets the proxy's plain text.
+    ingress["max_ongoing_requests"] = 2 * cfg.ingress.max_ongoing_requests
+    ingress["backpressure_config"] = BackpressureConfig(retry_after_s=cfg.limits.retry_after_s)
+    return Ingress.options(**ingress).bind(chat, images, cfg.model_dump(), digests)
 
 
 def app(args: dict[str, Any]) -> Application:

@@ -6,7 +6,11 @@
 Callers that arrive within `batch_wait_timeout_s` of each other are batched by `@serve.batch` into one
 `VLMEngine.generate_stream` call: one forward pass per decode step for every row. The batch function is
 an async generator that yields one list per step (a `ChatEvent` per caller, `StopIteration` for callers
-already finished), so each caller streams its own tokens as they are produced. Generated text goes
+already finished), so each caller streams its own tokens as they are produced. Before a caller joins a
+batch, its request is prepared (chat template, tokens, images) and checked (context, grammar compile) in
+a worker thread: a slow compile or a refusal never holds a batch that good requests wait for. A row that
+fails ends with an event holding `error` and `error_type` (the engine's contract: "invalid_request_error"
+is the client's 400, "server_error" a 500), and the other rows of its batch go on. Generated text goes
 through the safety policy's streaming filter before it leaves: a match ends that caller's stream with
 `finish_reason: content_filter` and a refusal naming the category and span. A row whose stream ended
 that way, or whose client disconnected, is cancelled in the engine: it leaves the batch (and its KV
@@ -16,8 +20,10 @@ cache) at the next step instead of decoding on to EOS or `max_tokens` for nobody
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypedDict
 
 from ray import serve
@@ -27,7 +33,13 @@ from raybooth.cluster.config import ChatServeSection, SafetySection
 from raybooth.cluster.workdir import default_models_dir
 from raybooth.models.device import pick_device
 from raybooth.models.safety import SafetyPolicy, StreamingSafetyFilter
-from raybooth.models.vlm_engine import GenerationRequest, StreamDelta, VLMEngine
+from raybooth.models.vlm_engine import (
+    GenerationRequest,
+    PreparedRequest,
+    StreamDelta,
+    VLMEngine,
+    error_delta,
+)
 from raybooth.openai.chat import choice_logprobs
 from raybooth.serving.callers import Caller, attending
 
@@ -39,9 +51,10 @@ class ChatEvent(TypedDict, total=False):
 
     text: str
     logprobs: list[dict[str, Any]]  # OpenAI `logprobs.content` entries of this step's tokens, when asked for
-    finish_reason: str | None  # "stop" | "length" | "content_filter"
+    finish_reason: str | None  # "stop" | "length" | "content_filter" | "error"
     refusal: str | None  # the safety policy's explanation when finish_reason is content_filter
     error: str | None  # the request could not run (context too long, schema does not compile)
+    error_type: str | None  # with `error`: "invalid_request_error" (HTTP 400) | "server_error" (500)
     prompt_tokens: int
     completion_tokens: int
 
@@ -59,16 +72,26 @@ def final_event(delta: StreamDelta, text: str, **extra: Any) -> ChatEvent:
         finish_reason=extra.get("finish_reason", delta.finish_reason),
         refusal=extra.get("refusal"),
         error=delta.error,
+        error_type=delta.error_type,
         prompt_tokens=delta.prompt_tokens,
         completion_tokens=delta.completion_tokens,
     )
     return event
 
 
+def rss_bytes() -> int | None:
+    """This process's resident memory now (Linux's /proc; None elsewhere), for the stats route."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return None
+
+
 class RowFilter:
     """Per caller: the safety filter on its output, and whether its stream has ended."""
 
-    def __init__(self, policy: SafetyPolicy, caller: Caller[GenerationRequest]):
+    def __init__(self, policy: SafetyPolicy, caller: Caller[PreparedRequest]):
         self.safety: StreamingSafetyFilter = policy.stream_filter()
         self.caller = caller
         self.finished = False  # its last event was sent
@@ -115,6 +138,9 @@ class ChatDeployment:
             batch_wait_timeout_s=self.cfg.batch_wait_timeout_s,
             max_concurrent_batches=self.cfg.max_concurrent_batches,
         )(self._generate_batch)
+        # Admission (tokenizing, grammar compiles) has threads of its own: were it to share the default
+        # pool, a few slow refusals could take every thread the batches need for their decode steps.
+        self._admission = ThreadPoolExecutor(max_workers=4, thread_name_prefix="chat-admission")
         self.batch_sizes: deque[int] = deque(maxlen=10_000)
         self.cancelled_rows: deque[int] = deque(maxlen=10_000)  # tokens each cancelled row had decoded
         self._batch_rows = metrics.Histogram(
@@ -128,11 +154,23 @@ class ChatDeployment:
         """Stream `ChatEvent`s for one request (batched with concurrent callers)."""
         # A client that disconnects cancels this call (the ingress cancels its handle call); the batch
         # then drops the row instead of decoding for nobody.
-        with attending(request) as caller:
+        try:
+            prepared = await asyncio.get_running_loop().run_in_executor(self._admission, self.admit, request)
+        except Exception as e:  # this request's refusal (a ValueError: its 400) or a bug (500)
+            yield final_event(error_delta(e), "")
+            return
+        with attending(prepared) as caller:
             async for event in self.generate_batch(caller):
                 yield event
 
-    async def _generate_batch(self, callers: list[Caller[GenerationRequest]]):
+    def admit(self, request: GenerationRequest) -> PreparedRequest:
+        """Tokenize and check one request (in a worker thread), compiling its grammar into the cache:
+        what could be slow or refused happens here, before the request holds a seat in a batch."""
+        prepared = self.engine.prepare(request)
+        self.engine.check(prepared)
+        return prepared
+
+    async def _generate_batch(self, callers: list[Caller[PreparedRequest]]):
         self.batch_sizes.append(len(callers))
         self._batch_rows.observe(len(callers))
         rows = [RowFilter(self.policy, caller) for caller in callers]
@@ -159,6 +197,8 @@ class ChatDeployment:
     def stats(self) -> dict[str, Any]:
         return {
             "time": time.time(),
+            "pid": os.getpid(),  # the replica's process (tests kill it to check failure handling)
+            "rss_bytes": rss_bytes(),
             "batch_sizes": list(self.batch_sizes),
             "cancelled_rows": list(self.cancelled_rows),
         }

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections import Counter, defaultdict, deque
@@ -296,6 +297,7 @@ class ImageDeployment:
     def stats(self) -> dict[str, Any]:
         return {
             "time": time.time(),
+            "pid": os.getpid(),  # the replica's process (tests kill it to check failure handling)
             "max_batch_size": self.generate_batch._get_max_batch_size(),
             "unet_batches": list(self.unet_batches),
             "requests_per_batch": list(self.requests_per_batch),

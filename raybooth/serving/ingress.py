@@ -39,7 +39,7 @@ from raybooth.serving.auth import KeyChecker, check_bind_allowed, edge_refusal
 from raybooth.serving.readiness import Readiness
 from raybooth.serving.serving_chat import ChatService
 from raybooth.serving.serving_images import ImageService
-from raybooth.serving.upstream import call_deployment
+from raybooth.serving.upstream import OverloadGuard, call_deployment, error_headers
 
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T", bound=BaseModel)
@@ -58,6 +58,7 @@ _REQUEST_BODIES = {
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/images/generations": ImageGenerationRequest,
 }
+api.add_middleware(OverloadGuard)  # JSON 503s before Serve's proxy would send its plain-text ones
 
 
 # --------------------------------------------------------------------------------------------------
@@ -66,8 +67,7 @@ _REQUEST_BODIES = {
 
 
 def error_response(err: APIError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+    return JSONResponse(err.body(), status_code=err.status, headers=error_headers(err))
 
 
 @api.exception_handler(APIError)
@@ -182,6 +182,7 @@ class Ingress:
         self, chat: DeploymentHandle, images: DeploymentHandle, config: dict[str, Any], key_digests: list[str]
     ):
         self.cfg = ServeConfig.model_validate(config)
+        OverloadGuard.configure(self.cfg.ingress.max_ongoing_requests, self.cfg.limits.retry_after_s)
         self.keys = KeyChecker(key_digests)
         check_bind_allowed(_bound_host(self.cfg.host), key_digests)
         tracking.configure(self.cfg.tracking)

@@ -6,18 +6,22 @@
     data: {... "choices": [], "usage": {...}}          # only with stream_options.include_usage
     data: [DONE]
 
-Checks before any model work: the model name, message and image counts, `max_tokens`, images (data:
+Checks before any model work: the model name, message and image counts, the prompt's size in bytes
+(before anything tokenizes it), `max_tokens`, images (data:
 URLs only over HTTP, decoded with the byte and pixel limits), the JSON schemas (response_format and the
 tools' parameters), and the safety policy on
 the prompt, whose block is a normal answer with `finish_reason: content_filter` and a `refusal`. The
 first event is awaited before the HTTP response starts, so an engine-side refusal (a prompt longer than
-the context, a schema the grammar compiler rejects) is still a 400, not a broken stream.
+the context, a schema the grammar compiler rejects) is still a 400, not a broken stream. After the 200,
+any failure (a row the engine failed, a replica that died, the timeout) ends the stream with an OpenAI
+error event and then `data: [DONE]`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -33,6 +37,7 @@ from raybooth.openai.chat import (
     ChatLimits,
     ToolCallFormat,
     assistant_message,
+    check_prompt_size,
     generation_request_from_chat,
     max_tokens_for,
 )
@@ -55,6 +60,8 @@ from raybooth.openai.protocol import (
 )
 from raybooth.serving.upstream import next_item
 
+logger = logging.getLogger("ray.serve")
+
 
 def sse(payload: dict[str, Any] | str) -> str:
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
@@ -69,6 +76,14 @@ def prompt_texts(req: ChatCompletionRequest) -> list[str]:
         elif message.content:
             texts += [p.text for p in message.content if isinstance(p, TextContentPart)]
     return texts
+
+
+def row_error(event: dict[str, Any]) -> APIError:
+    """The APIError of a row the engine failed: its request's fault (400) or the server's (500). Raised
+    before the HTTP response starts it is that status; after, `_sse_lines` sends it as an error event."""
+    if event.get("error_type") == "server_error":
+        return APIError(500, event["error"], code="server_error")
+    return bad_request(event["error"], code="invalid_request")
 
 
 class ChatService:
@@ -94,6 +109,7 @@ class ChatService:
             raise limit_exceeded("limits.max_messages", len(req.messages), limits.max_messages, "messages")
         if req.n > limits.max_n:
             raise limit_exceeded("limits.max_n", req.n, limits.max_n, "n")
+        check_prompt_size(req, self.limits)  # before anything tokenizes it (and in the batch job too)
         max_tokens_for(req, self.limits)  # the batch job's check too; here before any image is decoded
         images = 0
         for m, message in enumerate(req.messages):
@@ -140,7 +156,7 @@ class ChatService:
                     ended = True
                     return
                 if event.get("error"):
-                    raise bad_request(event["error"], code="invalid_request")
+                    raise row_error(event)
                 yield event
         finally:
             if not ended:  # the client left (its request was cancelled) or the stream failed
@@ -278,6 +294,9 @@ class ChatService:
                 yield sse(last.model_dump())
         except APIError as e:  # after the 200 was sent, an error can only be an event (vLLM does the same)
             yield sse(e.body())
+        except Exception as e:  # a bug: still an OpenAI error event and [DONE], never a cut stream
+            logger.exception("chat stream failed")
+            yield sse(APIError(500, f"the stream failed on the server ({type(e).__name__})").body())
         yield sse("[DONE]")
 
 

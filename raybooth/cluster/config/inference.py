@@ -125,3 +125,8 @@ class BatchConfig(InferenceJobConfig):
 
     max_new_tokens: int = Field(64, ge=1, le=8192, description="max_tokens of a request that gives none.")
     max_tokens_cap: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
+    max_prompt_bytes: int = Field(
+        256 * 1024,
+        ge=1,
+        description="Largest prompt text (UTF-8 bytes) of a request, checked before tokenizing.",
+    )

@@ -178,6 +178,17 @@ class LimitsSection(Strict):
     max_steps: int = Field(100, ge=1, description="Largest num_inference_steps.")
     max_image_side: int = Field(1024, ge=8, description="Largest width or height of a generated image.")
     max_prompt_chars: int = Field(4000, ge=1, description="Longest image prompt / negative prompt.")
+    max_prompt_bytes: int = Field(
+        256 * 1024,
+        ge=1,
+        description=(
+            "Largest chat prompt text (UTF-8 bytes of all messages), refused before tokenizing: ~64K "
+            "tokens, more than most context windows, yet quick to tokenize."
+        ),
+    )
+    retry_after_s: int = Field(
+        1, ge=0, description="Retry-After (seconds) on every 503 (overloaded, replica_failed)."
+    )
 
 
 class SafetyCategory(Strict):
