@@ -116,14 +116,9 @@ class RowFilter:
         return step_event(delta, text)
 
 
-@serve.deployment(
-    name="ChatDeployment",
-    ray_actor_options={"num_cpus": 1, "num_gpus": 0},
-    max_ongoing_requests=16,  # >= max_batch_size * max_concurrent_batches
-    max_queued_requests=64,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8},
-    health_check_period_s=10,
-)
+# Resources, replicas and queue limits come from the serve config, set once in serving/app.py's
+# deployment_options (and a Serve config file may override them); nothing here repeats them.
+@serve.deployment(name="ChatDeployment", health_check_period_s=10)
 class ChatDeployment:
     def __init__(self, chat: dict[str, Any], safety: dict[str, Any], model: str):
         self.cfg = ChatServeSection.model_validate(chat)

@@ -117,14 +117,9 @@ class ModelSlot:
             pass
 
 
-@serve.deployment(
-    name="ImageDeployment",
-    ray_actor_options={"num_cpus": 1, "num_gpus": 0},
-    max_ongoing_requests=16,  # >= max_batch_size * max_concurrent_batches, or batches never fill
-    max_queued_requests=64,  # beyond this the ingress answers 503 instead of queueing without bound
-    autoscaling_config={"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8},
-    health_check_period_s=10,
-)
+# Resources, replicas and queue limits come from the serve config, set once in serving/app.py's
+# deployment_options (and a Serve config file may override them); nothing here repeats them.
+@serve.deployment(name="ImageDeployment", health_check_period_s=10)
 class ImageDeployment:
     def __init__(self, image: dict[str, Any], tracking_section: dict[str, Any], image_models: list[str]):
         self.cfg = ImageServeSection.model_validate(image)

@@ -169,13 +169,9 @@ def _bound_host(configured: str) -> str | None:
 # --------------------------------------------------------------------------------------------------
 
 
-@serve.deployment(
-    name="Ingress",
-    ray_actor_options={"num_cpus": 0.25},
-    max_ongoing_requests=256,  # cheap: validates and awaits the model deployments
-    max_queued_requests=512,  # the proxy answers 503 beyond this
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 64},
-)
+# Resources, replicas and queue limits come from the serve config, set once in serving/app.py's
+# deployment_options (and a Serve config file may override them); nothing here repeats them.
+@serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
     def __init__(
