@@ -83,7 +83,9 @@ class SDFamily:
     # (text encoder component, its tokenizer, the transformers class of the encoder)
     text_encoder_slots: tuple[tuple[str, str, str], ...] = (("text_encoder", "tokenizer", "CLIPTextModel"),)
     # Pipeline constructor arguments a raybooth export sets: no safety checker (model_index says null).
-    export_kwargs: dict[str, Any] = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    export_kwargs: dict[str, Any] = dict(
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
 
     upcast_vae = False
 
@@ -302,5 +304,5 @@ def family_of(obj: Any) -> SDFamily:
         return family_from_index(dict(config))
     if type(obj).__name__ in FAMILIES:
         return FAMILIES[type(obj).__name__]()
-    has_second = (obj.get("text_encoder_2") if isinstance(obj, dict) else getattr(obj, "text_encoder_2", None))
+    has_second = obj.get("text_encoder_2") if isinstance(obj, dict) else getattr(obj, "text_encoder_2", None)
     return SDXLFamily() if has_second is not None else SDFamily()

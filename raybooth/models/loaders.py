@@ -30,8 +30,8 @@ from transformers import (
 )
 
 from raybooth.errors import ModelError
-from raybooth.models.diffusion_family import SDFamily, detect_family
 from raybooth.models.device import as_dtype, pick_device
+from raybooth.models.diffusion_family import SDFamily, detect_family
 from raybooth.models.presets import KIND_NAMES, PRESETS, resolve_model
 
 DeviceLike = str | torch.device | None
@@ -82,6 +82,14 @@ def load_sd_pipeline(
         pipeline = family.pipeline_class().from_pretrained(path, **options, **_dtype_option(dtype))
     pipeline.set_progress_bar_config(disable=True)  # jobs and servers report progress their own way
     return pipeline.to(_device(device))
+
+
+def sd_family(name_or_path: str, *, models_dir: Path | None = None) -> SDFamily:
+    """The family of a diffusion pipeline (preset, folder or hub id), its folder checked for every
+    component that family needs: the preflight a job runs before it starts Ray. ModelError otherwise."""
+    path = resolve_model(name_or_path, kind="sd", models_dir=models_dir)
+    with _explain_load_errors(name_or_path, path, "sd") as options:
+        return detect_family(path, options)
 
 
 def load_sd_components(
