@@ -25,6 +25,7 @@ from raybooth.models import checkpoint as ckpt
 from raybooth.models.device import make_grad_scaler, resolve_precision
 from raybooth.models.diffusion_family import SDFamily, SDXLFamily, detect_family
 from raybooth.models.dreambooth import (
+    EncodingCache,
     StepSettings,
     make_lr_scheduler,
     make_optimizer,
@@ -221,6 +222,20 @@ def test_train_step_feeds_each_rows_time_ids_to_the_unet():
 # --------------------------------------------------------------------------------------------------
 # Training and what it exports
 # --------------------------------------------------------------------------------------------------
+
+
+def test_cached_sdxl_embeddings_and_latents_give_the_uncached_loss():
+    data = make_data()
+    plain, cached = make_models("lora"), make_models("lora")
+    cache = EncodingCache.build(cached, data)
+    assert next(iter(cache.embeddings.values())).pooled is not None  # the pooled projection is cached too
+    optimizer = make_optimizer(plain, 1e-3)
+    a = train_step(plain, optimizer, make_lr_scheduler(optimizer, 0), make_grad_scaler(FP32), FP32, data, None,
+                   StepSettings(), 0)  # fmt: skip
+    optimizer = make_optimizer(cached, 1e-3)
+    b = train_step(cached, optimizer, make_lr_scheduler(optimizer, 0), make_grad_scaler(FP32), FP32, data, cache,
+                   StepSettings(), 0)  # fmt: skip
+    assert abs(a.loss - b.loss) < 1e-4 * max(1.0, a.loss)
 
 
 def test_lora_learns_changes_only_adapters_and_loads_with_load_lora_weights(pipe, tmp_path):
