@@ -169,9 +169,14 @@ def save_lora_weights(
     text_encoder: nn.Module | None,
     base_model: str,
     dtype: torch.dtype = torch.float32,
+    *,
+    text_encoder_2: nn.Module | None = None,
+    family: Any = None,
 ) -> Path:
-    """Write the adapters where `pipeline.load_lora_weights(folder)` finds them, plus which base they go on."""
-    from diffusers import StableDiffusionPipeline
+    """Write the adapters where `pipeline.load_lora_weights(folder)` finds them, plus which base they go on.
+
+    Saved with the family's pipeline class (`StableDiffusionXLPipeline.save_lora_weights` for SDXL, which
+    also takes `text_encoder_2`'s adapters), so that class's `load_lora_weights` reads the file."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -181,11 +186,19 @@ def save_lora_weights(
         )
         return {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
 
+    from raybooth.models.diffusion_family import SDFamily
+
+    family = family or SDFamily()
     folder = Path(folder)
-    StableDiffusionPipeline.save_lora_weights(
+    text_layers = {"text_encoder_lora_layers": layers(text_encoder) if text_encoder is not None else None}
+    if "text_encoder_2" in family.text_encoder_names:
+        text_layers["text_encoder_2_lora_layers"] = (
+            layers(text_encoder_2) if text_encoder_2 is not None else None
+        )
+    family.pipeline_class().save_lora_weights(
         folder,
         unet_lora_layers=layers(unet),
-        text_encoder_lora_layers=layers(text_encoder) if text_encoder is not None else None,
+        **text_layers,
         weight_name=LORA_WEIGHTS,
         safe_serialization=True,
     )
@@ -201,27 +214,29 @@ def save_full_pipeline(
 ) -> Path:
     """A complete diffusers folder (model_index.json + parts), laid out as diffusers publishes checkpoints.
 
-    The main weights are fp32, so a plain `StableDiffusionPipeline.from_pretrained(folder)` gets one dtype
+    `components` has the family's parts (unet, vae, text encoders, tokenizers) and `family`; the folder is
+    saved by that family's pipeline class, so `DiffusionPipeline.from_pretrained(folder)` builds it again.
+    The main weights are fp32, so a plain `DiffusionPipeline.from_pretrained(folder)` gets one dtype
     everywhere and runs on a CPU. With `fp16_variant`, each part also gets an fp16 copy
     (`diffusion_pytorch_model.fp16.safetensors`, `model.fp16.safetensors`) that a GPU loads with
     `from_pretrained(folder, variant="fp16", dtype=torch.float16)`: half the download, half the memory.
     """
     import copy
 
-    from diffusers import StableDiffusionPipeline
+    from raybooth.models.diffusion_family import family_of
 
-    def pipeline_of(parts: dict[str, Any]) -> StableDiffusionPipeline:
-        return StableDiffusionPipeline(
-            **parts,
-            tokenizer=components.tokenizer,
-            scheduler=inference_scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+    family = family_of(components)
+    tokenizers = {n: getattr(components, n) for n in family.tokenizer_names}
+    options = dict(family.export_kwargs)
+    if family.name == "sdxl":  # keep the base's choices: empty negative = zeros, no watermark dependency
+        options.update(force_zeros_for_empty_prompt=family.empty_negative_is_zero(), add_watermarker=False)
+
+    def pipeline_of(parts: dict[str, Any]) -> Any:
+        return family.pipeline_class()(**parts, **tokenizers, scheduler=inference_scheduler, **options)
 
     folder = Path(folder)
-    modules = {"vae": components.vae, "text_encoder": components.text_encoder, "unet": components.unet}
+    modules = {"vae": components.vae, "unet": components.unet}
+    modules.update({n: getattr(components, n) for n in family.text_encoder_names})
     if fp16_variant:
         # The fp16 copies first: transformers writes the weights' dtype into text_encoder/config.json and
         # loads that dtype by default, so the fp32 save that follows must be the one that writes the config.

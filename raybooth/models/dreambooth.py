@@ -29,16 +29,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from raybooth.models.device import PrecisionPlan, autocast
+from raybooth.models.diffusion_family import PromptEmbeds, SDFamily
 from raybooth.models.dreambooth_data import DreamBoothData, View
 
-# LoRA targets: the attention projections, as diffusers' train_dreambooth_lora.py adapts them.
+# LoRA targets: the attention projections, as diffusers' train_dreambooth_lora.py and
+# train_dreambooth_lora_sdxl.py adapt them (the same names on SD's and SDXL's UNet and CLIP encoders).
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 @dataclass
 class TrainModels:
-    """The pieces of Stable Diffusion a train step touches; `unet`/`text_encoder` may be DDP-wrapped."""
+    """The pieces of a diffusion model a train step touches; `unet`/`text_encoder(_2)` may be DDP-wrapped.
+    SDXL has a second text encoder and tokenizer; `family` says how the pieces fit together."""
 
     unet: nn.Module
     text_encoder: nn.Module
@@ -47,12 +50,23 @@ class TrainModels:
     noise_scheduler: Any
     train_mode: str  # "full" | "lora"
     train_text_encoder: bool
+    family: SDFamily = field(default_factory=SDFamily)
+    text_encoder_2: nn.Module | None = None
+    tokenizer_2: Any = None
+
+    @property
+    def text_encoders(self) -> list[nn.Module]:
+        return [getattr(self, n) for n in self.family.text_encoder_names]
+
+    @property
+    def tokenizers(self) -> list[Any]:
+        return [getattr(self, n) for n in self.family.tokenizer_names]
 
     def trainable(self) -> dict[str, nn.Module]:
-        """The modules whose weights a checkpoint holds, by name."""
+        """The modules whose weights a checkpoint holds, by name (text encoders: both, when they train)."""
         out = {"unet": unwrap(self.unet)}
         if self.train_text_encoder:
-            out["text_encoder"] = unwrap(self.text_encoder)
+            out.update({n: unwrap(getattr(self, n)) for n in self.family.text_encoder_names})
         return out
 
 
@@ -137,12 +151,14 @@ def prepare_for_training(
 ) -> TrainModels:
     """Freeze, cast, adapt and switch on SDPA/checkpointing as the run asks; returns the `TrainModels`.
 
-    `components` has unet, vae, text_encoder, tokenizer and noise_scheduler (presets.load_sd_components),
-    loaded in fp32 on the training device.
+    `components` has unet, vae, the family's text encoders and tokenizers and noise_scheduler
+    (loaders.load_sd_components), loaded in fp32 on the training device.
     """
     if train_mode not in ("full", "lora"):
         raise ValueError(f"train_mode {train_mode!r}: use full or lora")
-    unet, vae, text_encoder = components.unet, components.vae, components.text_encoder
+    family = getattr(components, "family", None) or SDFamily()
+    unet, vae = components.unet, components.vae
+    text_encoders = [getattr(components, n) for n in family.text_encoder_names]
     half = plan.frozen_dtype
 
     cast_frozen(vae.requires_grad_(False).eval(), half)  # the VAE only encodes: never trained, always frozen
@@ -154,31 +170,36 @@ def prepare_for_training(
         torch.manual_seed(seed)  # LoRA's random A matrices: the same on every rank and every resume
         add_lora(unet, lora_rank, lora_alpha, UNET_LORA_TARGETS)
         if train_text_encoder:
-            cast_frozen(text_encoder, half)
-            add_lora(text_encoder, lora_rank, lora_alpha, TEXT_ENCODER_LORA_TARGETS)
+            for text_encoder in text_encoders:  # SDXL's script adapts both CLIP encoders
+                cast_frozen(text_encoder, half)
+                add_lora(text_encoder, lora_rank, lora_alpha, TEXT_ENCODER_LORA_TARGETS)
     else:
         unet.requires_grad_(True)
-        text_encoder.requires_grad_(train_text_encoder)
+        for text_encoder in text_encoders:
+            text_encoder.requires_grad_(train_text_encoder)
 
-    if not train_text_encoder:
-        cast_frozen(text_encoder.requires_grad_(False).eval(), half)
+    for text_encoder in text_encoders:
+        if not train_text_encoder:
+            cast_frozen(text_encoder.requires_grad_(False).eval(), half)
+        else:
+            text_encoder.train()
+            if gradient_checkpointing:
+                text_encoder.gradient_checkpointing_enable()
     unet.train()
-    if train_text_encoder:
-        text_encoder.train()
-
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
 
     return TrainModels(
         unet=unet,
-        text_encoder=text_encoder,
+        text_encoder=text_encoders[0],
         vae=vae,
         tokenizer=components.tokenizer,
         noise_scheduler=components.noise_scheduler,
         train_mode=train_mode,
         train_text_encoder=train_text_encoder,
+        family=family,
+        text_encoder_2=getattr(components, "text_encoder_2", None),
+        tokenizer_2=getattr(components, "tokenizer_2", None),
     )
 
 
@@ -192,12 +213,11 @@ def make_optimizer(
     text_encoder_lr: float | None = None,
     weight_decay: float = 1e-2,
 ) -> torch.optim.Optimizer:
-    """AdamW over the trainable weights: one group for the UNet, one for the text encoder when it trains."""
+    """AdamW over the trainable weights: one group for the UNet, one for the text encoder(s) when they train."""
     groups = [{"params": trainable_parameters(models.unet), "lr": learning_rate}]
     if models.train_text_encoder:
-        groups.append(
-            {"params": trainable_parameters(models.text_encoder), "lr": text_encoder_lr or learning_rate}
-        )
+        text_params = [p for m in models.text_encoders for p in trainable_parameters(m)]
+        groups.append({"params": text_params, "lr": text_encoder_lr or learning_rate})
     # foreach=False: the per-parameter loop is the same kernel sequence on every run (determinism on CPU).
     return torch.optim.AdamW(groups, weight_decay=weight_decay, foreach=False)
 
@@ -224,21 +244,10 @@ def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generat
     return torch.Generator("cpu").manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def tokenize(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
-    """(N, T) token ids padded to the tokenizer's max length, as the SD pipelines encode prompts."""
-    return tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-
-
-def encode_prompts(text_encoder: nn.Module, tokenizer: Any, prompts: list[str]) -> torch.Tensor:
-    """(N, T, D) last hidden states, what the UNet cross-attends to."""
-    device = next(unwrap(text_encoder).parameters()).device
-    return text_encoder(tokenize(tokenizer, prompts).to(device))[0]
+def encode_prompts(models: TrainModels, prompts: list[str]) -> PromptEmbeds:
+    """The family's text embeddings for `prompts` (SD: last hidden states; SDXL: both encoders'
+    penultimate states and the pooled projection), exactly as the sampler computes them."""
+    return models.family.encode_prompts(models.text_encoders, models.tokenizers, prompts)
 
 
 @torch.no_grad()
@@ -250,11 +259,11 @@ def latent_moments(vae: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def sample_latents(
-    mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator, scaling_factor: float
+    mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator, vae: nn.Module, family: SDFamily
 ) -> torch.Tensor:
-    """A draw from the posterior, scaled as SD's UNet expects; the noise comes from `generator` (CPU)."""
+    """A draw from the posterior, scaled as the family's denoiser expects; noise from `generator` (CPU)."""
     eps = torch.randn(mean.shape, generator=generator).to(mean.device)
-    return (mean + std * eps) * scaling_factor
+    return family.to_latents(vae, mean + std * eps)
 
 
 @dataclass
@@ -266,7 +275,7 @@ class EncodingCache:
     """
 
     moments: dict[tuple[str, int, int, bool], tuple[torch.Tensor, torch.Tensor]]  # (C, h, w) each
-    embeddings: dict[str, torch.Tensor] | None  # prompt -> (T, D); None when the text encoder trains
+    embeddings: dict[str, PromptEmbeds] | None  # prompt -> its (T, D) row; None when text encoders train
 
     @classmethod
     @torch.no_grad()
@@ -281,8 +290,8 @@ class EncodingCache:
         embeddings = None
         if not models.train_text_encoder:
             prompts = data.all_prompts()
-            hidden = encode_prompts(models.text_encoder, models.tokenizer, prompts)
-            embeddings = {p: hidden[k] for k, p in enumerate(prompts)}
+            encoded = encode_prompts(models, prompts)
+            embeddings = {p: encoded.rows(k) for k, p in enumerate(prompts)}
         return cls(moments, embeddings)
 
 
@@ -303,20 +312,20 @@ def batch_latents(
         std = torch.stack([cache.moments[_view_key(v)][1] for v in views])
     else:
         mean, std = latent_moments(models.vae, data.pixels(views))
-    return sample_latents(mean, std, generator, models.vae.config.scaling_factor)
+    return sample_latents(mean, std, generator, models.vae, models.family)
 
 
 def batch_embeddings(
     models: TrainModels, data: DreamBoothData, views: list[View], cache: EncodingCache | None
-) -> torch.Tensor:
-    """(N, T, D) text embeddings for the rows (with grad when the text encoder trains)."""
+) -> PromptEmbeds:
+    """The rows' text embeddings, hidden (N, T, D) [+ pooled (N, P)], with grad when text encoders train."""
     prompts = data.prompts(views)
     if cache is not None and cache.embeddings is not None:
-        return torch.stack([cache.embeddings[p] for p in prompts])
+        return PromptEmbeds.stack([cache.embeddings[p] for p in prompts])
     if models.train_text_encoder:
-        return encode_prompts(models.text_encoder, models.tokenizer, prompts)
+        return encode_prompts(models, prompts)
     with torch.no_grad():
-        return encode_prompts(models.text_encoder, models.tokenizer, prompts)
+        return encode_prompts(models, prompts)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,16 +335,9 @@ def batch_embeddings(
 
 def training_target(
     noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-):
+) -> torch.Tensor:
     """What the UNet must predict: the noise (epsilon) or the velocity, as the scheduler config says."""
-    prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return noise_scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(
-        f"scheduler prediction_type {prediction_type!r} is not supported; use epsilon or v_prediction"
-    )
+    return SDFamily.training_target(noise_scheduler, latents, noise, timesteps)
 
 
 def snr_weights(noise_scheduler: Any, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -353,18 +355,27 @@ def diffusion_loss(
     unet: nn.Module,
     noise_scheduler: Any,
     latents: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | PromptEmbeds,
     generator: torch.Generator,
     *,
     with_prior: bool,
     prior_loss_weight: float = 1.0,
     snr_gamma: float | None = None,
     noise_offset: float = 0.0,
+    family: SDFamily | None = None,
+    time_ids: torch.Tensor | None = None,
 ) -> LossParts:
     """DreamBooth's loss on one batch: rows [0, N/2) are the instance half, [N/2, N) the class half.
 
-    latents (N, C, h, w) fp32, encoder_hidden_states (N, T, D). Noise and timesteps come from `generator`.
+    latents (N, C, h, w) fp32, encoder_hidden_states (N, T, D) or the family's `PromptEmbeds`, time_ids
+    (N, 6) for SDXL. Noise and timesteps come from `generator`.
     """
+    family = family or SDFamily()
+    embeds = (
+        encoder_hidden_states
+        if isinstance(encoder_hidden_states, PromptEmbeds)
+        else PromptEmbeds(encoder_hidden_states)
+    )
     n = latents.shape[0]
     device = latents.device
     noise = torch.randn(latents.shape, generator=generator).to(device)  # (N, C, h, w)
@@ -375,9 +386,9 @@ def diffusion_loss(
     num_timesteps = noise_scheduler.config.num_train_timesteps
     timesteps = torch.randint(0, num_timesteps, (n,), generator=generator).to(device)  # (N,)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)  # (N, C, h, w)
-    target = training_target(noise_scheduler, latents, noise, timesteps)
+    target = family.training_target(noise_scheduler, latents, noise, timesteps)
 
-    pred = unet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states).sample.float()  # (N, C, h, w)
+    pred = family.denoise(unet, noisy, timesteps, embeds, time_ids).float()  # (N, C, h, w)
 
     if with_prior:
         pred, prior_pred = pred.chunk(2)
@@ -426,15 +437,16 @@ def train_step(
     world_size: int = 1,
 ) -> StepStats:
     """One optimizer step (0-based `step`) over `settings.accumulation` micro-batches on this rank."""
-    trained = [models.unet] + ([models.text_encoder] if models.train_text_encoder else [])
+    trained = [models.unet] + (models.text_encoders if models.train_text_encoder else [])
     totals = torch.zeros(3)  # loss, instance, prior: averaged over micro-batches for logging
     for micro in range(settings.accumulation):
         generator = step_generator(settings.seed, step, micro, rank)
         views = data.select(step, micro, rank, world_size, settings.batch_size, settings.accumulation)
         with _no_sync(trained, skip=micro < settings.accumulation - 1):
             latents = batch_latents(models, data, views, generator, cache)  # (N, 4, h, w)
+            time_ids = models.family.time_ids(data.size_conditions(views), latents.device)  # SDXL: (N, 6)
             with autocast(plan):
-                hidden = batch_embeddings(models, data, views, cache)  # (N, T, D)
+                hidden = batch_embeddings(models, data, views, cache)  # (N, T, D) [+ pooled]
                 parts = diffusion_loss(
                     models.unet,
                     models.noise_scheduler,
@@ -445,6 +457,8 @@ def train_step(
                     prior_loss_weight=settings.prior_loss_weight,
                     snr_gamma=settings.snr_gamma,
                     noise_offset=settings.noise_offset,
+                    family=models.family,
+                    time_ids=time_ids,
                 )
             # Dividing by the micro-batch count makes the accumulated gradient a mean, like one big batch.
             scaler.scale(parts.loss / settings.accumulation).backward()

@@ -41,6 +41,7 @@ class Example:
     pixels: torch.Tensor  # (3, H, W) uint8, min(H, W) == resolution
     prompt: str
     concept: int
+    original_size: tuple[int, int] | None = None  # (H, W) of the file before resizing; None: as pixels
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def resize_shorter_side(image: Image.Image, resolution: int) -> torch.Tensor:
 def load_example(data: bytes, name: str, prompt: str, concept: int, resolution: int) -> Example:
     """Decode one image file (refusing corrupt or oversized ones, naming `name`) into an `Example`."""
     image = decode_image(data, INSTANCE_IMAGE_LIMITS, name=name)
-    return Example(resize_shorter_side(image, resolution), prompt, concept)
+    return Example(resize_shorter_side(image, resolution), prompt, concept, (image.height, image.width))
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -159,6 +160,20 @@ class DreamBoothData:
     def pixels(self, views: list[View]) -> torch.Tensor:
         """(N, 3, R, R) float in [-1, 1]."""
         return torch.stack([self.pixels_of(v) for v in views])
+
+    def size_condition(self, view: View) -> tuple[int, int, int, int, int, int]:
+        """SDXL's micro-conditioning of one row: original (H, W), crop (top, left), target (R, R), as
+        train_dreambooth_lora_sdxl.py computes them: the size before resizing, and the crop's corner in
+        the resized image, which that script flips before cropping (so a flipped row's left is mirrored)."""
+        example = self.example(view)
+        _, h, w = example.pixels.shape
+        original = example.original_size or (h, w)
+        r = self.resolution
+        left = w - view.left - r if view.flip else view.left
+        return (original[0], original[1], view.top, left, r, r)
+
+    def size_conditions(self, views: list[View]) -> list[tuple[int, int, int, int, int, int]]:
+        return [self.size_condition(v) for v in views]
 
     def prompts(self, views: list[View]) -> list[str]:
         return [self.example(v).prompt for v in views]

@@ -13,19 +13,17 @@ from __future__ import annotations
 import contextlib
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import huggingface_hub
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
-    AutoTokenizer,
-    CLIPTextModel,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     ProcessorMixin,
@@ -33,6 +31,7 @@ from transformers import (
 
 from raybooth.errors import ModelError
 from raybooth.models.device import as_dtype, pick_device
+from raybooth.models.diffusion_family import SDFamily, detect_family
 from raybooth.models.presets import KIND_NAMES, PRESETS, resolve_model
 
 DeviceLike = str | torch.device | None
@@ -41,14 +40,26 @@ DtypeLike = str | torch.dtype | None
 
 @dataclass
 class SDComponents:
-    """What DreamBooth training needs, each part loaded on its own (the UNet trains, the rest is frozen)."""
+    """What DreamBooth training needs, each part loaded on its own (the UNet trains, the rest is frozen).
+    SDXL adds `text_encoder_2`/`tokenizer_2`; `family` says how the parts fit together."""
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
-    text_encoder: CLIPTextModel
+    text_encoder: torch.nn.Module
     tokenizer: PreTrainedTokenizerBase
     noise_scheduler: DDPMScheduler  # training adds noise with DDPM's schedule, whatever sampler ships
     path: str  # the resolved folder or hub id, to save a fine-tuned pipeline next to its parts
+    family: SDFamily = field(default_factory=SDFamily)
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: PreTrainedTokenizerBase | None = None
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [getattr(self, n) for n in self.family.text_encoder_names]
+
+    @property
+    def tokenizers(self) -> list[Any]:
+        return [getattr(self, n) for n in self.family.tokenizer_names]
 
 
 def load_sd_pipeline(
@@ -58,38 +69,42 @@ def load_sd_pipeline(
     variant: str | None = None,
     *,
     models_dir: Path | None = None,
-) -> StableDiffusionPipeline:
-    """A `StableDiffusionPipeline` on `device` (default: cuda if there is one) in `dtype` (default fp32);
-    `variant="fp16"` reads the checkpoint's `*.fp16.safetensors` files instead of the fp32 ones.
+) -> DiffusionPipeline:
+    """The pipeline of the folder's family (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`) on
+    `device` (default: cuda if there is one) in `dtype` (default fp32); `variant="fp16"` reads the
+    checkpoint's `*.fp16.safetensors` files instead of the fp32 ones.
     `models_dir`: where presets are built (needed only when `name_or_path` is a preset name)."""
     path = resolve_model(name_or_path, kind="sd", models_dir=models_dir)
     with _explain_load_errors(name_or_path, path, "sd") as options:
+        family = detect_family(path, options)
         if variant:
             options = {**options, "variant": variant}
-        pipeline = StableDiffusionPipeline.from_pretrained(path, **options, **_dtype_option(dtype))
+        pipeline = family.pipeline_class().from_pretrained(path, **options, **_dtype_option(dtype))
     pipeline.set_progress_bar_config(disable=True)  # jobs and servers report progress their own way
     return pipeline.to(_device(device))
+
+
+def sd_family(name_or_path: str, *, models_dir: Path | None = None) -> SDFamily:
+    """The family of a diffusion pipeline (preset, folder or hub id), its folder checked for every
+    component that family needs: the preflight a job runs before it starts Ray. ModelError otherwise."""
+    path = resolve_model(name_or_path, kind="sd", models_dir=models_dir)
+    with _explain_load_errors(name_or_path, path, "sd") as options:
+        return detect_family(path, options)
 
 
 def load_sd_components(
     name_or_path: str, device: DeviceLike = None, dtype: DtypeLike = None, *, models_dir: Path | None = None
 ) -> SDComponents:
-    """UNet, VAE, text encoder, tokenizer and a DDPM noise scheduler, from the pipeline's subfolders."""
+    """The family's UNet, VAE, text encoder(s), tokenizer(s) and a DDPM noise scheduler, from the
+    pipeline's subfolders."""
     path = resolve_model(name_or_path, kind="sd", models_dir=models_dir)
     target = _device(device)
     with _explain_load_errors(name_or_path, path, "sd") as options:
-        weights = {**options, **_dtype_option(dtype)}
-        components = SDComponents(
-            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **weights),
-            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights),
-            tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **options),
-            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **options),
-            path=path,
-        )
-    components.unet.to(target)
-    components.vae.to(target)
-    components.text_encoder.to(target)
+        family = detect_family(path, options)
+        parts = family.load_components(path, {**options, **_dtype_option(dtype)}, options)
+    components = SDComponents(**parts, path=path, family=family)
+    for module in (components.unet, components.vae, *components.text_encoders):
+        module.to(target)
     return components
 
 

@@ -4,6 +4,7 @@ A preset is a model built here from configs with a fixed seed (no download), sav
 diffusers/transformers folder format under the work dir (`raybooth build-models` or first use):
 
     tiny-sd     Stable Diffusion shaped, tiny: CPU tests, the demo, DreamBooth on a laptop
+    tiny-sdxl   SDXL shaped, tiny: SDXL DreamBooth, sampling and serving on a CPU
     tiny-vlm    LLaVA shaped, tiny: captioning, batch chat requests and the chat route on a CPU
     sd15-arch   SD 1.5's real architecture with random weights: GPU benchmarks only (~4 GB)
 
@@ -53,6 +54,7 @@ PRESETS: dict[str, Preset] = {
         Preset("tiny-sd", "sd", "Stable Diffusion shaped, ~1M random weights; samples 64x64 on a CPU"),
         Preset("tiny-vlm", "vlm", "LLaVA shaped (CLIP vision + Llama), ~0.2M random weights; CPU chat"),
         Preset("sd15-arch", "sd", "SD 1.5 architecture (860M UNet) with random weights; GPU benchmarks"),
+        Preset("tiny-sdxl", "sd", "SDXL shaped (two CLIP encoders, micro-conditioned UNet); 64x64 on a CPU"),
     )
 }
 
@@ -121,7 +123,9 @@ def _write_preset(preset: Preset, folder: Path, seed: int) -> None:
 
     # Building reseeds torch before each component; fork_rng keeps the caller's random stream intact.
     with torch.random.fork_rng(devices=[]):
-        if preset.kind == "sd":
+        if preset.name == "tiny-sdxl":
+            sd_presets.write_sdxl_folder(folder, sd_presets.SD_ARCHITECTURES[preset.name], seed)
+        elif preset.kind == "sd":
             sd_presets.write_sd_folder(folder, sd_presets.SD_ARCHITECTURES[preset.name], seed)
         else:
             vlm_presets.write_vlm_folder(folder, seed)

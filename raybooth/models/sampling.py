@@ -1,4 +1,4 @@
-"""Stable Diffusion sampling with batched classifier-free guidance and per-row seeds.
+"""Diffusion sampling (every family of models/diffusion_family.py) with batched classifier-free guidance and per-row seeds.
 
     from raybooth.models.loaders import load_sd_pipeline
     from raybooth.models.sampling import sample_images
@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from raybooth.models.batch_invariance import batch_invariant as per_row_kernels
+from raybooth.models.diffusion_family import PromptEmbeds, SDFamily, family_of
 
 
 class SamplingStopped(Exception):
@@ -39,11 +40,12 @@ class SamplingStopped(Exception):
 
 @dataclass
 class SamplingParts:
-    """The five parts sampling needs, taken from a StableDiffusionPipeline, its `.components` dict or
-    `loaders.SDComponents` (whose DDPM `noise_scheduler` then samples)."""
+    """What sampling needs, taken from a diffusers pipeline, its `.components` dict or
+    `loaders.SDComponents` (whose DDPM `noise_scheduler` then samples); `family` says how they fit."""
 
-    tokenizer: Any
-    text_encoder: torch.nn.Module
+    family: SDFamily
+    text_encoders: list[torch.nn.Module]
+    tokenizers: list[Any]
     unet: torch.nn.Module
     vae: torch.nn.Module
     scheduler: Any
@@ -59,15 +61,23 @@ class SamplingParts:
             def get(name: str) -> Any:
                 return getattr(obj, name, None)
 
+        family = family_of(obj)
         scheduler = get("scheduler") or get("noise_scheduler")
-        parts = {"tokenizer": get("tokenizer"), "text_encoder": get("text_encoder"), "unet": get("unet"),
-                 "vae": get("vae"), "scheduler": scheduler}  # fmt: skip
+        parts = {"unet": get("unet"), "vae": get("vae"), "scheduler": scheduler}
+        parts.update({name: get(name) for name in family.text_encoder_names + family.tokenizer_names})
         missing = [name for name, part in parts.items() if part is None]
         if missing:
             raise TypeError(
-                f"{type(obj).__name__} lacks {', '.join(missing)}; pass a StableDiffusionPipeline"
+                f"{type(obj).__name__} lacks {', '.join(missing)}; pass a {family.pipeline_class_name}"
             )
-        return cls(**parts)
+        return cls(
+            family=family,
+            text_encoders=[parts[n] for n in family.text_encoder_names],
+            tokenizers=[parts[n] for n in family.tokenizer_names],
+            unet=parts["unet"],
+            vae=parts["vae"],
+            scheduler=scheduler,
+        )
 
     @property
     def vae_scale_factor(self) -> int:
@@ -82,17 +92,17 @@ def check_size(components: Any, height: int, width: int) -> None:
 
 
 @torch.inference_mode()
-def encode_prompts(c: SamplingParts, prompts: Sequence[str]) -> torch.Tensor:
-    """Text embeddings `(B, T, D)`, padded to the tokenizer's max length like the diffusers pipelines."""
-    tokens = c.tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=c.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
-    device = c.text_encoder.device
-    return c.text_encoder(tokens.input_ids.to(device))[0]
+def encode_prompts(c: SamplingParts, prompts: Sequence[str]) -> PromptEmbeds:
+    """The family's text embeddings (`hidden` (B, T, D), SDXL's `pooled` (B, P)), as its pipeline encodes."""
+    return c.family.encode_prompts(c.text_encoders, c.tokenizers, prompts)
+
+
+def encode_negative_prompts(c: SamplingParts, prompts: Sequence[str]) -> PromptEmbeds:
+    """Negative embeddings; for SDXL an empty negative prompt is all zeros, as its pipeline's default."""
+    embeds = encode_prompts(c, prompts)
+    if not c.family.empty_negative_is_zero():
+        return embeds
+    return embeds.zeros_where(torch.tensor([p == "" for p in prompts]))
 
 
 def initial_latents(
@@ -106,7 +116,11 @@ def initial_latents(
 
 
 def latents_to_images(c: SamplingParts, latents: torch.Tensor) -> list[Image.Image]:
-    decoded = c.vae.decode(latents / c.vae.config.scaling_factor).sample  # (B, 3, H, W) in [-1, 1]
+    vae = c.vae
+    if c.family.upcast_vae and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        # SDXL's VAE overflows in fp16 (its pipeline upcasts too); decode a float32 copy.
+        vae, latents = copy.deepcopy(vae).float(), latents.float()
+    decoded = vae.decode(c.family.from_latents(vae, latents)).sample  # (B, 3, H, W) in [-1, 1]
     pixels = (decoded.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
 
@@ -176,8 +190,11 @@ def _sample(
     use_cfg = any(guidance_on(s) for s in scales)
 
     cond = encode_prompts(c, prompts)  # (B, T, D)
-    embeddings = torch.cat([encode_prompts(c, negative_prompts), cond]) if use_cfg else cond  # (2B, T, D)
-    embeddings = embeddings.to(dtype)
+    embeddings = PromptEmbeds.cat([encode_negative_prompts(c, negative_prompts), cond]) if use_cfg else cond
+    embeddings = embeddings.to(dtype)  # (2B, T, D) with guidance
+    rows = 2 * batch if use_cfg else batch
+    # SDXL micro-conditioning at sampling: original = target = the output size, no crop.
+    time_ids = c.family.time_ids([(height, width, 0, 0, height, width)] * rows, device)
     latents, generators = initial_latents(c, seeds, height, width, dtype, device)
     latents = latents * scheduler.init_noise_sigma
     scale = torch.tensor(scales, device=device, dtype=dtype).view(batch, 1, 1, 1)
@@ -190,7 +207,7 @@ def _sample(
             raise SamplingStopped(done, len(scheduler.timesteps))
         model_in = torch.cat([latents, latents]) if use_cfg else latents  # (2B, C, h, w) with guidance
         model_in = scheduler.scale_model_input(model_in, t)
-        noise = c.unet(model_in, t, encoder_hidden_states=embeddings).sample
+        noise = c.family.denoise(c.unet, model_in, t, embeddings, time_ids)
         if use_cfg:
             uncond, text = noise.chunk(2)
             noise = uncond + scale * (text - uncond)

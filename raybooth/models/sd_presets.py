@@ -1,4 +1,5 @@
-"""Stable Diffusion presets: the component configs of `tiny-sd` and `sd15-arch`, and how one is written.
+"""Stable Diffusion presets: the component configs of `tiny-sd`, `tiny-sdxl` and `sd15-arch`, and how
+one is written.
 
 Both are written as a standard diffusers folder (model_index.json + unet/ vae/ text_encoder/ tokenizer/
 scheduler/) by `StableDiffusionPipeline.save_pretrained`, so they load through exactly the
@@ -15,8 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from raybooth.models.bpe import write_clip_tokenizer
 
@@ -40,6 +48,7 @@ class SDArchitecture:
     vae: dict[str, Any]
     text_encoder: dict[str, Any]
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(SD15_SCHEDULER))
+    text_encoder_2: dict[str, Any] | None = None  # SDXL's second (projecting) CLIP text encoder
 
 
 TINY_SD = SDArchitecture(
@@ -115,12 +124,52 @@ SD15 = SDArchitecture(
     ),
 )
 
-SD_ARCHITECTURES: dict[str, SDArchitecture] = {"tiny-sd": TINY_SD, "sd15-arch": SD15}
+# SDXL base's scheduler_config.json (Euler, "leading" spacing), minus keys Euler's constructor lacks.
+SDXL_SCHEDULER: dict[str, Any] = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    interpolation_type="linear",
+    prediction_type="epsilon",
+    steps_offset=1,
+    timestep_spacing="leading",
+    use_karras_sigmas=False,
+)
+
+# SDXL's shape at tiny size, after diffusers' StableDiffusionXLPipeline get_dummy_components.
+TINY_SDXL = SDArchitecture(
+    unet=dict(
+        sample_size=8,  # 64 px / 8
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),  # SDXL has no attention at full res
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",  # pooled text + size/crop micro-conditioning
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 time ids x 8 + text_encoder_2's projection
+        cross_attention_dim=64,  # both encoders' hidden states concatenated: 32 + 32
+        norm_num_groups=8,
+    ),
+    vae={**TINY_SD.vae, "scaling_factor": 0.13025},  # SDXL's VAE scaling factor
+    text_encoder={**TINY_SD.text_encoder, "num_hidden_layers": 3},  # SDXL reads the penultimate layer
+    text_encoder_2={**TINY_SD.text_encoder, "num_hidden_layers": 3},
+    scheduler=SDXL_SCHEDULER,
+)
+
+SD_ARCHITECTURES: dict[str, SDArchitecture] = {"tiny-sd": TINY_SD, "sd15-arch": SD15, "tiny-sdxl": TINY_SDXL}
 
 
-def text_encoder_config(arch: SDArchitecture, tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+def text_encoder_config(
+    arch: SDArchitecture, tokenizer: CLIPTokenizer, settings: dict[str, Any] | None = None
+) -> CLIPTextConfig:
     """The CLIP text config with the tokenizer's ids: CLIP pools the hidden state at the first EOS."""
-    kwargs = {"vocab_size": len(tokenizer), **arch.text_encoder}
+    kwargs = {"vocab_size": len(tokenizer), **(settings or arch.text_encoder)}
     return CLIPTextConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -162,3 +211,23 @@ def write_sd_folder(dest: Path, arch: SDArchitecture, seed: int) -> None:
         requires_safety_checker=False,
     )
     pipeline.save_pretrained(dest, safe_serialization=True)  # .safetensors, never pickles
+
+
+def write_sdxl_folder(dest: Path, arch: SDArchitecture, seed: int) -> None:
+    """Write a complete diffusers SDXL folder (two text encoders and tokenizers) for `arch` into `dest`."""
+    assert arch.text_encoder_2 is not None
+    tokenizer = write_clip_tokenizer(dest / "tokenizer")
+    tokenizer_2 = write_clip_tokenizer(dest / "tokenizer_2")
+    torch.manual_seed(seed + 1)  # the two encoders differ, as SDXL's do
+    text_encoder_2 = CLIPTextModelWithProjection(text_encoder_config(arch, tokenizer_2, arch.text_encoder_2))
+    pipeline = StableDiffusionXLPipeline(
+        vae=build_vae(arch, seed),
+        text_encoder=build_text_encoder(arch, tokenizer, seed),
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=build_unet(arch, seed),
+        scheduler=EulerDiscreteScheduler(**arch.scheduler),
+        add_watermarker=False,  # no invisible-watermark dependency; real SDXL folders decide for themselves
+    )
+    pipeline.save_pretrained(dest, safe_serialization=True)

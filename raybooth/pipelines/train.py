@@ -165,7 +165,7 @@ class Preflight:
 
 def preflight(cfg: DreamBoothConfig) -> Preflight:
     """Every check a user can fail, in the order they are cheapest; nothing is written (Ray must be up)."""
-    from raybooth.models.presets import resolve_model
+    from raybooth.models.loaders import sd_family
 
     if not cfg.concepts:
         raise UserError(
@@ -181,9 +181,8 @@ def preflight(cfg: DreamBoothConfig) -> Preflight:
         )
         for i, c in enumerate(cfg.concepts)
     ]
-    resolve_model(
-        cfg.base_model, kind="sd", models_dir=default_models_dir()
-    )  # ModelError for an unknown preset or a bad folder
+    # ModelError for an unknown preset, a bad folder, or a pipeline family raybooth does not train.
+    sd_family(cfg.base_model, models_dir=default_models_dir())
     tracking_uri = tracking.configure(cfg.tracking)
     return Preflight(concepts, resolve_resume(cfg), tracking_uri)
 
@@ -308,7 +307,10 @@ def run_train(cfg: DreamBoothConfig, verbose: bool = False) -> int:
     """CLI entry (the config loaded from YAML, overrides and flags): start or join Ray, train, print where
     everything went."""
     from raybooth.cluster.runtime import ray_session
+    from raybooth.models.loaders import sd_family
 
+    # The base model's family first: an unsupported pipeline is one line before a cluster starts.
+    sd_family(cfg.base_model, models_dir=default_models_dir())
     with ray_session(cfg.cluster, verbose=verbose):
         result = launch_training(cfg)
     loss = f"{result.loss:.4f}" if result.loss is not None else "n/a"

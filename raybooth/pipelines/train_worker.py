@@ -208,11 +208,20 @@ class RunLogger:
 
 def load_inference_scheduler(path: str) -> Any:
     """The sampler the base pipeline ships with (model_index.json), for validation and the export."""
-    import diffusers
+    from raybooth.models.diffusion_family import detect_family
 
-    index = diffusers.StableDiffusionPipeline.load_config(path)
-    _, class_name = index["scheduler"]
-    return getattr(diffusers, class_name).from_pretrained(path, subfolder="scheduler")
+    return detect_family(path, check=False).inference_scheduler(path)
+
+
+def unwrapped_parts(models: TrainModels, scheduler: Any) -> SimpleNamespace:
+    """The family's parts outside their DDP wrappers: what sampling and the export read."""
+    names = ["unet", "vae", *models.family.text_encoder_names, *models.family.tokenizer_names]
+    parts = {n: getattr(models, n) for n in names}
+    return SimpleNamespace(
+        **{n: unwrap(p) if isinstance(p, torch.nn.Module) else p for n, p in parts.items()},
+        family=models.family,
+        scheduler=scheduler,
+    )
 
 
 @torch.no_grad()
@@ -224,19 +233,14 @@ def validation_images(
 
     if not cfg.validation_prompts:
         return []
-    unet, text_encoder = unwrap(models.unet), unwrap(models.text_encoder)
-    unet.eval()
-    text_encoder.eval()
+    parts = unwrapped_parts(models, scheduler)
+    trained = [parts.unet, *(getattr(parts, n) for n in models.family.text_encoder_names)]
+    for module in trained:
+        module.eval()
     try:
         with autocast(plan):
             return sample_images(
-                {
-                    "tokenizer": models.tokenizer,
-                    "text_encoder": text_encoder,
-                    "unet": unet,
-                    "vae": models.vae,
-                    "scheduler": scheduler,
-                },
+                parts,
                 cfg.validation_prompts,
                 height=cfg.resolution,
                 width=cfg.resolution,
@@ -245,9 +249,10 @@ def validation_images(
                 seeds=[cfg.seed + i for i in range(len(cfg.validation_prompts))],
             )
     finally:
-        unet.train()
+        parts.unet.train()
         if models.train_text_encoder:
-            text_encoder.train()
+            for module in trained[1:]:
+                module.train()
 
 
 def export_final_model(
@@ -259,15 +264,19 @@ def export_final_model(
     plain `from_pretrained(folder)` works on a CPU; LoRA adapters are saved in fp16 (`export_fp16`), which
     `load_lora_weights` casts to the base pipeline's dtype."""
     dtype = torch.float16 if cfg.export_fp16 else torch.float32
-    unet, text_encoder = unwrap(models.unet), unwrap(models.text_encoder)
+    parts = unwrapped_parts(models, scheduler)
     if cfg.train_mode == "lora":
+        with_text = models.train_text_encoder
         ckpt.save_lora_weights(
-            folder, unet, text_encoder if models.train_text_encoder else None, cfg.base_model, dtype
+            folder,
+            parts.unet,
+            parts.text_encoder if with_text else None,
+            cfg.base_model,
+            dtype,
+            text_encoder_2=getattr(parts, "text_encoder_2", None) if with_text else None,
+            family=models.family,
         )
     else:
-        parts = SimpleNamespace(
-            unet=unet, text_encoder=text_encoder, vae=models.vae, tokenizer=models.tokenizer
-        )
         ckpt.save_full_pipeline(folder, parts, scheduler, fp16_variant=cfg.export_fp16)
     info = {
         "base_model": cfg.base_model,
@@ -377,7 +386,13 @@ def train_func(raw_job: dict[str, Any]) -> None:
     # DDP after loading: every rank starts from identical weights, and only the trained modules sync.
     models.unet = ray.train.torch.prepare_model(models.unet, move_to_device=False)
     if models.train_text_encoder:
-        models.text_encoder = ray.train.torch.prepare_model(models.text_encoder, move_to_device=False)
+        # SDXL reads text_encoder's penultimate layer, so its last layer gets no gradient: DDP must know.
+        unused = {"find_unused_parameters": True} if models.family.name == "sdxl" else None
+        for name in models.family.text_encoder_names:  # SDXL: both CLIP encoders train and sync
+            module = ray.train.torch.prepare_model(
+                getattr(models, name), move_to_device=False, parallel_strategy_kwargs=unused
+            )
+            setattr(models, name, module)
     scheduler = load_inference_scheduler(components.path)
     nodes = _count_nodes(world_size)
     settings = StepSettings(

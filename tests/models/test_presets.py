@@ -28,6 +28,7 @@ def test_presets_are_named_with_kinds():
         "tiny-sd": "sd",
         "tiny-vlm": "vlm",
         "sd15-arch": "sd",
+        "tiny-sdxl": "sd",
     }
     assert all(p.description for p in PRESETS.values())
 
