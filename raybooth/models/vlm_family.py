@@ -23,6 +23,7 @@ step (the rest is prefill only, as Hugging Face `generate` passes it). Plain PyT
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -88,6 +89,11 @@ TEXT = Family(
     rules={"token_type_ids": InputRule("drop")},
 )
 FAMILIES: tuple[Family, ...] = (LLAVA, QWEN_VL, TEXT)
+
+
+def replace_rule(family: Family, name: str, rule: InputRule) -> Family:
+    """`family` with `rule` for output `name` (a checkpoint whose processor differs from its family's)."""
+    return dataclasses.replace(family, rules={**family.rules, name: rule})
 
 
 def supported_families() -> str:

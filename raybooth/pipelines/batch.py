@@ -299,11 +299,11 @@ def run_batch(cfg: BatchConfig, verbose: bool = False) -> JobSummary:
     items, requests, todo = scan_jsonl(cfg.input, done)
     prepare_kwargs = {"model": cfg.model, "limits": ChatLimits.for_batch(cfg), "seed": cfg.seed}
     plan = JobPlan("batch", items, todo, prepare_batch_chunks, prepare_kwargs, 1, BatchWorker, parts)
-    counts, seconds = run_inference_job(cfg, plan, verbose=verbose)
+    counts, seconds, errors = run_inference_job(cfg, plan, verbose=verbose)
     left = requests - len(completed_row_ids(parts))
     output = cfg.output
     if left <= 0:
         assemble_results(parts, cfg.output)
     else:
         output = f"{parts} ({left} of {requests} lines left; rerun to finish)"
-    return JobSummary.from_counts("batch", output, counts, skipped=len(done), seconds=seconds)
+    return JobSummary.from_counts("batch", output, counts, len(done), seconds, errors)

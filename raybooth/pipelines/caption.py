@@ -295,5 +295,5 @@ def run_caption(cfg: CaptionConfig, verbose: bool = False) -> JobSummary:
     plan = JobPlan(
         "caption", items, rows, prepare_caption_items, prepare_kwargs, per_call, CaptionWorker, cfg.output
     )
-    counts, seconds = run_inference_job(cfg, plan, verbose=verbose)
-    return JobSummary.from_counts("caption", cfg.output, counts, skipped=len(done), seconds=seconds)
+    counts, seconds, errors = run_inference_job(cfg, plan, verbose=verbose)
+    return JobSummary.from_counts("caption", cfg.output, counts, len(done), seconds, errors)
