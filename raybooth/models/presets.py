@@ -54,9 +54,9 @@ PRESETS: dict[str, Preset] = {
     for p in (
         Preset("tiny-sd", "sd", "Stable Diffusion shaped, ~1M random weights; samples 64x64 on a CPU"),
         Preset("tiny-vlm", "vlm", "LLaVA shaped (CLIP vision + Llama), ~0.2M random weights; CPU chat"),
+        Preset("sd15-arch", "sd", "SD 1.5 architecture (860M UNet) with random weights; GPU benchmarks"),
         Preset("tiny-qwen2.5-vl", "vlm", "Qwen2.5-VL shaped (windowed ViT + M-RoPE decoder), random; CPU"),
         Preset("tiny-llm", "vlm", "text-only Llama chat model (ChatML), random weights; CPU chat"),
-        Preset("sd15-arch", "sd", "SD 1.5 architecture (860M UNet) with random weights; GPU benchmarks"),
     )
 }
 
