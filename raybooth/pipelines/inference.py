@@ -104,6 +104,26 @@ def load_processor(model: str) -> Any:
     return load_vlm_processor(model, models_dir=default_models_dir())
 
 
+def check_model_family(model: str, needs_images: bool, job: str) -> None:
+    """Refuse, before Ray starts, a local or preset model the engine cannot run, or (`needs_images`) a
+    text-only LLM for a job that sends images. A hub id is checked where it loads (no network here)."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from raybooth.models.presets import resolve_model
+    from raybooth.models.vlm_family import detect_family
+
+    path = resolve_model(model, kind="vlm", models_dir=default_models_dir())  # builds a preset once, here
+    if not Path(path).is_dir():
+        return
+    family = detect_family(AutoConfig.from_pretrained(path))
+    if needs_images and not family.takes_images:
+        raise UserError(
+            f"{job}: model {model} is a {family.name} and takes no images; use a vision-language model"
+        )
+
+
 def describe_error(e: BaseException) -> str:
     """One line for an output row's error column: our own errors as written, others with their type."""
     from raybooth.models.images import ImageError

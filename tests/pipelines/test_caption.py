@@ -13,6 +13,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from transformers import MllamaConfig
 
 from raybooth.cli import main
 from raybooth.cluster import storage
@@ -155,6 +156,26 @@ def test_cli_fails_fast_on_bad_input(tmp_path, capsys):
     assert (
         main(["caption", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--replicas", "two"]) == 2
     )
+    capsys.readouterr()
+    # A text-only LLM cannot caption, and a family the engine cannot run is refused by name.
+    assert main(["caption", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "model=tiny-llm"]) == 2
+    assert "model tiny-llm is a text-only LLM and takes no images" in capsys.readouterr().err
+    MllamaConfig().save_pretrained(tmp_path / "mllama")
+    assert (
+        main(
+            [
+                "caption",
+                "--input",
+                str(tmp_path),
+                "--output",
+                str(tmp_path / "o"),
+                f"model={tmp_path / 'mllama'}",
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "model type 'mllama'" in err and "supported families" in err and len(err.strip().splitlines()) == 1
 
 
 def test_caption_on_tiny_qwen_vl_has_no_error_rows(ray_cluster, tmp_path):
