@@ -18,6 +18,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from typing import Any
 
 from raybooth import __version__
 from raybooth.cluster.job_commands import (
@@ -35,6 +36,14 @@ SUBCOMMANDS: list[Subcommand] = []
 def subcommand(fn: Subcommand) -> Subcommand:
     SUBCOMMANDS.append(fn)
     return fn
+
+
+def report_job(summary: Any) -> int:
+    """Print a batch job's summary (stdout) and its first errors (stderr); its exit code: 1 if all rows failed."""
+    print(summary.text())
+    if summary.failed:
+        print(summary.error_text(), file=sys.stderr)
+    return summary.exit_code
 
 
 def add_job_config_args(p: argparse.ArgumentParser, default_config: str | None = None) -> None:
@@ -171,8 +180,7 @@ def add_caption(sub: argparse._SubParsersAction) -> None:
         from raybooth.pipelines.caption import run_caption
 
         cfg = load_job_config("caption", args)
-        print(run_caption(cfg, verbose=args.verbose).text())
-        return 0
+        return report_job(run_caption(cfg, verbose=args.verbose))
 
     p.set_defaults(func=run)
 
@@ -193,8 +201,7 @@ def add_batch(sub: argparse._SubParsersAction) -> None:
         from raybooth.pipelines.batch import run_batch
 
         cfg = load_job_config("batch", args)
-        print(run_batch(cfg, verbose=args.verbose).text())
-        return 0
+        return report_job(run_batch(cfg, verbose=args.verbose))
 
     p.set_defaults(func=run)
 

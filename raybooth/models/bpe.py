@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
@@ -150,14 +150,16 @@ def write_clip_tokenizer(dest: Path, num_merges: int = 600, model_max_length: in
     return tokenizer
 
 
-def build_chat_tokenizer(num_merges: int = 1000) -> Tokenizer:
+def build_chat_tokenizer(num_merges: int = 1000, extra_specials: Sequence[str] = ()) -> Tokenizer:
     """A GPT-2 style byte-level BPE (`Ġ` marks a leading space) learned from `CORPUS`, for tiny-vlm.
 
     Ids: `<pad>`=0, `<s>`=1, `</s>`=2, `<image>`=3, then the 256 byte symbols, then one id per merge.
     Any UTF-8 text (and so any JSON) can be encoded, since every byte has a token. No BOS is added
     by the tokenizer: the chat template writes it, so a rendered chat is never given two.
+    `extra_specials` (a family's own markers, e.g. Qwen's `<|im_start|>`) take the ids right after
+    `<image>`; without them the ids above are unchanged, so tiny-vlm's vocabulary stays as it was.
     """
-    specials = [VLM_PAD, VLM_BOS, VLM_EOS, VLM_IMAGE]
+    specials = [VLM_PAD, VLM_BOS, VLM_EOS, VLM_IMAGE, *extra_specials]
     splitter = Tokenizer(BPE())
     splitter.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     merges = learn_bpe_merges(_count_pieces(splitter, CORPUS.strip().splitlines()), num_merges)

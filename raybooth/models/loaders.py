@@ -22,8 +22,12 @@ import huggingface_hub
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoProcessor,
+    AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     ProcessorMixin,
@@ -31,8 +35,11 @@ from transformers import (
 
 from raybooth.errors import ModelError
 from raybooth.models.device import as_dtype, pick_device
-from raybooth.models.diffusion_family import SDFamily, detect_family
+from raybooth.models.diffusion_family import SDFamily
+from raybooth.models.diffusion_family import detect_family as detect_diffusion_family
 from raybooth.models.presets import KIND_NAMES, PRESETS, resolve_model
+from raybooth.models.vlm_family import TEXT, Family, image_only_processor_class
+from raybooth.models.vlm_family import detect_family as detect_vlm_family
 
 DeviceLike = str | torch.device | None
 DtypeLike = str | torch.dtype | None
@@ -76,7 +83,7 @@ def load_sd_pipeline(
     `models_dir`: where presets are built (needed only when `name_or_path` is a preset name)."""
     path = resolve_model(name_or_path, kind="sd", models_dir=models_dir)
     with _explain_load_errors(name_or_path, path, "sd") as options:
-        family = detect_family(path, options)
+        family = detect_diffusion_family(path, options)
         if variant:
             options = {**options, "variant": variant}
         pipeline = family.pipeline_class().from_pretrained(path, **options, **_dtype_option(dtype))
@@ -89,7 +96,7 @@ def sd_family(name_or_path: str, *, models_dir: Path | None = None) -> SDFamily:
     component that family needs: the preflight a job runs before it starts Ray. ModelError otherwise."""
     path = resolve_model(name_or_path, kind="sd", models_dir=models_dir)
     with _explain_load_errors(name_or_path, path, "sd") as options:
-        return detect_family(path, options)
+        return detect_diffusion_family(path, options)
 
 
 def load_sd_components(
@@ -100,7 +107,7 @@ def load_sd_components(
     path = resolve_model(name_or_path, kind="sd", models_dir=models_dir)
     target = _device(device)
     with _explain_load_errors(name_or_path, path, "sd") as options:
-        family = detect_family(path, options)
+        family = detect_diffusion_family(path, options)
         parts = family.load_components(path, {**options, **_dtype_option(dtype)}, options)
     components = SDComponents(**parts, path=path, family=family)
     for module in (components.unet, components.vae, *components.text_encoders):
@@ -110,13 +117,57 @@ def load_sd_components(
 
 def load_vlm(
     name_or_path: str, device: DeviceLike = None, dtype: DtypeLike = None, *, models_dir: Path | None = None
-) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """`(model, processor)` in eval mode via the Auto classes; default dtype: the checkpoint's own."""
+) -> tuple[PreTrainedModel, ProcessorMixin | PreTrainedTokenizerBase]:
+    """`(model, processor)` in eval mode: a vision-language model with its processor, or a text-only LLM
+    (`AutoModelForCausalLM`) with its tokenizer as the processor. A family the engine cannot run is
+    refused from its config, before any weights load (`FamilyError`, naming the supported families)."""
     path = resolve_model(name_or_path, kind="vlm", models_dir=models_dir)
     with _explain_load_errors(name_or_path, path, "vlm") as options:
-        processor = AutoProcessor.from_pretrained(path, **options)
-        model = AutoModelForImageTextToText.from_pretrained(path, **options, **_dtype_option(dtype))
+        family = detect_vlm_family(AutoConfig.from_pretrained(path, **options))
+        processor = _load_processor(path, family, options)
+        auto_model = AutoModelForCausalLM if family is TEXT else AutoModelForImageTextToText
+        model = auto_model.from_pretrained(path, **options, **_dtype_option(dtype))
     return model.to(_device(device)).eval(), processor
+
+
+def load_vlm_processor(
+    name_or_path: str, *, models_dir: Path | None = None
+) -> ProcessorMixin | PreTrainedTokenizerBase:
+    """The processor alone (no weights), for CPU workers that prepare rows: the same one `load_vlm` gives."""
+    path = resolve_model(name_or_path, kind="vlm", models_dir=models_dir)
+    with _explain_load_errors(name_or_path, path, "vlm") as options:
+        return _load_processor(path, detect_vlm_family(AutoConfig.from_pretrained(path, **options)), options)
+
+
+def _load_processor(path: str, family: Family, options: dict[str, Any]) -> Any:
+    if family is TEXT:
+        return AutoTokenizer.from_pretrained(path, **options)
+    try:
+        return AutoProcessor.from_pretrained(path, **options)
+    except (ImportError, OSError) as e:
+        # Processors that also handle video (Qwen-VL, ...) load a video processor, which needs torchvision
+        # (or, in a folder saved without one, is missing). Images need neither: build the processor from
+        # its image processor (the PIL one without torchvision) and tokenizer, without video.
+        try:
+            return _image_only_processor(path, options)
+        except Exception:
+            raise e from None
+
+
+def _image_only_processor(path: str, options: dict[str, Any]) -> ProcessorMixin:
+    import json
+
+    import transformers
+    from huggingface_hub import hf_hub_download
+
+    config_file = Path(path) / "processor_config.json"
+    if not config_file.is_file():
+        config_file = Path(hf_hub_download(path, "processor_config.json", **options))
+    name = json.loads(config_file.read_text(encoding="utf-8"))["processor_class"]
+    cls = image_only_processor_class(getattr(transformers, name))
+    tokenizer = AutoTokenizer.from_pretrained(path, **options)
+    image_processor = AutoImageProcessor.from_pretrained(path, **options)
+    return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
 
 
 def hub_reachable(timeout_s: float = 3.0) -> bool:

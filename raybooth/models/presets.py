@@ -6,6 +6,8 @@ diffusers/transformers folder format under the work dir (`raybooth build-models`
     tiny-sd     Stable Diffusion shaped, tiny: CPU tests, the demo, DreamBooth on a laptop
     tiny-sdxl   SDXL shaped, tiny: SDXL DreamBooth, sampling and serving on a CPU
     tiny-vlm    LLaVA shaped, tiny: captioning, batch chat requests and the chat route on a CPU
+    tiny-qwen2.5-vl  Qwen2.5-VL shaped, tiny: M-RoPE and per-image patch grids on a CPU
+    tiny-llm    a text-only Llama chat model, tiny: the chat route and batch requests without images
     sd15-arch   SD 1.5's real architecture with random weights: GPU benchmarks only (~4 GB)
 
 `resolve_model` maps a preset name to its built folder, a local folder to itself, and `org/name` to a
@@ -55,6 +57,8 @@ PRESETS: dict[str, Preset] = {
         Preset("tiny-vlm", "vlm", "LLaVA shaped (CLIP vision + Llama), ~0.2M random weights; CPU chat"),
         Preset("sd15-arch", "sd", "SD 1.5 architecture (860M UNet) with random weights; GPU benchmarks"),
         Preset("tiny-sdxl", "sd", "SDXL shaped (two CLIP encoders, micro-conditioned UNet); 64x64 on a CPU"),
+        Preset("tiny-qwen2.5-vl", "vlm", "Qwen2.5-VL shaped (windowed ViT + M-RoPE decoder), random; CPU"),
+        Preset("tiny-llm", "vlm", "text-only Llama chat model (ChatML), random weights; CPU chat"),
     )
 }
 
@@ -128,7 +132,7 @@ def _write_preset(preset: Preset, folder: Path, seed: int) -> None:
         elif preset.kind == "sd":
             sd_presets.write_sd_folder(folder, sd_presets.SD_ARCHITECTURES[preset.name], seed)
         else:
-            vlm_presets.write_vlm_folder(folder, seed)
+            vlm_presets.WRITERS[preset.name](folder, seed)
 
 
 def _move_into_place(building: Path, dest: Path, name: str, seed: int) -> None:

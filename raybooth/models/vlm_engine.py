@@ -1,4 +1,5 @@
-"""The VLM generation engine: one batched decode loop for the batch jobs and the chat route.
+"""The generation engine: one batched decode loop for the batch jobs and the chat route, for vision-language
+models and text-only LLMs alike (the families and how their inputs batch: `vlm_family.py`).
 
     engine = VLMEngine.from_pretrained("tiny-vlm")
     req = GenerationRequest(
@@ -11,11 +12,14 @@
     for step in engine.generate_stream([req]):     # one list per decode step, one slot per request
         ...
 
-How a batch runs: every row is prepared alone (chat template, tokens, image tensors), then the rows are
-left-padded to one length and prefilled in one forward pass that fills the KV cache; each decode step
-feeds one new token per row and extends the cache. Left padding keeps every row's last prompt token in
-the same column, so one step serves all rows; the attention mask hides the pads and position ids count
-only real tokens, so a padded row computes what it would compute alone. Sampling, stop strings and JSON
+How a batch runs: every row is prepared alone (chat template, tokens, and every tensor its processor
+returns), then the rows are left-padded to one length, their processor outputs batched by their family's
+rules, and prefilled in one forward pass that fills the KV cache; each decode step feeds one new token per
+row and extends the cache. Left padding keeps every row's last prompt token in the same column, so one
+step serves all rows; the attention mask hides the pads and position ids count only real tokens, so a
+padded row computes what it would compute alone. Qwen-VL's 3-D M-RoPE positions come from the model's
+own `get_rope_index` on the padded batch, and each row's offset (`rope_deltas`) carries them through the
+decode steps. Sampling, stop strings and JSON
 grammars are per row (see `decoding.py`, `constrained.py`), each row with its own seeded generator, so a
 row's output never depends on its batch. Finished rows are dropped from the batch (and the KV cache), so
 one long answer does not make the others pay for its steps.
@@ -58,6 +62,14 @@ from raybooth.models.decoding import (
 )
 from raybooth.models.image_budget import check_image_budget
 from raybooth.models.images import ImageLimits
+from raybooth.models.vlm_family import (
+    ENGINE_INPUTS,
+    Family,
+    collate_inputs,
+    detect_family,
+    mrope_positions,
+    mrope_step_positions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +96,19 @@ class PreparedRequest:
     """A request turned into model inputs; what packing measures and what the decode loop consumes."""
 
     input_ids: list[int]  # prompt tokens, image placeholders already expanded
-    pixel_values: torch.Tensor | None  # (num_images, 3, H, W) float32, or None for text-only rows
     params: SamplingParams
+    # Every other tensor the processor returned (pixel_values, image_grid_thw, mm_token_type_ids, ...),
+    # as it returned them for this row alone; the family's rules batch them (vlm_family.collate_inputs).
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    num_images: int = 0  # images in the request (not patches or tiles): what packing and limits count
 
     @property
     def prompt_tokens(self) -> int:
         return len(self.input_ids)
 
     @property
-    def num_images(self) -> int:
-        return 0 if self.pixel_values is None else int(self.pixel_values.shape[0])
+    def pixel_values(self) -> torch.Tensor | None:
+        return self.inputs.get("pixel_values")
 
 
 @dataclass
@@ -197,29 +212,52 @@ def split_images(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any
     return template_messages, images
 
 
-def prepare_request(processor: Any, request: GenerationRequest) -> PreparedRequest:
-    """Chat template → token ids with expanded image tokens, plus the images' pixel tensors.
+def takes_images(processor: Any) -> bool:
+    """A multimodal processor has an image processor; a text-only LLM's "processor" is its tokenizer."""
+    return getattr(processor, "image_processor", None) is not None
 
-    Each image's aspect ratio and its size after the processor's resize are checked first (an
-    `ImageError`, a ValueError, so the row's 400): the resize is where a thin image costs gigabytes."""
+
+def prepare_request(processor: Any, request: GenerationRequest) -> PreparedRequest:
+    """Chat template → token ids with expanded image tokens, plus every tensor the processor returns.
+
+    `processor` is a multimodal processor, or a tokenizer for a text-only LLM (whose chat template gets
+    each message's text parts joined into one string, the form text templates read). Each image's aspect
+    ratio and its size after the processor's resize are checked first (an `ImageError`, a ValueError, so
+    the row's 400): the resize is where a thin image costs gigabytes."""
     template_messages, images = split_images(request.messages)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    vision = takes_images(processor)
+    if images and not vision:
+        name = Path(str(getattr(tokenizer, "name_or_path", "") or "this model")).name
+        raise RequestError(f"model {name} takes no images; send text only, or use a vision-language model")
+    if not vision:
+        template_messages = [{**m, "content": _joined_text(m["content"])} for m in template_messages]
     for i, image in enumerate(images):
         check_image_budget(image.size, processor, request.image_limits, f"image {i}")
     options = {"tools": request.tools} if request.tools else {}
     prompt = processor.apply_chat_template(
         template_messages, add_generation_prompt=True, tokenize=False, **options
     )
-    bos = getattr(processor.tokenizer, "bos_token", None)
-    encoded = processor(
-        text=[prompt],
-        images=images or None,
-        # The template may already write BOS; adding another would shift every position by one.
-        add_special_tokens=not (bos and prompt.startswith(bos)),
-        return_tensors="pt",
+    bos = getattr(tokenizer, "bos_token", None)
+    # The template may already write BOS; adding another would shift every position by one.
+    special = {"add_special_tokens": not (bos and prompt.startswith(bos)), "return_tensors": "pt"}
+    if vision:
+        encoded = processor(text=[prompt], images=images or None, **special)
+    else:
+        encoded = tokenizer([prompt], **special)
+    inputs = {k: v for k, v in encoded.items() if k not in ENGINE_INPUTS and isinstance(v, torch.Tensor)}
+    return PreparedRequest(
+        input_ids=encoded["input_ids"][0].tolist(),
+        params=request.params,
+        inputs=inputs,
+        num_images=len(images),
     )
-    input_ids = encoded["input_ids"][0].tolist()
-    pixel_values = encoded.get("pixel_values") if images else None
-    return PreparedRequest(input_ids=input_ids, pixel_values=pixel_values, params=request.params)
+
+
+def _joined_text(content: Any) -> str:
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content)
+    return content
 
 
 def check_context(prepared: PreparedRequest, max_context: int | None) -> None:
@@ -264,13 +302,40 @@ class _Row:
         return error_delta(error, self.prepared.prompt_tokens, self.generated)
 
 
-class VLMEngine:
-    """Batched generation for a LLaVA-style model and processor; see the module docstring."""
+@dataclass
+class _BatchState:
+    """What the decode steps carry from one forward pass to the next, one entry per running row."""
 
-    def __init__(self, model: Any, processor: Any, device: str | torch.device | None = None):
+    cache: Any  # transformers DynamicCache
+    mask: torch.Tensor  # (B, T) attention mask, 1 = real token
+    positions: torch.Tensor  # (B, 1) each row's last 1-D position (real tokens before it)
+    rope_deltas: torch.Tensor | None  # (B, 1) M-RoPE offset per row (Qwen-VL), else None
+    decode_inputs: dict[str, Any]  # processor outputs the model needs at every step (batch-first)
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep only the rows at `index` (finished rows leave the batch and the KV cache)."""
+        self.cache.batch_select_indices(index)
+        self.mask, self.positions = self.mask[index], self.positions[index]
+        if self.rope_deltas is not None:
+            self.rope_deltas = self.rope_deltas[index]
+        self.decode_inputs = {k: v[index] for k, v in self.decode_inputs.items()}
+
+
+class VLMEngine:
+    """Batched generation for a model of one of `vlm_family.FAMILIES` (a vision-language model with its
+    processor, or a text-only LLM with its tokenizer); see the module docstring."""
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        device: str | torch.device | None = None,
+        family: Family | None = None,
+    ):
         self.model = model.eval()
         self.processor = processor
-        self.tokenizer = processor.tokenizer
+        self.tokenizer = getattr(processor, "tokenizer", processor)  # a text-only LLM's processor is one
+        self.family = family or detect_family(model.config)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         text_config = model.config.get_text_config()
         self.vocab_size = int(text_config.vocab_size)
@@ -381,7 +446,7 @@ class VLMEngine:
         cache, so the rest of the batch stops paying for it."""
         rows, first = self._start_rows(requests)
         if rows:
-            logits, cache, mask, positions = self._prefill([row.prepared for row in rows])
+            logits, state = self._prefill([row.prepared for row in rows])
         while rows:
             step: list[StreamDelta | None] = first or [None] * len(requests)
             first = None
@@ -418,16 +483,10 @@ class VLMEngine:
                 return
             if len(keep) < len(rows):
                 # Drop finished rows from every per-row tensor and from the KV cache.
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                mask, positions = mask[index], positions[index]
+                state.select(torch.tensor(keep, device=self.device))
                 rows = [rows[b] for b in keep]
             tokens = torch.tensor(next_tokens, device=self.device).unsqueeze(1)  # (B, 1)
-            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)  # (B, T + 1)
-            positions = positions + 1  # (B, 1): each row's next position counts only its real tokens
-            logits = self._forward(
-                input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache
-            )
+            logits = self._decode_step(tokens, state)
         if first is not None:
             yield first  # every row failed before decoding
 
@@ -491,34 +550,70 @@ class VLMEngine:
             out = self.model(**inputs, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :].float().cpu()
 
-    def _prefill(
-        self, prepared: list[PreparedRequest]
-    ) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
-        """Left-pad the prompts into one batch and run it: `(B, V)` logits, the filled KV cache, the
-        `(B, T)` attention mask and each row's last position `(B, 1)`."""
+    def _prefill(self, prepared: list[PreparedRequest]) -> tuple[torch.Tensor, _BatchState]:
+        """Left-pad the prompts into one batch, batch their processor outputs and run it: `(B, V)` logits
+        and the state the decode steps continue from."""
         from transformers import DynamicCache
 
-        longest = max(p.prompt_tokens for p in prepared)
+        lengths = [p.prompt_tokens for p in prepared]
+        longest = max(lengths)
         ids = torch.full((len(prepared), longest), self.pad_token_id, dtype=torch.long)  # (B, T)
         mask = torch.zeros((len(prepared), longest), dtype=torch.long)  # (B, T): 1 = real token
         for b, p in enumerate(prepared):
             ids[b, longest - p.prompt_tokens :] = torch.tensor(p.input_ids, dtype=torch.long)
             mask[b, longest - p.prompt_tokens :] = 1
+        extra, decode_inputs = collate_inputs(self.family, [p.inputs for p in prepared], lengths, longest)
         # Position of a token = number of real tokens before it; pads get 0 (masked out anyway).
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
-        pixels = [p.pixel_values for p in prepared if p.pixel_values is not None]
-        inputs: dict[str, Any] = {
-            "input_ids": ids.to(self.device),
-            "attention_mask": mask.to(self.device),
-            "position_ids": positions.to(self.device),
-            "past_key_values": DynamicCache(config=self.model.config.get_text_config()),
-        }
-        if pixels:
-            # Image features fill image tokens in row-major order, so the rows' images simply concatenate.
-            pixel_values = torch.cat(pixels)  # (N_img, 3, H, W)
-            inputs["pixel_values"] = pixel_values.to(self.device, dtype=self.model.dtype)
-        logits = self._forward(**inputs)
-        return logits, inputs["past_key_values"], inputs["attention_mask"], inputs["position_ids"][:, -1:]
+        rope_deltas = None
+        position_ids = positions
+        if self.family.positions == "mrope":
+            position_ids, rope_deltas = mrope_positions(self.model, ids, mask, extra)  # (4, B, T), (B, 1)
+            rope_deltas = rope_deltas.to(self.device)
+        state = _BatchState(
+            cache=DynamicCache(config=self.model.config.get_text_config()),
+            mask=mask.to(self.device),
+            positions=positions[:, -1:].to(self.device),
+            rope_deltas=rope_deltas,
+            decode_inputs=self._to_device(decode_inputs),
+        )
+        logits = self._forward(
+            input_ids=ids.to(self.device),
+            attention_mask=state.mask,
+            position_ids=position_ids.to(self.device),
+            past_key_values=state.cache,
+            **self._to_device(extra),
+        )
+        return logits, state
+
+    def _decode_step(self, tokens: torch.Tensor, state: _BatchState) -> torch.Tensor:
+        """Feed each running row its next token `(B, 1)`; the `(B, V)` logits after it."""
+        state.mask = torch.cat([state.mask, state.mask.new_ones(len(tokens), 1)], dim=1)  # (B, T + 1)
+        state.positions = state.positions + 1  # (B, 1): each row's next position counts only real tokens
+        position_ids = state.positions
+        if state.rope_deltas is not None:
+            position_ids = mrope_step_positions(state.positions, state.rope_deltas)  # (4, B, 1)
+        return self._forward(
+            input_ids=tokens,
+            attention_mask=state.mask,
+            position_ids=position_ids,
+            past_key_values=state.cache,
+            **state.decode_inputs,
+        )
+
+    def _to_device(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Tensors onto the model's device; floating ones (pixel values) in the model's dtype."""
+
+        def move(value: Any) -> Any:
+            if isinstance(value, list):
+                return [move(v) for v in value]
+            if not isinstance(value, torch.Tensor):
+                return value
+            if value.is_floating_point():
+                return value.to(self.device, dtype=self.model.dtype)
+            return value.to(self.device)
+
+        return {k: move(v) for k, v in inputs.items()}
 
     def _mask_with_grammars(self, logits: torch.Tensor, rows: list[_Row]) -> dict[int, Exception]:
         """Mask every constrained row's logits in place; the rows whose matcher raised, with the error."""

@@ -1,4 +1,9 @@
-"""The `tiny-vlm` preset: a LLaVA-1.5-shaped vision-language model small enough for CPU tests.
+"""The tiny chat-model presets: `tiny-vlm` (LLaVA-1.5 shaped), `tiny-qwen2.5-vl` and `tiny-llm` (text only).
+
+    write_vlm_folder(Path("/tmp/tiny-vlm"), seed=0)            # or write_qwen_vl_folder / write_llm_folder
+    AutoModelForImageTextToText.from_pretrained("/tmp/tiny-vlm")
+
+tiny-vlm:
 
 A CLIP vision tower → a 2-layer MLP projector → a Llama decoder (`LlavaForConditionalGeneration`),
 with a byte-level BPE tokenizer, a chat template and a `LlavaProcessor`, all written with
@@ -7,11 +12,17 @@ LLaVA checkpoint. Its weights are random: it answers with random text, never can
 
 One image becomes (32 / 8)^2 = 16 `<image>` tokens: the processor expands each `<image>` in the prompt
 to 16 copies and the model puts the 16 projected patch embeddings there.
+
+tiny-qwen2.5-vl: Qwen2.5-VL's windowed ViT and M-RoPE decoder, ChatML template, the PIL Qwen2-VL image
+processor and no video processor (torchvision is not a dependency). Images resize to multiples of 16
+pixels within 32x32..64x64, so their token counts differ with their size (4 to 16 tokens).
+tiny-llm: the same ChatML tokenizer and a Llama decoder, loaded with `AutoModelForCausalLM`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -19,13 +30,20 @@ from transformers import (
     CLIPVisionConfig,
     GenerationConfig,
     LlamaConfig,
+    LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    ProcessorMixin,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLImageProcessorPil,
 )
 
 from raybooth.models.bpe import VLM_BOS, VLM_EOS, VLM_IMAGE, VLM_PAD, build_chat_tokenizer
+from raybooth.models.vlm_family import image_only_processor_class
 
 IMAGE_SIZE = 32  # pixels per side after the processor's resize + center crop
 PATCH_SIZE = 8  # → (32 / 8)^2 = 16 patches, so 16 image tokens per image
@@ -133,3 +151,146 @@ def write_vlm_folder(dest: Path, seed: int) -> None:
     )
     model.save_pretrained(dest)  # safetensors: the only format transformers 5 writes
     processor.save_pretrained(dest)
+
+
+# --------------------------------------------------------------------------------------------------
+# tiny-qwen2.5-vl and tiny-llm: ChatML-formatted models sharing one tokenizer layout
+# --------------------------------------------------------------------------------------------------
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = (
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+CHATML_SPECIALS = (IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
+QWEN_PATCH = 8  # pixels per vision patch side; 2x2 patches merge into one image token
+QWEN_MERGE = 2
+# Pixel bounds of the resize (multiples of PATCH * MERGE = 16 per side): 32x32 → 4 tokens, 64x64 → 16.
+QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 32 * 32, 64 * 64
+
+# Qwen's ChatML: `<|im_start|>role\n...<|im_end|>\n`, an image part as `<|vision_start|><|image_pad|>
+# <|vision_end|>` (the processor expands the pad to the image's token count). Tools are listed as JSON in
+# a first system turn; an assistant's calls follow its text as `<tool_call>{...}</tool_call>`.
+CHATML_TEMPLATE = (
+    "{% if tools %}<|im_start|>system{{ '\n' }}Functions you may call:{{ '\n' }}"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\n' }}{% endfor %}<|im_end|>{{ '\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}{{ '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% elif message['content'] %}{% for part in message['content'] %}"
+    "{% if part['type'] in ('image', 'image_url') %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['tool_calls'] is defined and message['tool_calls'] %}"
+    "{% for call in message['tool_calls'] %}<tool_call>{{ call['function'] | tojson }}</tool_call>{% endfor %}"
+    "{% endif %}"
+    "<|im_end|>{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant{{ '\n' }}{% endif %}"
+)
+
+
+def build_chatml_tokenizer() -> PreTrainedTokenizerFast:
+    """The byte-level BPE with ChatML's markers; `<|im_end|>` ends a turn, so it is the EOS."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=build_chat_tokenizer(extra_specials=CHATML_SPECIALS),
+        model_input_names=["input_ids", "attention_mask"],  # no token_type_ids: a decoder reads none
+        eos_token=IM_END,
+        pad_token=VLM_PAD,
+        padding_side="left",
+        model_max_length=MAX_CONTEXT,
+        chat_template=CHATML_TEMPLATE,
+    )
+
+
+def _text_config_args(tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
+    """The decoder every tiny chat model shares: 2 layers, 64 wide, grouped-query attention."""
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=MAX_CONTEXT,
+        bos_token_id=None,  # ChatML writes no BOS
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def _save(model: torch.nn.Module, processor: Any, tokenizer: PreTrainedTokenizerFast, dest: Path) -> None:
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    model.save_pretrained(dest)
+    processor.save_pretrained(dest)
+
+
+def write_llm_folder(dest: Path, seed: int) -> None:
+    """`tiny-llm`: a text-only `LlamaForCausalLM` + tokenizer with a chat template (no processor)."""
+    tokenizer = build_chatml_tokenizer()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**_text_config_args(tokenizer)))
+    _save(model, tokenizer, tokenizer, dest)
+
+
+def build_qwen_processor() -> ProcessorMixin:
+    """Tokenizer + the PIL Qwen2-VL image processor; no video processor (it needs torchvision)."""
+    tokenizer = build_chatml_tokenizer()
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=QWEN_PATCH,
+        merge_size=QWEN_MERGE,
+        temporal_patch_size=2,
+        min_pixels=QWEN_MIN_PIXELS,
+        max_pixels=QWEN_MAX_PIXELS,
+    )
+    processor_class = image_only_processor_class(Qwen2_5_VLProcessor)
+    return processor_class(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=CHATML_TEMPLATE
+    )
+
+
+def write_qwen_vl_folder(dest: Path, seed: int) -> None:
+    """`tiny-qwen2.5-vl`: a `Qwen2_5_VLForConditionalGeneration` (windowed ViT, M-RoPE decoder)."""
+    processor = build_qwen_processor()
+    tokenizer = processor.tokenizer
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in CHATML_SPECIALS}
+    text = _text_config_args(tokenizer)
+    # M-RoPE splits each head's 8 rotary frequency pairs over (time, height, width).
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=text["hidden_size"],
+        patch_size=QWEN_PATCH,
+        spatial_merge_size=QWEN_MERGE,
+        temporal_patch_size=2,
+        window_size=QWEN_PATCH * QWEN_MERGE * 2,  # 2x2 merged tokens per attention window
+        fullatt_block_indexes=[1],
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids[IMAGE_PAD],
+        video_token_id=ids[VIDEO_PAD],
+        vision_start_token_id=ids[VISION_START],
+        vision_end_token_id=ids[VISION_END],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    _save(model, processor, tokenizer, dest)
+
+
+# Preset name → the function that writes its folder (presets.build_preset looks it up here).
+WRITERS = {
+    "tiny-vlm": write_vlm_folder,
+    "tiny-qwen2.5-vl": write_qwen_vl_folder,
+    "tiny-llm": write_llm_folder,
+}

@@ -28,7 +28,6 @@ from pydantic import ValidationError
 
 from raybooth.cluster import storage
 from raybooth.cluster.config import BatchConfig
-from raybooth.cluster.workdir import default_models_dir
 from raybooth.errors import UserError
 from raybooth.models.vlm_engine import SERVER_ERROR, GenerationResult, prepare_request
 from raybooth.openai.chat import (
@@ -45,6 +44,7 @@ from raybooth.pipelines.inference import (
     GenerationWorker,
     JobPlan,
     RowStats,
+    check_model_family,
     describe_error,
     load_processor,
     prepared_columns,
@@ -261,8 +261,6 @@ class BatchWorker(GenerationWorker):
 
 def check_batch_config(cfg: BatchConfig) -> None:
     """Everything that can be checked before Ray starts: input, output and model."""
-    from raybooth.models.presets import resolve_model
-
     require_input_output(
         cfg,
         "batch",
@@ -275,7 +273,7 @@ def check_batch_config(cfg: BatchConfig) -> None:
         raise UserError(f"--input {cfg.input} is a folder; pass the JSONL file itself")
     if not storage.is_remote(cfg.output) and storage.local_path(cfg.output).is_dir():
         raise UserError(f"--output {cfg.output} is a folder; pass a file name such as results.jsonl")
-    resolve_model(cfg.model, kind="vlm", models_dir=default_models_dir())
+    check_model_family(cfg.model, needs_images=False, job="batch")
 
 
 def assemble_results(parts_uri: str, output: str) -> int:
@@ -299,11 +297,11 @@ def run_batch(cfg: BatchConfig, verbose: bool = False) -> JobSummary:
     items, requests, todo = scan_jsonl(cfg.input, done)
     prepare_kwargs = {"model": cfg.model, "limits": ChatLimits.for_batch(cfg), "seed": cfg.seed}
     plan = JobPlan("batch", items, todo, prepare_batch_chunks, prepare_kwargs, 1, BatchWorker, parts)
-    counts, seconds = run_inference_job(cfg, plan, verbose=verbose)
+    counts, seconds, errors = run_inference_job(cfg, plan, verbose=verbose)
     left = requests - len(completed_row_ids(parts))
     output = cfg.output
     if left <= 0:
         assemble_results(parts, cfg.output)
     else:
         output = f"{parts} ({left} of {requests} lines left; rerun to finish)"
-    return JobSummary.from_counts("batch", output, counts, skipped=len(done), seconds=seconds)
+    return JobSummary.from_counts("batch", output, counts, len(done), seconds, errors)

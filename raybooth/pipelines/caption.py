@@ -22,7 +22,6 @@ import pyarrow.parquet as pq
 
 from raybooth.cluster import storage
 from raybooth.cluster.config import CaptionConfig
-from raybooth.cluster.workdir import default_models_dir
 from raybooth.errors import UserError
 from raybooth.models.decoding import SamplingParams
 from raybooth.models.images import ImageLimits, decode_image, load_image
@@ -33,6 +32,7 @@ from raybooth.pipelines.inference import (
     GenerationWorker,
     JobPlan,
     RowStats,
+    check_model_family,
     describe_error,
     load_processor,
     prepared_columns,
@@ -264,17 +264,13 @@ class CaptionWorker(GenerationWorker):
 
 def check_caption_config(cfg: CaptionConfig) -> CaptionInput:
     """Everything that can be checked before Ray starts: input, output and model."""
-    from raybooth.models.presets import resolve_model
-
     require_input_output(
         cfg, "caption", "a folder, glob, parquet file or s3:// prefix of images", "a folder or s3:// prefix"
     )
     if not storage.is_remote(cfg.output) and storage.local_path(cfg.output).is_file():
         raise UserError(f"--output {cfg.output} is a file; captions are written as parts into a folder")
     source = find_caption_input(cfg.input, cfg.image_column)
-    resolve_model(
-        cfg.model, kind="vlm", models_dir=default_models_dir()
-    )  # builds a preset once here, not in every worker at once
+    check_model_family(cfg.model, needs_images=True, job="caption")
     return source
 
 
@@ -295,5 +291,5 @@ def run_caption(cfg: CaptionConfig, verbose: bool = False) -> JobSummary:
     plan = JobPlan(
         "caption", items, rows, prepare_caption_items, prepare_kwargs, per_call, CaptionWorker, cfg.output
     )
-    counts, seconds = run_inference_job(cfg, plan, verbose=verbose)
-    return JobSummary.from_counts("caption", cfg.output, counts, skipped=len(done), seconds=seconds)
+    counts, seconds, errors = run_inference_job(cfg, plan, verbose=verbose)
+    return JobSummary.from_counts("caption", cfg.output, counts, len(done), seconds, errors)

@@ -28,9 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
-import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 from raybooth.cluster import storage
 from raybooth.cluster.config import InferenceJobConfig
@@ -43,12 +43,13 @@ from raybooth.pipelines.parts import SUMMARY_COLUMNS, list_parts, read_parts, ru
 
 log = logging.getLogger(__name__)
 
-# Columns every prepared row carries between the CPU stage and the model replicas. Images travel as
-# raw float32 bytes plus a shape: a plain binary column never trips Arrow's tensor-type unification.
+# Columns every prepared row carries between the CPU stage and the model replicas. Every processor output
+# (pixel values, image grids, token type ids, ...) travels in one safetensors blob, dtypes and shapes kept:
+# a plain binary column never trips Arrow's tensor-type unification, whatever the family returns.
 PREPARED_FIELDS: list[tuple[str, pa.DataType]] = [
     ("input_ids", pa.list_(pa.int32())),
-    ("pixel_values", pa.binary()),
-    ("pixel_shape", pa.list_(pa.int32())),
+    ("tensors", pa.binary()),  # safetensors bytes of PreparedRequest.inputs; b"" when there are none
+    ("num_images", pa.int32()),
     ("params", pa.string()),  # SamplingParams as JSON
     ("error", pa.string()),  # set: the row skips generation and is written with this error
     ("preprocess_ms", pa.float64()),
@@ -74,12 +75,11 @@ STATS_FIELDS: list[tuple[str, pa.DataType]] = [
 
 def prepared_columns(prepared: PreparedRequest | None, error: str | None, started: float) -> dict[str, Any]:
     """The PREPARED_FIELDS of one row; `started` is its `time.perf_counter()` at the start of preparing."""
-    pixels = prepared.pixel_values if prepared is not None else None
-    array = pixels.to(torch.float32).numpy() if pixels is not None else None
+    inputs = prepared.inputs if prepared is not None else {}
     return {
         "input_ids": prepared.input_ids if prepared is not None else [],
-        "pixel_values": array.tobytes() if array is not None else b"",
-        "pixel_shape": list(array.shape) if array is not None else [],
+        "tensors": save_tensors({k: v.contiguous() for k, v in inputs.items()}) if inputs else b"",
+        "num_images": prepared.num_images if prepared is not None else 0,
         "params": json.dumps(dataclasses.asdict(prepared.params)) if prepared is not None else None,
         "error": error,
         "preprocess_ms": (time.perf_counter() - started) * 1000.0,
@@ -87,25 +87,41 @@ def prepared_columns(prepared: PreparedRequest | None, error: str | None, starte
 
 
 def prepared_from_row(row: dict[str, Any]) -> PreparedRequest:
-    shape = row["pixel_shape"]
-    pixels = None
-    if shape:
-        pixels = torch.from_numpy(np.frombuffer(row["pixel_values"], dtype=np.float32).reshape(shape).copy())
     return PreparedRequest(
         input_ids=list(row["input_ids"]),
-        pixel_values=pixels,
         params=SamplingParams(**json.loads(row["params"])),
+        inputs=load_tensors(row["tensors"]) if row["tensors"] else {},
+        num_images=int(row["num_images"] or 0),
     )
 
 
 @functools.lru_cache(maxsize=4)
 def load_processor(model: str) -> Any:
-    """The model's processor only (no weights), cached per worker process: CPU tasks reuse it."""
-    from transformers import AutoProcessor
+    """The model's processor only (no weights), cached per worker process: CPU tasks reuse it. The same
+    loader the replicas use, so a text-only LLM gets its tokenizer and Qwen-VL works without torchvision."""
+    from raybooth.models.loaders import load_vlm_processor
+
+    return load_vlm_processor(model, models_dir=default_models_dir())
+
+
+def check_model_family(model: str, needs_images: bool, job: str) -> None:
+    """Refuse, before Ray starts, a local or preset model the engine cannot run, or (`needs_images`) a
+    text-only LLM for a job that sends images. A hub id is checked where it loads (no network here)."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
 
     from raybooth.models.presets import resolve_model
+    from raybooth.models.vlm_family import detect_family
 
-    return AutoProcessor.from_pretrained(resolve_model(model, kind="vlm", models_dir=default_models_dir()))
+    path = resolve_model(model, kind="vlm", models_dir=default_models_dir())  # builds a preset once, here
+    if not Path(path).is_dir():
+        return
+    family = detect_family(AutoConfig.from_pretrained(path))
+    if needs_images and not family.takes_images:
+        raise UserError(
+            f"{job}: model {model} is a {family.name} and takes no images; use a vision-language model"
+        )
 
 
 def describe_error(e: BaseException) -> str:
@@ -302,11 +318,25 @@ def require_input_output(cfg: InferenceJobConfig, job: str, input_help: str, out
         raise UserError(f"{job} needs --output ({output_help})")
 
 
+FIRST_ERRORS = 3  # failed rows' errors a summary shows: enough to see a pattern, few enough to read
+
+
+def first_errors(table: pa.Table | None, limit: int = FIRST_ERRORS) -> list[str]:
+    """The first `limit` distinct errors among output rows, in row order."""
+    seen: list[str] = []
+    for error in table.column("error").to_pylist() if table is not None else []:
+        if error is not None and error not in seen:
+            seen.append(error)
+            if len(seen) == limit:
+                break
+    return seen
+
+
 def run_inference_job(
     cfg: InferenceJobConfig, plan: JobPlan, verbose: bool = False
-) -> tuple[dict[str, int], float]:
+) -> tuple[dict[str, int], float, list[str]]:
     """Run the plan on Ray (started or connected for this job) and count what this run wrote:
-    `(counts of the new parts' rows, wall seconds)`. Nothing to do: no Ray at all."""
+    `(counts of the new parts' rows, wall seconds, their first errors)`. Nothing to do: no Ray at all."""
     from raybooth.cluster.runtime import ray_session
 
     before = set(list_parts(plan.parts_uri))
@@ -314,7 +344,8 @@ def run_inference_job(
     if plan.items:
         with ray_session(cfg.cluster, verbose=verbose) as info:
             seconds = run_generation_pipeline(cfg, plan, verbose=verbose, embedded=info.embedded)
-    return run_counts(read_parts(plan.parts_uri, SUMMARY_COLUMNS, skip=before)), seconds
+    written = read_parts(plan.parts_uri, SUMMARY_COLUMNS, skip=before)
+    return run_counts(written), seconds, first_errors(written)
 
 
 def run_generation_pipeline(

@@ -3,7 +3,8 @@
     counter = ProgressCounter.remote()                  # replicas call counter.add.remote(...) per block
     with ProgressBar(counter, total=rows, label="caption"):
         ds.write_parquet(...)                           # blocks while the bar updates from a thread
-    summary = JobSummary.from_counts("caption", output, run_counts(new_parts), skipped, seconds)
+    summary = JobSummary.from_counts("caption", output, run_counts(new_parts), skipped, seconds, errors)
+    print(summary.text()); sys.exit(summary.exit_code)   # 1 when every row this run processed failed
 
 Ray Data runs the pipeline inside the cluster, so the driver cannot count rows itself. Each model replica
 reports what it finished to one tiny counter actor (fire-and-forget, zero CPUs), and a driver thread
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import ray
@@ -98,10 +99,17 @@ class JobSummary:
     seconds: float
     rows_per_s: float
     padding_fraction: float  # padding share of the prompt tokens this run's batches processed
+    first_errors: list[str] = field(default_factory=list)  # a few distinct errors of failed rows
 
     @classmethod
     def from_counts(
-        cls, job: str, output: str, counts: dict[str, int], skipped: int, seconds: float
+        cls,
+        job: str,
+        output: str,
+        counts: dict[str, int],
+        skipped: int,
+        seconds: float,
+        first_errors: list[str] | None = None,
     ) -> JobSummary:
         padded = counts.get("padded_tokens", 0)
         return cls(
@@ -113,7 +121,18 @@ class JobSummary:
             seconds=seconds,
             rows_per_s=counts.get("rows", 0) / seconds if seconds > 0 else 0.0,
             padding_fraction=counts.get("padding_tokens", 0) / padded if padded else 0.0,
+            first_errors=list(first_errors or []),
         )
+
+    @property
+    def all_failed(self) -> bool:
+        """Every row this run processed failed: the job did nothing useful (a wrong model, a bad prompt)."""
+        return self.rows > 0 and self.failed == self.rows
+
+    @property
+    def exit_code(self) -> int:
+        """The CLI's: 1 when every row failed, so scripts and schedulers see the job as failed; else 0."""
+        return 1 if self.all_failed else 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,4 +142,13 @@ class JobSummary:
             f"raybooth {self.job}: {self.rows} rows ({self.failed} failed), {self.skipped} already done and "
             f"skipped; {self.rows_per_s:.1f} rows/s over {self.seconds:.1f}s; padding fraction "
             f"{self.padding_fraction:.3f}; output: {self.output}"
+        )
+
+    def error_text(self) -> str:
+        """What went wrong, for stderr: empty unless rows failed."""
+        if not self.failed:
+            return ""
+        head = f"all {self.rows} rows failed" if self.all_failed else f"{self.failed} rows failed"
+        return "\n".join(
+            [f"raybooth {self.job}: {head}; first errors:"] + [f"  {e}" for e in self.first_errors]
         )

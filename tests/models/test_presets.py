@@ -27,6 +27,8 @@ def test_presets_are_named_with_kinds():
     assert {name: p.kind for name, p in PRESETS.items()} == {
         "tiny-sd": "sd",
         "tiny-vlm": "vlm",
+        "tiny-qwen2.5-vl": "vlm",
+        "tiny-llm": "vlm",
         "sd15-arch": "sd",
         "tiny-sdxl": "sd",
     }

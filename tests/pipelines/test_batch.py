@@ -228,3 +228,36 @@ def test_a_row_the_engine_failed_is_its_own_error_with_the_engines_status(error_
     assert line.response.status_code == status
     assert line.response.body["error"]["code"] == code
     assert line.response.body["error"]["message"] == "line 3: the row failed"
+
+
+@pytest.mark.parametrize("model", ["tiny-llm", "tiny-qwen2.5-vl"])
+def test_batch_on_a_text_llm_and_qwen_vl(ray_cluster, tmp_path, model):
+    """Text lines (one JSON-constrained, one with logprobs) and an image line: a text-only LLM answers the
+    text and refuses the image with a 400 naming itself; Qwen-VL answers all three."""
+    lines = [
+        request_line("plain", "Write a short caption for this photo.", max_tokens=5, temperature=0.0),
+        request_line(
+            "json",
+            "Answer in JSON.",
+            max_tokens=40,
+            response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}},
+            logprobs=True,
+        ),
+        request_line(
+            "image", [image_part(data_url(1)), {"type": "text", "text": "Describe it."}], max_tokens=5
+        ),
+    ]
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    summary = run_batch(BatchConfig(input=str(src), output=str(out), model=model, **FAST))
+    by_id = {line["custom_id"]: line["response"] for line in read_lines(str(out))}
+    assert by_id["plain"]["status_code"] == 200
+    answer = by_id["json"]["body"]["choices"][0]
+    jsonschema.validate(json.loads(answer["message"]["content"]), SCHEMA)
+    assert answer["logprobs"]["content"]
+    if model == "tiny-llm":
+        assert by_id["image"]["status_code"] == 400
+        assert "model tiny-llm takes no images" in by_id["image"]["body"]["error"]["message"]
+        assert (summary.rows, summary.failed) == (3, 1)
+    else:
+        assert by_id["image"]["status_code"] == 200 and (summary.rows, summary.failed) == (3, 0)

@@ -13,6 +13,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from transformers import MllamaConfig
 
 from raybooth.cli import main
 from raybooth.cluster import storage
@@ -155,3 +156,49 @@ def test_cli_fails_fast_on_bad_input(tmp_path, capsys):
     assert (
         main(["caption", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--replicas", "two"]) == 2
     )
+    capsys.readouterr()
+    # A text-only LLM cannot caption, and a family the engine cannot run is refused by name.
+    assert main(["caption", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "model=tiny-llm"]) == 2
+    assert "model tiny-llm is a text-only LLM and takes no images" in capsys.readouterr().err
+    MllamaConfig().save_pretrained(tmp_path / "mllama")
+    assert (
+        main(
+            [
+                "caption",
+                "--input",
+                str(tmp_path),
+                "--output",
+                str(tmp_path / "o"),
+                f"model={tmp_path / 'mllama'}",
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "model type 'mllama'" in err and "supported families" in err and len(err.strip().splitlines()) == 1
+
+
+def test_caption_on_tiny_qwen_vl_has_no_error_rows(ray_cluster, tmp_path):
+    """Qwen-VL rows carry their image grids and token types from the CPU stage to the replicas."""
+    folder = tmp_path / "imgs"
+    write_sample_images(folder, 6, size=48)
+    out = tmp_path / "captions"
+    summary = run_caption(CaptionConfig(input=str(folder), output=str(out), model="tiny-qwen2.5-vl", **FAST))
+    rows = read_output(str(out)).to_pylist()
+    assert (summary.rows, summary.failed) == (6, 0) and summary.exit_code == 0
+    assert all(r["error"] is None and r["caption"] and r["completion_tokens"] == 4 for r in rows)
+    assert all(r["batch_rows"] > 1 for r in rows)  # one image per row: Qwen rows pack together
+
+
+def test_a_job_whose_rows_all_failed_exits_1_with_the_first_errors(ray_cluster, tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"broken{i}.png").write_bytes(b"not a png at all")
+    out = tmp_path / "captions"
+    code = main(
+        ["caption", "--input", str(folder), "--output", str(out), "max_new_tokens=4", "max_prepare_tasks=2"]
+    )
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "all 3 rows failed; first errors:" in err and "broken0.png" in err

@@ -1,0 +1,221 @@
+"""Model families of the generation engine: what a checkpoint is, and how its processor outputs batch.
+
+    family = detect_family(AutoConfig.from_pretrained(path))    # FamilyError if not supported
+    family.takes_images, family.positions                       # False for a text-only LLM; "mrope" for Qwen-VL
+    batched = collate_inputs(family, [row.inputs for row in rows], lengths, longest)
+
+A processor returns more than `input_ids`: pixel values, image grids (Qwen-VL), token type ids (Gemma 3),
+image sizes, masks. Every output a row's processor call returned travels with the row
+(`PreparedRequest.inputs`), and one rule per output says how the rows' tensors become one batch:
+
+- `token`:  aligned with the prompt, `(1, T)`: left-padded with the prompt to `(B, T_max)`;
+- `concat`: one entry per image along dim 0 (pixel values, `image_grid_thw`): the rows' entries concatenate,
+            in row order, which is the order the model fills image tokens in;
+- `pad`:    like `concat`, but every other dim is padded to the batch's largest first (per-request patch
+            or tile counts), so rows of different shapes still stack;
+- `row`:    kept per row, as a list (the model takes one entry per row);
+- `drop`:   not a model input (a text LLM's tokenizer may return `token_type_ids` its model never reads).
+
+The generic rule (`token` when the tensor is `(1, T)` for a T-token prompt, else `concat`) covers most
+families; a family names its exceptions. `decode=True` marks what the model also needs at every decode
+step (the rest is prefill only, as Hugging Face `generate` passes it). Plain PyTorch: no Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from raybooth.errors import ModelError
+
+Batching = Literal["token", "concat", "pad", "row", "drop"]
+
+# Outputs the engine builds itself for the whole batch (padding, mask), never taken from the processor.
+ENGINE_INPUTS = ("input_ids", "attention_mask")
+
+
+class FamilyError(ModelError):
+    """A checkpoint of a model family the engine cannot run."""
+
+
+@dataclass(frozen=True)
+class InputRule:
+    batching: Batching
+    decode: bool = False  # also fed at every decode step (batch-first, rows dropped as they finish)
+    pad_value: float = 0
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # what users and errors read: "Qwen2.5-VL", "text-only LLM"
+    model_types: tuple[str, ...]  # config.json `model_type`s of this family
+    takes_images: bool = True
+    positions: Literal["1d", "mrope"] = "1d"  # mrope: 3-D (time, height, width) rotary positions
+    rules: dict[str, InputRule] = field(default_factory=dict)  # overrides of the generic rule
+
+    def rule(self, name: str, tensor: torch.Tensor, prompt_tokens: int) -> InputRule:
+        if name in self.rules:
+            return self.rules[name]
+        if tensor.ndim == 2 and tuple(tensor.shape) == (1, prompt_tokens):
+            return InputRule("token")
+        return InputRule("concat")
+
+
+# LLaVA-style: image features replace image tokens in order, 1-D positions; token type ids (Gemma 3's
+# bidirectional image attention) take the generic `token` rule.
+LLAVA = Family(
+    "LLaVA-1.5 / Gemma 3 / InternVL / Aya Vision / Llama 4",
+    ("llava", "gemma3", "internvl", "aya_vision", "llama4"),
+)
+QWEN_VL = Family(
+    "Qwen2-VL / Qwen2.5-VL",
+    ("qwen2_vl", "qwen2_5_vl"),
+    positions="mrope",
+    rules={
+        # Qwen flattens all patches of all images into one (N_patches, C) tensor; the grid says whose.
+        "pixel_values": InputRule("concat"),
+        "image_grid_thw": InputRule("concat"),
+        "mm_token_type_ids": InputRule("token"),  # what get_rope_index reads: 0 text, 1 image, 2 video
+    },
+)
+TEXT = Family(
+    "text-only LLM",
+    ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"),
+    takes_images=False,
+    rules={"token_type_ids": InputRule("drop")},
+)
+FAMILIES: tuple[Family, ...] = (LLAVA, QWEN_VL, TEXT)
+
+
+def replace_rule(family: Family, name: str, rule: InputRule) -> Family:
+    """`family` with `rule` for output `name` (a checkpoint whose processor differs from its family's)."""
+    return dataclasses.replace(family, rules={**family.rules, name: rule})
+
+
+def supported_families() -> str:
+    return "; ".join(f"{f.name} ({', '.join(f.model_types)})" for f in FAMILIES)
+
+
+def detect_family(config: Any) -> Family:
+    """The family of a loaded `PretrainedConfig` (`model_type`, else its `architectures`)."""
+    model_type = getattr(config, "model_type", None)
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    architectures = list(getattr(config, "architectures", None) or [])
+    if architectures and all(a.endswith("ForCausalLM") for a in architectures):
+        return TEXT  # a decoder-only LM of a type not listed still runs the plain causal-LM path
+    raise FamilyError(
+        f"model type {model_type!r} ({', '.join(architectures) or 'no architectures'}) is not supported by "
+        f"the generation engine; supported families: {supported_families()}"
+    )
+
+
+def collate_inputs(
+    family: Family, rows: Sequence[dict[str, torch.Tensor]], lengths: Sequence[int], longest: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The rows' processor outputs as one batch: `(prefill inputs, decode-step inputs)`.
+
+    `lengths` are the rows' prompt lengths and `longest` the padded length (the prompts are left-padded)."""
+    names = sorted({name for row in rows for name in row})
+    prefill: dict[str, Any] = {}
+    decode: dict[str, Any] = {}
+    for name in names:
+        present = [(b, row[name]) for b, row in enumerate(rows) if name in row]
+        rule = family.rule(name, present[0][1], lengths[present[0][0]])
+        if rule.batching == "token":
+            value: Any = _left_pad(rows, name, lengths, longest, rule.pad_value, present[0][1].dtype)
+        elif rule.batching == "concat":
+            value = torch.cat([t for _, t in present])
+        elif rule.batching == "pad":
+            value = _pad_and_concat([t for _, t in present], rule.pad_value)
+        elif rule.batching == "drop":
+            continue
+        else:  # "row": one entry per row, None where a row has none
+            by_row = dict(present)
+            value = [by_row.get(b) for b in range(len(rows))]
+        prefill[name] = value
+        if rule.decode:
+            decode[name] = value
+    return prefill, decode
+
+
+def _left_pad(
+    rows: Sequence[dict[str, torch.Tensor]],
+    name: str,
+    lengths: Sequence[int],
+    longest: int,
+    pad_value: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    out = torch.full((len(rows), longest), pad_value, dtype=dtype)  # (B, T_max)
+    for b, row in enumerate(rows):
+        if name in row:
+            tensor = row[name].reshape(-1)
+            if tensor.numel() != lengths[b]:
+                raise ValueError(
+                    f"processor output {name!r} has {tensor.numel()} entries for {lengths[b]} tokens"
+                )
+            out[b, longest - lengths[b] :] = tensor
+    return out
+
+
+def _pad_and_concat(tensors: Sequence[torch.Tensor], pad_value: float) -> torch.Tensor:
+    """Pad every dim but the first to the largest among `tensors` (at the end), then concatenate."""
+    shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].ndim)]
+    padded = []
+    for t in tensors:
+        out = t.new_full((t.shape[0], *shape), pad_value)
+        out[(slice(None), *(slice(0, n) for n in t.shape[1:]))] = t
+        padded.append(out)
+    return torch.cat(padded)
+
+
+def image_only_processor_class(cls: type) -> type:
+    """`cls` without its video processor. `ProcessorMixin` reads its parts off `__init__`'s signature, so a
+    subclass whose `__init__` takes no `video_processor` needs none; it keeps `cls`'s name, so what it
+    saves loads as `cls` where torchvision is installed."""
+
+    def __init__(
+        self: Any, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None, **kw: Any
+    ):
+        cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kw)
+
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
+
+
+# --------------------------------------------------------------------------------------------------
+# Positions
+# --------------------------------------------------------------------------------------------------
+
+
+def mrope_positions(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, inputs: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen-VL's prefill positions `(4, B, T)` (1-D text positions, then the model's own 3-D M-RoPE ones
+    from `get_rope_index`, which skips the left pads via `mask`) and each row's `rope_deltas` `(B, 1)`: how
+    far its M-RoPE position runs ahead of (or behind) its token count, constant for the decode steps."""
+    text = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, T): real tokens before each one
+    token_types = inputs.get("mm_token_type_ids")
+    if token_types is None:
+        token_types = torch.zeros_like(ids)
+    vision, deltas = model.model.get_rope_index(
+        ids,
+        mm_token_type_ids=token_types,
+        image_grid_thw=inputs.get("image_grid_thw"),
+        video_grid_thw=inputs.get("video_grid_thw"),
+        second_per_grid_ts=inputs.get("second_per_grid_ts"),
+        attention_mask=mask,
+    )  # (3, B, T), (B, 1)
+    return torch.cat([text.unsqueeze(0), vision]), deltas
+
+
+def mrope_step_positions(last: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    """A decode step's `(4, B, 1)` positions from each row's 1-D position `last` `(B, 1)`: after the prompt
+    every M-RoPE axis advances with the text, offset by the row's delta (what Hugging Face computes)."""
+    vision = (last + deltas).unsqueeze(0).expand(3, -1, -1)
+    return torch.cat([last.unsqueeze(0), vision])

@@ -1,0 +1,169 @@
+"""The engine on tiny-qwen2.5-vl (M-RoPE, per-image patch grids) and tiny-llm (text only), against HF.
+
+.venv/bin/python -m pytest tests/models/test_vlm_families.py
+
+The oracle is Hugging Face itself: `model.generate` and `model(...)` on each request alone, with the
+inputs the family's processor returns. A mixed batch (text only, one image, two images of different sizes)
+must give every row the tokens it gets alone, so batching, padding, positions and the image inputs all
+have to be right per row.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import MllamaConfig
+
+from raybooth.cluster.workdir import default_models_dir
+from raybooth.errors import ModelError
+from raybooth.models.decoding import SamplingParams
+from raybooth.models.loaders import load_vlm
+from raybooth.models.presets import resolve_model
+from raybooth.models.vlm_engine import GenerationRequest, VLMEngine
+from raybooth.models.vlm_family import LLAVA, TEXT, InputRule, collate_inputs, detect_family, replace_rule
+from raybooth.pipelines.inference import prepared_columns, prepared_from_row
+from raybooth.samples import draw_sample_image
+
+MAX_TOKENS = 8
+# float32 on CPU: the batched prefill and the lone forward differ only by summation order over pads.
+LOGITS_ATOL = 1e-5
+
+
+@pytest.fixture(scope="module", params=["tiny-qwen2.5-vl", "tiny-llm"])
+def engine(request) -> VLMEngine:
+    path = resolve_model(request.param, kind="vlm", models_dir=default_models_dir())
+    return VLMEngine.from_pretrained(path, device="cpu")
+
+
+def chat(*parts, **params) -> GenerationRequest:
+    params = {"max_tokens": MAX_TOKENS, "temperature": 0.0, "logprobs": 0, **params}
+    return GenerationRequest(
+        messages=[{"role": "user", "content": list(parts)}], params=SamplingParams(**params)
+    )
+
+
+def text(t: str) -> dict:
+    return {"type": "text", "text": t}
+
+
+def image(i: int, size: tuple[int, int]) -> dict:
+    return {"type": "image", "image": draw_sample_image(i).resize(size)}
+
+
+def mixed_batch(engine: VLMEngine) -> list[GenerationRequest]:
+    """Text only (short and long), one image, two images of different sizes (so different token counts)."""
+    rows = [chat(text("hi")), chat(text("What is in the image? Describe the dog and the cat. " * 3))]
+    if engine.family.takes_images:
+        rows += [
+            chat(image(0, (40, 40)), text("Describe the image.")),
+            chat(image(1, (64, 48)), text("What color is the cat?"), image(2, (32, 32))),
+        ]
+    return rows
+
+
+def hf_alone(engine: VLMEngine, request: GenerationRequest) -> tuple[list[int], list[float], torch.Tensor]:
+    """HF `generate`'s greedy tokens and their log-probabilities (every decode step's positions and cache
+    count in them), and its forward's last-position logits, for the request alone."""
+    prepared = engine.prepare(request)
+    ids = torch.tensor([prepared.input_ids])
+    inputs = {
+        k: v for k, v in prepared.inputs.items() if not (engine.family is TEXT and k == "token_type_ids")
+    }
+    with torch.inference_mode():
+        logits = engine.model(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs).logits[0, -1]
+        out = engine.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            **inputs,
+            max_new_tokens=MAX_TOKENS,
+            do_sample=False,
+            pad_token_id=engine.pad_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    tokens = out.sequences[0, ids.shape[1] :].tolist()
+    eos = [i for i, t in enumerate(tokens) if t in engine.eos_token_ids]
+    tokens = tokens[: eos[0] + 1] if eos else tokens
+    logprobs = [
+        torch.log_softmax(step[0].float(), dim=-1)[t].item()
+        for step, t in zip(out.logits, tokens, strict=False)
+        if t not in engine.eos_token_ids
+    ]
+    return tokens, logprobs, logits.float()
+
+
+def test_mixed_batch_gives_each_row_hf_generate_tokens_alone(engine):
+    requests = mixed_batch(engine)
+    results = engine.generate(requests)
+    for request, result in zip(requests, results, strict=True):
+        assert result.error is None
+        tokens, logprobs, _ = hf_alone(engine, request)
+        assert result.token_ids == tokens
+        # Each decode step's log-probability too: wrong positions after the prompt would shift them.
+        assert [e.logprob for e in result.logprobs] == pytest.approx(logprobs, abs=LOGITS_ATOL)
+
+
+def test_last_prefill_logits_match_hf_forward(engine):
+    requests = mixed_batch(engine)
+    logits, _ = engine._prefill([engine.prepare(r) for r in requests])
+    for b, request in enumerate(requests):
+        _, _, expected = hf_alone(engine, request)
+        torch.testing.assert_close(logits[b], expected, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_seeded_sampling_gives_a_row_the_same_tokens_whatever_its_batch(engine):
+    sampled = chat(text("Write a short caption for this photo."), temperature=0.9, seed=7, max_tokens=12)
+    alone = engine.generate([sampled])[0].token_ids
+    in_batch = engine.generate([*mixed_batch(engine), sampled])[-1].token_ids
+    assert in_batch == alone and len(alone) > 1
+
+
+def test_qwen_rows_count_images_not_patches_and_survive_the_prepared_row_format():
+    path = resolve_model("tiny-qwen2.5-vl", kind="vlm", models_dir=default_models_dir())
+    engine = VLMEngine.from_pretrained(path, device="cpu")
+    two = engine.prepare(chat(image(1, (64, 48)), text("hi"), image(2, (32, 32))))
+    assert two.num_images == 2 and two.inputs["pixel_values"].shape[0] > 2  # Qwen: one row per patch
+    assert two.inputs["image_grid_thw"].tolist() == [[1, 6, 8], [1, 4, 4]]  # (t, h, w) patches per image
+    back = prepared_from_row(prepared_columns(two, None, 0.0))
+    assert back.num_images == 2 and back.input_ids == two.input_ids
+    for name, tensor in two.inputs.items():
+        assert back.inputs[name].dtype == tensor.dtype and torch.equal(back.inputs[name], tensor)
+
+
+def test_text_only_model_refuses_an_image_part():
+    path = resolve_model("tiny-llm", kind="vlm", models_dir=default_models_dir())
+    engine = VLMEngine.from_pretrained(path, device="cpu")
+    fine, refused = engine.generate([chat(text("hi")), chat(image(0, (32, 32)), text("hi"))])
+    assert fine.error is None and fine.completion_tokens > 0
+    assert refused.error_type == "invalid_request_error"
+    assert refused.error.startswith("model tiny-llm takes no images")
+
+
+def test_unsupported_family_is_refused_at_load_in_one_line(tmp_path):
+    MllamaConfig().save_pretrained(tmp_path)  # a config, no weights: refused before any weight is read
+    with pytest.raises(ModelError) as info:
+        load_vlm(str(tmp_path), device="cpu")
+    message = str(info.value)
+    assert "\n" not in message and "'mllama'" in message
+    assert "supported families" in message and "qwen2_5_vl" in message and "llava" in message
+    with pytest.raises(ModelError, match="not supported"):
+        detect_family(MllamaConfig())
+
+
+def test_collate_rules_left_pad_token_outputs_concat_images_and_pad_per_request_axes():
+    rows = [
+        {"token_type_ids": torch.tensor([[0, 1]]), "pixel_values": torch.ones(1, 2, 3)},
+        {"token_type_ids": torch.tensor([[1, 1, 0]]), "pixel_values": torch.ones(2, 4, 1)},
+        {},  # a text-only row has none of them
+    ]
+    family = replace_rule(LLAVA, "pixel_values", InputRule("pad"))
+    prefill, decode = collate_inputs(family, rows, lengths=[2, 3, 1], longest=3)
+    assert prefill["token_type_ids"].tolist() == [[0, 0, 1], [1, 1, 0], [0, 0, 0]]
+    assert prefill["pixel_values"].shape == (3, 4, 3)  # rows' images in order, padded to the largest
+    assert (
+        prefill["pixel_values"][0, 2:].abs().sum() == 0 and prefill["pixel_values"][1, :, 1:].abs().sum() == 0
+    )
+    assert decode == {}  # prefill only, as HF generate passes them
+    stepwise = replace_rule(family, "token_type_ids", InputRule("token", decode=True))
+    _, decode = collate_inputs(stepwise, rows, lengths=[2, 3, 1], longest=3)
+    assert list(decode) == ["token_type_ids"]

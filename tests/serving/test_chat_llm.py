@@ -1,0 +1,73 @@
+"""The chat route serving a text-only LLM (tiny-llm) through the official `openai` client: streaming,
+and an image part refused with a 400 that names the model.
+
+.venv/bin/python -m pytest tests/serving/test_chat_llm.py
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Callable, Iterator
+
+import openai
+import pytest
+
+from raybooth.samples import draw_sample_image, png_bytes
+from tests.serving.conftest import ServeApp, app_settings, deploy_app
+
+pytestmark = pytest.mark.slow
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"label": {"enum": ["cat", "dog"]}, "count": {"type": "integer"}},
+    "required": ["label", "count"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def llm_app(ray_cluster, leak_pattern: str, port_picker: Callable[[], int]) -> Iterator[ServeApp]:
+    from ray import serve
+
+    settings = {**app_settings(leak_pattern), "chat_model": "tiny-llm", "serve_registry": False}
+    port = port_picker()
+    serve.shutdown()  # a Serve instance of an earlier module would keep its own HTTP port
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    started = time.monotonic()
+    deploy_app(settings)
+    print(f"serve app up in {time.monotonic() - started:.1f}s")
+    try:
+        yield ServeApp(f"http://127.0.0.1:{port}", settings)
+    finally:
+        serve.shutdown()
+
+
+def test_text_llm_streams_and_refuses_images(llm_app: ServeApp):
+    client = llm_app.openai()
+    # The grammar runs for a text-only LLM too: the random model's answer still parses.
+    ask = {
+        "model": "tiny-llm",
+        "messages": [{"role": "user", "content": "Answer in JSON."}],
+        "max_tokens": 40,
+        "temperature": 0,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}},
+    }
+    whole = client.chat.completions.create(**ask)
+    chunks = list(client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == whole.choices[0].message.content
+    )
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens > 0
+    assert json.loads(whole.choices[0].message.content)["label"] in ("cat", "dog")
+
+    url = "data:image/png;base64," + base64.b64encode(png_bytes(draw_sample_image(0, size=32))).decode()
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Describe it."}]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model="tiny-llm", messages=[{"role": "user", "content": content}], max_tokens=4
+        )
+    assert "model tiny-llm takes no images" in str(info.value)
