@@ -237,19 +237,11 @@ def serve_log_errors() -> list[str]:
     return [line for line in serve_log_lines("") if line.startswith(("ERROR", "CRITICAL"))]
 
 
-@pytest.fixture(scope="module")
-def serve_app(
-    ray_cluster,
-    subjects: Subjects,
-    tiny_sd_path: Path,
-    tiny_vlm_path: Path,
-    leak_pattern: str,
-    port_picker: Callable[[], int],
-) -> Iterator[ServeApp]:
+@contextmanager
+def running_app(settings: dict[str, Any], port: int) -> Iterator[ServeApp]:
+    """A fresh Serve instance on `port` with the app deployed from `settings`; shut down on exit."""
     from ray import serve
 
-    settings = app_settings(leak_pattern)
-    port = port_picker()
     serve.shutdown()  # a Serve instance of an earlier module would keep its own HTTP port
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     started = time.monotonic()
@@ -259,3 +251,16 @@ def serve_app(
         yield ServeApp(f"http://127.0.0.1:{port}", settings)
     finally:
         serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def serve_app(
+    ray_cluster,
+    subjects: Subjects,
+    tiny_sd_path: Path,
+    tiny_vlm_path: Path,
+    leak_pattern: str,
+    port_picker: Callable[[], int],
+) -> Iterator[ServeApp]:
+    with running_app(app_settings(leak_pattern), port_picker()) as app:
+        yield app

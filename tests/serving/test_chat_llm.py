@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 from collections.abc import Callable, Iterator
 
 import openai
 import pytest
 
 from raybooth.samples import draw_sample_image, png_bytes
-from tests.serving.conftest import ServeApp, app_settings, deploy_app
+from tests.serving.conftest import ServeApp, app_settings, running_app
 
 pytestmark = pytest.mark.slow
 
@@ -29,19 +28,9 @@ SCHEMA = {
 
 @pytest.fixture(scope="module")
 def llm_app(ray_cluster, leak_pattern: str, port_picker: Callable[[], int]) -> Iterator[ServeApp]:
-    from ray import serve
-
     settings = {**app_settings(leak_pattern), "chat_model": "tiny-llm", "serve_registry": False}
-    port = port_picker()
-    serve.shutdown()  # a Serve instance of an earlier module would keep its own HTTP port
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    started = time.monotonic()
-    deploy_app(settings)
-    print(f"serve app up in {time.monotonic() - started:.1f}s")
-    try:
-        yield ServeApp(f"http://127.0.0.1:{port}", settings)
-    finally:
-        serve.shutdown()
+    with running_app(settings, port_picker()) as app:
+        yield app
 
 
 def test_text_llm_streams_and_refuses_images(llm_app: ServeApp):
