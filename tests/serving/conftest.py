@@ -4,8 +4,9 @@
 
 `subjects` registers what the DreamBooth job would: `sks-dog` (a full fine-tune; version 2 has perturbed
 UNet weights, alias `prod` -> version 1) and two LoRA subjects in diffusers' LoRA format on tiny-sd.
-`serve_app` runs `raybooth.serving.app` on the session's embedded Ray, HTTP on 127.0.0.1, API keys on,
-and shuts Serve down after the module.
+`serve_app` is `raybooth.serving.app` on the session's embedded Ray, HTTP on 127.0.0.1, API keys on: one
+app for the whole session (`SharedServe`); a module that needs other settings redeploys it for its tests
+with `serve_app.redeployed(...)`, which puts the shared settings back.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -253,14 +254,64 @@ def running_app(settings: dict[str, Any], port: int) -> Iterator[ServeApp]:
         serve.shutdown()
 
 
-@pytest.fixture(scope="module")
-def serve_app(
+class SharedServe:
+    """The one Serve instance (and app) the serving modules share for the whole session: started on first
+    use, and started again only if something took it down (a module that shut Ray down to run its own
+    cluster, or replicas that did not come back). Modules that need other settings use
+    `ServeApp.redeployed`, which puts these back."""
+
+    def __init__(self, settings: dict[str, Any], port_picker: Callable[[], int]):
+        self.settings, self._port_picker = settings, port_picker
+        self._app: ServeApp | None = None
+        self._stack = ExitStack()
+
+    def app(self) -> ServeApp:
+        if self._app is None or not self._answers(self._app):
+            self.close()
+            self._app = self._stack.enter_context(running_app(self.settings, self._port_picker()))
+        return self._app
+
+    @staticmethod
+    def _answers(app: ServeApp, timeout_s: float = 60) -> bool:
+        """Whether the running app says ready within `timeout_s` (replicas a module killed restart)."""
+        import ray
+
+        if not ray.is_initialized():
+            return False
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{app.base_url}/healthz", timeout=10).status_code == 200:
+                    return True
+            except httpx.ConnectError:
+                return False  # nothing listens: that Serve instance is gone
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        return False
+
+    def close(self) -> None:
+        self._stack.close()
+        self._stack, self._app = ExitStack(), None
+
+
+@pytest.fixture(scope="session")
+def shared_serve(
     ray_cluster,
     subjects: Subjects,
     tiny_sd_path: Path,
     tiny_vlm_path: Path,
     leak_pattern: str,
     port_picker: Callable[[], int],
-) -> Iterator[ServeApp]:
-    with running_app(app_settings(leak_pattern), port_picker()) as app:
-        yield app
+) -> Iterator[SharedServe]:
+    shared = SharedServe(app_settings(leak_pattern), port_picker)
+    try:
+        yield shared
+    finally:
+        shared.close()
+
+
+@pytest.fixture(scope="module")
+def serve_app(shared_serve: SharedServe) -> ServeApp:
+    """The session's app (see `SharedServe`), checked ready for this module."""
+    return shared_serve.app()

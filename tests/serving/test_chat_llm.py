@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import openai
 import pytest
 
 from raybooth.samples import draw_sample_image, png_bytes
-from tests.serving.conftest import ServeApp, app_settings, running_app
+from tests.serving.conftest import ServeApp
 
 pytestmark = pytest.mark.slow
 
@@ -27,10 +27,10 @@ SCHEMA = {
 
 
 @pytest.fixture(scope="module")
-def llm_app(ray_cluster, leak_pattern: str, port_picker: Callable[[], int]) -> Iterator[ServeApp]:
-    settings = {**app_settings(leak_pattern), "chat_model": "tiny-llm", "serve_registry": False}
-    with running_app(settings, port_picker()) as app:
-        yield app
+def llm_app(serve_app: ServeApp) -> Iterator[ServeApp]:
+    """The session's app with tiny-llm on the chat route (Serve restarts only what the change touches)."""
+    with serve_app.redeployed({**serve_app.settings, "chat_model": "tiny-llm"}):
+        yield serve_app
 
 
 def test_text_llm_streams_and_refuses_images(llm_app: ServeApp):

@@ -117,8 +117,9 @@ def test_an_app_that_cannot_fit_exits_2_naming_the_keys_before_serve_starts(free
 
 
 @pytest.fixture
-def app_with_unplaceable_chat(ray_cluster, tiny_sd_path, tiny_vlm_path, free_port) -> Iterator[str]:
-    """The app deployed without waiting, its chat deployment asking more CPUs than the cluster has."""
+def app_with_unplaceable_chat(serve_app, tiny_sd_path, tiny_vlm_path) -> Iterator[str]:
+    """A second app next to the session's, deployed without waiting, its chat deployment asking more CPUs
+    than the cluster has; its URL (the app's route prefix)."""
     from ray import serve
     from ray.serve.api import _run  # serve.run without waiting for RUNNING (it never would here)
 
@@ -134,14 +135,11 @@ def app_with_unplaceable_chat(ray_cluster, tiny_sd_path, tiny_vlm_path, free_por
             "ingress": {"num_cpus": 0.1},
         }
     )
-    port = free_port()
-    serve.shutdown()  # a Serve instance of an earlier module keeps its own HTTP port
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    _run(build_app(cfg), _blocking=False, name="raybooth", route_prefix="/")
+    _run(build_app(cfg), _blocking=False, name="unplaceable", route_prefix="/unplaceable")
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"{serve_app.base_url}/unplaceable"
     finally:
-        serve.shutdown()
+        serve.delete("unplaceable")
 
 
 def test_healthz_is_503_naming_the_deployment_that_is_not_up(app_with_unplaceable_chat):
