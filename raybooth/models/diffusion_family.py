@@ -91,6 +91,7 @@ class SDFamily:
     uses_cfg = True  # guidance by a second (unconditional) denoiser pass
     # LoRA targets: the attention projections, as diffusers' train_dreambooth_lora(_sdxl).py adapt them.
     lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    lora_text_encoders: tuple[str, ...] = ("text_encoder",)  # the encoders that can train (LoRA or full)
     # (text encoder component, its tokenizer, the transformers class of the encoder)
     text_encoder_slots: tuple[tuple[str, str, str], ...] = (("text_encoder", "tokenizer", "CLIPTextModel"),)
     # Pipeline constructor arguments a raybooth export sets: no safety checker (model_index says null).
@@ -113,6 +114,11 @@ class SDFamily:
     def tokenizer_names(self) -> list[str]:
         return [slot[1] for slot in self.text_encoder_slots]
 
+    @property
+    def trainable_text_encoder_names(self) -> list[str]:
+        """The text encoders that train when the run trains text encoders (never SD3's/Flux's T5)."""
+        return [n for n in self.text_encoder_names if n in self.lora_text_encoders]
+
     def pipeline_class(self) -> type:
         import diffusers
 
@@ -127,6 +133,10 @@ class SDFamily:
         """Components this family needs that model_index.json does not list (checked before loading)."""
         needed = [self.denoiser_name, "vae", "scheduler", *self.text_encoder_names, *self.tokenizer_names]
         return [n for n in needed if not (isinstance(self.index.get(n), list) and self.index[n][1])]
+
+    def pipeline_load_kwargs(self) -> dict[str, Any]:
+        """Extra `from_pretrained` arguments of the pipeline class (components saved as None)."""
+        return {}
 
     def bind(self, denoiser: nn.Module) -> None:
         """Learn what the family reads from the loaded denoiser's config (SD3 without T5: its width)."""
@@ -282,6 +292,7 @@ class SDXLFamily(SDFamily):
         ("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection"),
     )
     export_kwargs: dict[str, Any] = {}
+    lora_text_encoders = ("text_encoder", "text_encoder_2")  # SDXL's script adapts both CLIP encoders
     upcast_vae = True  # its VAE overflows in fp16: decode in fp32 where the config says force_upcast
 
     def encode_prompts(
@@ -380,7 +391,7 @@ def family_of(obj: Any) -> SDFamily:
     config = getattr(obj, "config", None)
     if isinstance(config, dict) and config.get("_class_name") in families():
         return family_from_index(dict(config))
-    if type(obj).__name__ in families():
-        return families()[type(obj).__name__]()
+    if type(obj).__name__ in families():  # a loaded pipeline: its config lists its components
+        return families()[type(obj).__name__](dict(config) if isinstance(config, dict) else None)
     has_second = obj.get("text_encoder_2") if isinstance(obj, dict) else getattr(obj, "text_encoder_2", None)
     return SDXLFamily() if has_second is not None else SDFamily()

@@ -98,6 +98,7 @@ class SD3Family(FlowFamily):
         ("text_encoder_3", "tokenizer_3", "T5EncoderModel"),
     )
     max_sequence_length = 256  # StableDiffusion3Pipeline's default
+    lora_text_encoders = ("text_encoder", "text_encoder_2")  # the CLIPs; T5 stays frozen, as the script
     # LoRA on the image stream's attention, as train_dreambooth_lora_sd3.py's default.
     lora_targets = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0"]
 
@@ -105,9 +106,13 @@ class SD3Family(FlowFamily):
         super().__init__(index)
         entry = self.index.get("text_encoder_3")
         # Saved without T5 (model_index says [null, null]): the pipeline puts zeros where T5's states go.
-        self.has_t5 = index is None or (isinstance(entry, list) and entry[1] is not None)
+        self.has_t5 = index is None or (isinstance(entry, list | tuple) and entry[1] is not None)
         self.text_encoder_slots = self.all_slots if self.has_t5 else self.all_slots[:2]
         self.t5_width: int | None = None  # the transformer's joint_attention_dim, once `bind` saw it
+
+    def pipeline_load_kwargs(self) -> dict[str, Any]:
+        # diffusers loads a folder saved without T5 only when told the components are None.
+        return {} if self.has_t5 else {"text_encoder_3": None, "tokenizer_3": None}
 
     def encode_prompts(
         self, text_encoders: Sequence[nn.Module], tokenizers: Sequence[Any], prompts: Sequence[str]
@@ -185,6 +190,7 @@ class FluxFamily(FlowFamily):
     )
     max_sequence_length = 512  # FluxPipeline's default
     uses_cfg = False  # dev's guidance is an input of the transformer; schnell takes none
+    lora_text_encoders = ("text_encoder",)  # CLIP only, as FluxPipeline's LoRA loader; T5 stays frozen
     # train_dreambooth_lora_flux.py's default: both streams' attention and feed-forwards.
     lora_targets = [
         "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
@@ -208,7 +214,8 @@ class FluxFamily(FlowFamily):
 
     @staticmethod
     def takes_guidance(denoiser: nn.Module) -> bool:
-        return bool(getattr(denoiser.config, "guidance_embeds", False))
+        inner = getattr(denoiser, "module", denoiser)  # through a DDP wrapper
+        return bool(getattr(inner.config, "guidance_embeds", False))
 
     def set_timesteps(
         self, scheduler: Any, steps: int, device: torch.device, latent_hw: tuple[int, int]
@@ -240,12 +247,8 @@ class FluxFamily(FlowFamily):
         n, _, h, w = latents.shape
         dtype = latents.dtype
         t = torch.as_tensor(timesteps, device=latents.device).expand(n).to(dtype)
-        if self.takes_guidance(denoiser):
-            if guidance is None:
-                raise ValueError("this Flux transformer has a guidance embedding: pass guidance (e.g. 3.5)")
+        if guidance is not None:  # Flux.1-dev (callers ask `takes_guidance`); schnell takes none
             guidance = torch.as_tensor(guidance, device=latents.device, dtype=torch.float32).expand(n)
-        else:
-            guidance = None
         out = denoiser(
             hidden_states=pack_latents(latents),
             timestep=t / 1000,  # Flux's transformer takes t in [0, 1]

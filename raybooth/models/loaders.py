@@ -95,7 +95,9 @@ def load_sd_pipeline(
         family = detect_diffusion_family(path, options)
         if variant:
             options = {**options, "variant": variant}
-        pipeline = family.pipeline_class().from_pretrained(path, **options, **_dtype_option(dtype))
+        pipeline = family.pipeline_class().from_pretrained(
+            path, **options, **_dtype_option(dtype), **family.pipeline_load_kwargs()
+        )
     pipeline.set_progress_bar_config(disable=True)  # jobs and servers report progress their own way
     return pipeline.to(_device(device))
 
