@@ -7,6 +7,7 @@ T5), the flow-matching objective against hand-computed values, LoRA training and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -37,7 +38,7 @@ from raybooth.models.dreambooth_data import DreamBoothData, Example, load_exampl
 from raybooth.models.flow_family import FluxFamily, SD3Family, pack_latents, unpack_latents
 from raybooth.models.flow_matching import flow_matching_batch, loss_weighting, timestep_density
 from raybooth.models.loaders import load_sd_components, load_sd_pipeline
-from raybooth.models.presets import resolve_model
+from raybooth.models.presets import build_preset, resolve_model
 from raybooth.models.sampling import SamplingParts, initial_latents, sample_images
 from raybooth.samples import draw_sample_image, png_bytes
 
@@ -98,6 +99,15 @@ def test_families_come_from_model_index(folders):
     assert sd3.denoiser_name == flux.denoiser_name == "transformer"
     assert sd3.text_encoder_names == ["text_encoder", "text_encoder_2", "text_encoder_3"]
     assert detect_family(str(folders["sd3-no-t5"])).text_encoder_names == ["text_encoder", "text_encoder_2"]
+
+
+def test_tiny_flux_builds_the_same_bytes_from_the_same_seed(folders, tmp_path):
+    def hashes(folder: Path) -> dict[str, str]:
+        files = sorted(folder.rglob("*.safetensors"))
+        return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+    again = build_preset("tiny-flux", tmp_path / "again", seed=0)
+    assert len(hashes(again)) == 4 and hashes(again) == hashes(folders["tiny-flux"])  # + CLIP, T5, VAE
 
 
 def test_sd3_folder_missing_the_t5_it_lists_is_one_line_naming_it(folders, tmp_path):
