@@ -92,6 +92,7 @@ class SDFamily:
     # LoRA targets: the attention projections, as diffusers' train_dreambooth_lora(_sdxl).py adapt them.
     lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
     lora_text_encoders: tuple[str, ...] = ("text_encoder",)  # the encoders that can train (LoRA or full)
+    text_encoder_has_unused_layers = False  # some trained encoder layer gets no gradient (DDP's concern)
     # (text encoder component, its tokenizer, the transformers class of the encoder)
     text_encoder_slots: tuple[tuple[str, str, str], ...] = (("text_encoder", "tokenizer", "CLIPTextModel"),)
     # Pipeline constructor arguments a raybooth export sets: no safety checker (model_index says null).
@@ -293,6 +294,8 @@ class SDXLFamily(SDFamily):
     )
     export_kwargs: dict[str, Any] = {}
     lora_text_encoders = ("text_encoder", "text_encoder_2")  # SDXL's script adapts both CLIP encoders
+    # text_encoder's penultimate layer is read, so its last layer gets no gradient: DDP must be told.
+    text_encoder_has_unused_layers = True
     upcast_vae = True  # its VAE overflows in fp16: decode in fp32 where the config says force_upcast
 
     def encode_prompts(

@@ -390,7 +390,7 @@ def train_func(raw_job: dict[str, Any]) -> None:
     models.denoiser = ray.train.torch.prepare_model(models.denoiser, move_to_device=False)
     if models.train_text_encoder:
         # SDXL reads text_encoder's penultimate layer, so its last layer gets no gradient: DDP must know.
-        unused = {"find_unused_parameters": True} if models.family.name == "sdxl" else None
+        unused = {"find_unused_parameters": True} if models.family.text_encoder_has_unused_layers else None
         for name in models.family.trainable_text_encoder_names:  # SDXL/SD3: both CLIP encoders sync
             module = ray.train.torch.prepare_model(
                 getattr(models, name), move_to_device=False, parallel_strategy_kwargs=unused

@@ -41,6 +41,7 @@ from raybooth.models.loaders import load_sd_components, load_sd_pipeline
 from raybooth.models.presets import build_preset, resolve_model
 from raybooth.models.sampling import SamplingParts, initial_latents, sample_images
 from raybooth.samples import draw_sample_image, png_bytes
+from raybooth.serving.image_models import ImageModelStore
 
 FAMILIES = ["tiny-sd3", "tiny-flux"]
 RES = 32  # 4x4 latents: SD3's 2x2 patches and Flux's 2x2 packing both fit
@@ -310,3 +311,10 @@ def test_lora_learns_only_adapters_and_loads_with_load_lora_weights(folders, pip
     assert np.abs(pixels(ours) - pixels(ref)).max() <= 1  # the oracle, with the LoRA on
     assert not np.array_equal(pixels(ours), pixels(base))  # the adapters loaded and matter
     assert np.isfinite(pixels(ours)).all() and pixels(ours).std() > 1
+
+    # The serving model store loads the subject on a shared base, by the base named in the export.
+    store = ImageModelStore([], "tiny-sd", device="cpu", dtype="auto")
+    served = store.load(store.locate(str(tmp_path)))
+    assert served.base is not None  # a LoRA subject, not a full pipeline
+    image = served.sample(PROMPTS[:1], [""], guidance_scale=3.5, seeds=[4], **KW)[0]
+    assert np.abs(pixels(image) - pixels(ours)).max() <= 1
