@@ -26,9 +26,9 @@ from raybooth.errors import ModelError
 from raybooth.models import checkpoint as ckpt
 from raybooth.models.device import make_grad_scaler, resolve_precision
 from raybooth.models.diffusion_family import PromptEmbeds, detect_family
+from raybooth.models.diffusion_loss import diffusion_loss
 from raybooth.models.dreambooth import (
     StepSettings,
-    diffusion_loss,
     make_lr_scheduler,
     make_optimizer,
     prepare_for_training,
