@@ -93,6 +93,7 @@ class SDFamily:
     lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
     lora_text_encoders: tuple[str, ...] = ("text_encoder",)  # the encoders that can train (LoRA or full)
     text_encoder_has_unused_layers = False  # some trained encoder layer gets no gradient (DDP's concern)
+    resolution_multiple = 8  # training image sides: the VAE downsamples 8x
     # (text encoder component, its tokenizer, the transformers class of the encoder)
     text_encoder_slots: tuple[tuple[str, str, str], ...] = (("text_encoder", "tokenizer", "CLIPTextModel"),)
     # Pipeline constructor arguments a raybooth export sets: no safety checker (model_index says null).

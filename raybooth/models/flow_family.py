@@ -45,6 +45,7 @@ class FlowFamily(SDFamily):
     default_train_mode = "lora"
     export_kwargs: dict[str, Any] = {}
     max_sequence_length = 256  # the pipeline's default T5 length; training uses the same
+    resolution_multiple = 16  # the 8x VAE, then 2x2 latent patches (SD3's patch_size, Flux's packing)
 
     def missing_components(self) -> list[str]:
         needed = ["transformer", "vae", "scheduler", *self.text_encoder_names, *self.tokenizer_names]

@@ -199,6 +199,13 @@ def check_family(cfg: DreamBoothConfig) -> DreamBoothConfig:
             f"train_mode=full: {cfg.base_model} is a {family.pipeline_class_name} ({family.name}), which "
             "raybooth trains with LoRA only; set train_mode=lora (or leave it unset)"
         )
+    if cfg.resolution % family.resolution_multiple:
+        step = family.resolution_multiple
+        lower = cfg.resolution - cfg.resolution % step
+        raise UserError(
+            f"resolution {cfg.resolution}: a {family.pipeline_class_name} trains on sides divisible by {step}; "
+            f"use {lower or step} or {lower + step}"
+        )
     return cfg.model_copy(update={"train_mode": mode})
 
 

@@ -131,6 +131,10 @@ def test_full_finetune_of_a_flow_family_is_refused(folders, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert "FluxPipeline" in err and "train_mode=lora" in err and err.count("\n") == 1
+    args = [f"base_model={folders['tiny-sd3']}", "train_mode=lora", "resolution=40"]
+    assert main(["train", "--config", str(config), *args]) == 2
+    err = capsys.readouterr().err
+    assert "resolution 40" in err and "divisible by 16" in err and err.count("\n") == 1
 
 
 # --------------------------------------------------------------------------------------------------
