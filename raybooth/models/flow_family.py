@@ -1,8 +1,10 @@
 """The flow-matching diffusion families: SD3 / SD3.5 and Flux.1, on diffusion_family.SDFamily's interface.
 
-    family = detect_family("/models/tiny-flux")       # FluxFamily, from model_index.json's _class_name
-    embeds = family.encode_prompts(family_encoders, family_tokenizers, ["a photo of sks dog"])
-    velocity = family.denoise(transformer, latents, t, embeds, guidance=torch.tensor([3.5]))
+    parts = load_sd_components("tiny-flux", device="cpu", models_dir=Path(".raybooth/models"))
+    family = parts.family                                 # FluxFamily, from model_index.json's _class_name
+    embeds = family.encode_prompts(parts.text_encoders, parts.tokenizers, ["a photo of sks dog"])
+    latents = torch.randn(1, 16, 8, 8)                    # (N, C, h, w): 64 px through the 8x VAE
+    velocity = family.denoise(parts.denoiser, latents, torch.tensor(500.0), embeds, guidance=torch.tensor([3.5]))
 
 Both denoise with a transformer (component "transformer", not "unet"), are trained on the rectified-flow
 objective (models/flow_matching.py) and sample with FlowMatchEulerDiscreteScheduler. Latents stay

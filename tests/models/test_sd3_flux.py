@@ -28,6 +28,7 @@ from raybooth.models.device import make_grad_scaler, resolve_precision
 from raybooth.models.diffusion_family import PromptEmbeds, detect_family
 from raybooth.models.diffusion_loss import diffusion_loss
 from raybooth.models.dreambooth import (
+    EncodingCache,
     StepSettings,
     make_lr_scheduler,
     make_optimizer,
@@ -273,6 +274,21 @@ def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def changed(before: dict[str, torch.Tensor], module: nn.Module) -> set[str]:
     return {n for n, p in module.named_parameters() if not torch.equal(before[n], p.detach())}
+
+
+def test_cached_flux_embeddings_and_latents_give_the_uncached_loss(folders):
+    data = make_data()
+    losses = []
+    for use_cache in (False, True):
+        components = load_sd_components(str(folders["tiny-flux"]), device="cpu")
+        models = prepare_for_training(components, train_mode="lora", train_text_encoder=False, plan=FP32)
+        cache = EncodingCache.build(models, data) if use_cache else None
+        optimizer = make_optimizer(models, 1e-3)
+        step = train_step(models, optimizer, make_lr_scheduler(optimizer, 0), make_grad_scaler(FP32), FP32,
+                          data, cache, StepSettings(), 0)  # fmt: skip
+        losses.append(step.loss)
+    assert cache.embeddings and next(iter(cache.embeddings.values())).pooled is not None  # CLIP's pooled
+    assert abs(losses[0] - losses[1]) < 1e-4 * max(1.0, losses[0])
 
 
 @pytest.mark.parametrize("model", FAMILIES)
