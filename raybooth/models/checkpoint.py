@@ -165,7 +165,7 @@ def load_checkpoint(
 
 def save_lora_weights(
     folder: str | Path,
-    unet: nn.Module,
+    denoiser: nn.Module,
     text_encoder: nn.Module | None,
     base_model: str,
     dtype: torch.dtype = torch.float32,
@@ -175,8 +175,9 @@ def save_lora_weights(
 ) -> Path:
     """Write the adapters where `pipeline.load_lora_weights(folder)` finds them, plus which base they go on.
 
-    Saved with the family's pipeline class (`StableDiffusionXLPipeline.save_lora_weights` for SDXL, which
-    also takes `text_encoder_2`'s adapters), so that class's `load_lora_weights` reads the file."""
+    Saved with the family's pipeline class (`unet_lora_layers=` for SD/SDXL, `transformer_lora_layers=`
+    for SD3/Flux; SDXL and SD3 also take `text_encoder_2`'s adapters), so that class's
+    `load_lora_weights` reads the file."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -190,14 +191,14 @@ def save_lora_weights(
 
     family = family or SDFamily()
     folder = Path(folder)
-    text_layers = {"text_encoder_lora_layers": layers(text_encoder) if text_encoder is not None else None}
-    if "text_encoder_2" in family.text_encoder_names:
-        text_layers["text_encoder_2_lora_layers"] = (
-            layers(text_encoder_2) if text_encoder_2 is not None else None
-        )
+    encoders = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    text_layers = {
+        f"{name}_lora_layers": layers(encoders[name]) if encoders.get(name) is not None else None
+        for name in family.lora_text_encoders
+    }
     family.pipeline_class().save_lora_weights(
         folder,
-        unet_lora_layers=layers(unet),
+        **{f"{family.denoiser_name}_lora_layers": layers(denoiser)},
         **text_layers,
         weight_name=LORA_WEIGHTS,
         safe_serialization=True,
@@ -214,7 +215,7 @@ def save_full_pipeline(
 ) -> Path:
     """A complete diffusers folder (model_index.json + parts), laid out as diffusers publishes checkpoints.
 
-    `components` has the family's parts (unet, vae, text encoders, tokenizers) and `family`; the folder is
+    `components` has the family's parts (denoiser, vae, text encoders, tokenizers) and `family`; the folder is
     saved by that family's pipeline class, so `DiffusionPipeline.from_pretrained(folder)` builds it again.
     The main weights are fp32, so a plain `DiffusionPipeline.from_pretrained(folder)` gets one dtype
     everywhere and runs on a CPU. With `fp16_variant`, each part also gets an fp16 copy
@@ -235,7 +236,7 @@ def save_full_pipeline(
         return family.pipeline_class()(**parts, **tokenizers, scheduler=inference_scheduler, **options)
 
     folder = Path(folder)
-    modules = {"vae": components.vae, "unet": components.unet}
+    modules = {"vae": components.vae, family.denoiser_name: getattr(components, family.denoiser_name)}
     modules.update({n: getattr(components, n) for n in family.text_encoder_names})
     if fp16_variant:
         # The fp16 copies first: transformers writes the weights' dtype into text_encoder/config.json and

@@ -11,13 +11,16 @@ one code path. A family owns: which components load from which subfolders with w
 prompts become the denoiser's text inputs, the denoiser call, VAE scaling, the training noise scheduler
 and the training target (epsilon / v-prediction, from the scheduler config).
 
-Supported: StableDiffusionPipeline ("sd": SD 1.x and 2.x) and StableDiffusionXLPipeline ("sdxl").
+Supported: StableDiffusionPipeline ("sd": SD 1.x and 2.x), StableDiffusionXLPipeline ("sdxl"), and the
+flow-matching families of models/flow_family.py (StableDiffusion3Pipeline "sd3", FluxPipeline "flux");
+`families()` is the one registry `detect_family` reads.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -80,6 +83,17 @@ class SDFamily:
 
     name = "sd"
     pipeline_class_name = "StableDiffusionPipeline"
+    denoiser_name = "unet"  # the pipeline component that denoises (flow families: "transformer")
+    denoiser_class = "UNet2DConditionModel"
+    flow_matching = False  # DDPM noising with an epsilon / v target
+    supports_full_finetune = True
+    default_train_mode = "full"
+    uses_cfg = True  # guidance by a second (unconditional) denoiser pass
+    # LoRA targets: the attention projections, as diffusers' train_dreambooth_lora(_sdxl).py adapt them.
+    lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    lora_text_encoders: tuple[str, ...] = ("text_encoder",)  # the encoders that can train (LoRA or full)
+    text_encoder_has_unused_layers = False  # some trained encoder layer gets no gradient (DDP's concern)
+    resolution_multiple = 8  # training image sides: the VAE downsamples 8x
     # (text encoder component, its tokenizer, the transformers class of the encoder)
     text_encoder_slots: tuple[tuple[str, str, str], ...] = (("text_encoder", "tokenizer", "CLIPTextModel"),)
     # Pipeline constructor arguments a raybooth export sets: no safety checker (model_index says null).
@@ -102,24 +116,43 @@ class SDFamily:
     def tokenizer_names(self) -> list[str]:
         return [slot[1] for slot in self.text_encoder_slots]
 
+    @property
+    def trainable_text_encoder_names(self) -> list[str]:
+        """The text encoders that train when the run trains text encoders (never SD3's/Flux's T5)."""
+        return [n for n in self.text_encoder_names if n in self.lora_text_encoders]
+
     def pipeline_class(self) -> type:
         import diffusers
 
         return getattr(diffusers, self.pipeline_class_name)
 
+    def denoiser_class_obj(self) -> type:
+        import diffusers
+
+        return getattr(diffusers, self.denoiser_class)
+
     def missing_components(self) -> list[str]:
         """Components this family needs that model_index.json does not list (checked before loading)."""
-        needed = ["unet", "vae", "scheduler", *self.text_encoder_names, *self.tokenizer_names]
+        needed = [self.denoiser_name, "vae", "scheduler", *self.text_encoder_names, *self.tokenizer_names]
         return [n for n in needed if not (isinstance(self.index.get(n), list) and self.index[n][1])]
+
+    def pipeline_load_kwargs(self) -> dict[str, Any]:
+        """Extra `from_pretrained` arguments of the pipeline class (components saved as None)."""
+        return {}
+
+    def bind(self, denoiser: nn.Module) -> None:
+        """Learn what the family reads from the loaded denoiser's config (SD3 without T5: its width)."""
 
     def load_components(self, path: str, weights: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
         """Each part from its subfolder: `weights` = from_pretrained options with dtype, `options` without."""
         import transformers
-        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from diffusers import AutoencoderKL
         from transformers import AutoTokenizer
 
+        denoiser = self.denoiser_class_obj().from_pretrained(path, subfolder=self.denoiser_name, **weights)
+        self.bind(denoiser)
         parts: dict[str, Any] = {
-            "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights),
+            "denoiser": denoiser,
             "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", **weights),
         }
         for encoder, tokenizer, cls in self.text_encoder_slots:
@@ -137,8 +170,9 @@ class SDFamily:
         class_name = str(config.get("_class_name", ""))
         if class_name.startswith("FlowMatch") or "beta_schedule" not in config and "betas" not in config:
             raise ModelError(
-                f"the scheduler of {path} is {class_name or 'not a DDPM-family scheduler'}: flow-matching "
-                f"models are not supported yet; use an SD 1.x/2.x or SDXL pipeline"
+                f"the scheduler of {path} is {class_name or 'not a DDPM-family scheduler'}, which a "
+                f"{self.pipeline_class_name} is not trained with: use the pipeline's own DDPM-family scheduler, "
+                "or a flow-matching pipeline (StableDiffusion3Pipeline, FluxPipeline)"
             )
         return DDPMScheduler.from_config(config)
 
@@ -148,6 +182,25 @@ class SDFamily:
 
         _, class_name = self.index["scheduler"]
         return getattr(diffusers, class_name).from_pretrained(path, subfolder="scheduler", **(options or {}))
+
+    # ---------------------------------------------------------------- sampling
+
+    def latent_channels(self, denoiser: nn.Module) -> int:
+        return denoiser.config.in_channels
+
+    def size_multiple(self, vae_scale_factor: int, denoiser: nn.Module) -> int:
+        """Image sides must be multiples of this (the UNet copes with odd latent sizes)."""
+        return vae_scale_factor
+
+    def set_timesteps(
+        self, scheduler: Any, steps: int, device: torch.device, latent_hw: tuple[int, int]
+    ) -> None:
+        scheduler.set_timesteps(steps, device=device)
+
+    @staticmethod
+    def takes_guidance(denoiser: nn.Module) -> bool:
+        """Whether the denoiser reads the guidance scale as an input (Flux.1-dev's distilled guidance)."""
+        return False
 
     # ---------------------------------------------------------------- prompts
 
@@ -180,6 +233,7 @@ class SDFamily:
         timesteps: torch.Tensor,
         embeds: PromptEmbeds,
         time_ids: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The UNet's prediction (N, C, h, w) for noisy `latents` at `timesteps`."""
         return unet(latents, timesteps, encoder_hidden_states=embeds.hidden).sample
@@ -196,6 +250,23 @@ class SDFamily:
     def from_latents(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return latents / vae.config.scaling_factor + shift
+
+    def training_noise(
+        self,
+        noise_scheduler: Any,
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        generator: torch.Generator,
+        objective: Any = None,
+    ) -> Any:
+        """DDPM noising at uniform integer timesteps: (noisy, target, timesteps, sigmas=None)."""
+        from raybooth.models.flow_matching import FlowBatch
+
+        count = noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, count, (latents.shape[0],), generator=generator).to(latents.device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)  # (N, C, h, w)
+        target = self.training_target(noise_scheduler, latents, noise, timesteps)
+        return FlowBatch(noisy=noisy, target=target, timesteps=timesteps, sigmas=None)
 
     @staticmethod
     def training_target(
@@ -223,6 +294,9 @@ class SDXLFamily(SDFamily):
         ("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection"),
     )
     export_kwargs: dict[str, Any] = {}
+    lora_text_encoders = ("text_encoder", "text_encoder_2")  # SDXL's script adapts both CLIP encoders
+    # text_encoder's penultimate layer is read, so its last layer gets no gradient: DDP must be told.
+    text_encoder_has_unused_layers = True
     upcast_vae = True  # its VAE overflows in fp16: decode in fp32 where the config says force_upcast
 
     def encode_prompts(
@@ -255,6 +329,7 @@ class SDXLFamily(SDFamily):
         timesteps: torch.Tensor,
         embeds: PromptEmbeds,
         time_ids: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if time_ids is None or embeds.pooled is None:
             raise ValueError("SDXL's UNet needs pooled text embeddings and time_ids")
@@ -262,19 +337,26 @@ class SDXLFamily(SDFamily):
         return unet(latents, timesteps, encoder_hidden_states=embeds.hidden, added_cond_kwargs=added).sample
 
 
-FAMILIES: dict[str, type[SDFamily]] = {f.pipeline_class_name: f for f in (SDFamily, SDXLFamily)}
-FAMILY_NAMES = ", ".join(f"{f.name} ({cls})" for cls, f in FAMILIES.items())
+def families() -> dict[str, type[SDFamily]]:
+    """Every supported family by its pipeline class name: the one registry detection reads."""
+    from raybooth.models.flow_family import FLOW_FAMILIES  # imported late: it builds on this module
+
+    return {**{f.pipeline_class_name: f for f in (SDFamily, SDXLFamily)}, **FLOW_FAMILIES}
+
+
+def family_names() -> str:
+    return ", ".join(f"{f.name} ({cls})" for cls, f in families().items())
 
 
 def family_from_index(index: dict[str, Any], where: str = "the model") -> SDFamily:
     """The family named by a model_index.json's `_class_name`; ModelError for any other pipeline."""
     class_name = index.get("_class_name")
-    if class_name not in FAMILIES:
+    if class_name not in families():
         raise ModelError(
             f"{where} is a {class_name or 'pipeline with no _class_name'}, which raybooth does not support; "
-            f"supported families: {FAMILY_NAMES}"
+            f"supported families: {family_names()}"
         )
-    return FAMILIES[class_name](index)
+    return families()[class_name](index)
 
 
 def detect_family(path: str, options: dict[str, Any] | None = None, check: bool = True) -> SDFamily:
@@ -285,12 +367,23 @@ def detect_family(path: str, options: dict[str, Any] | None = None, check: bool 
     index = dict(DiffusionPipeline.load_config(path, **(options or {})))
     family = family_from_index(index, where=str(path))
     missing = family.missing_components() if check else []
+    if check and not missing and Path(path).is_dir():
+        # Listed in model_index.json but its folder is gone (a partial copy): name it before loading.
+        missing = [n for n, entry in index.items() if _listed(entry) and not _has_files(Path(path) / n)]
     if missing:
         raise ModelError(
             f"{path} is a {family.pipeline_class_name} but lacks {', '.join(missing)}; "
             "pass a complete pipeline folder saved with save_pretrained"
         )
     return family
+
+
+def _listed(entry: Any) -> bool:
+    return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
+
+
+def _has_files(folder: Path) -> bool:
+    return folder.is_dir() and any(p.is_file() for p in folder.iterdir())
 
 
 def family_of(obj: Any) -> SDFamily:
@@ -300,9 +393,9 @@ def family_of(obj: Any) -> SDFamily:
     if isinstance(family, SDFamily):
         return family
     config = getattr(obj, "config", None)
-    if isinstance(config, dict) and config.get("_class_name") in FAMILIES:
+    if isinstance(config, dict) and config.get("_class_name") in families():
         return family_from_index(dict(config))
-    if type(obj).__name__ in FAMILIES:
-        return FAMILIES[type(obj).__name__]()
+    if type(obj).__name__ in families():  # a loaded pipeline: its config lists its components
+        return families()[type(obj).__name__](dict(config) if isinstance(config, dict) else None)
     has_second = obj.get("text_encoder_2") if isinstance(obj, dict) else getattr(obj, "text_encoder_2", None)
     return SDXLFamily() if has_second is not None else SDFamily()

@@ -6,7 +6,7 @@
     stats = train_step(models, optimizer, lr_scheduler, scaler, plan, data, cache, settings, step=0)
 
 One optimizer step, read top to bottom:
-  1. for each micro-batch: pick its rows (instance half, then class half), encode images to latents
+  1. for each micro-batch (the loss itself is models/diffusion_loss.py): pick its rows (instance half, then class half), encode images to latents
      and prompts to embeddings (or take both from the cache), draw noise and timesteps from a generator
      seeded by (seed, step, micro-batch, rank), noise the latents, predict with the UNet, and take
      MSE(instance half) + prior_loss_weight * MSE(class half) against the scheduler's target;
@@ -25,25 +25,28 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from raybooth.errors import ModelError
 from raybooth.models.device import PrecisionPlan, autocast
 from raybooth.models.diffusion_family import PromptEmbeds, SDFamily
+from raybooth.models.diffusion_loss import diffusion_loss
 from raybooth.models.dreambooth_data import DreamBoothData, View
+from raybooth.models.flow_matching import FlowObjective
 
-# LoRA targets: the attention projections, as diffusers' train_dreambooth_lora.py and
-# train_dreambooth_lora_sdxl.py adapt them (the same names on SD's and SDXL's UNet and CLIP encoders).
-UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# LoRA targets of SD's and SDXL's UNet (each family has its own: `family.lora_targets`), and of every
+# CLIP text encoder, as diffusers' train_dreambooth_lora*.py scripts adapt them.
+UNET_LORA_TARGETS = SDFamily.lora_targets
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 @dataclass
 class TrainModels:
-    """The pieces of a diffusion model a train step touches; `unet`/`text_encoder(_2)` may be DDP-wrapped.
-    SDXL has a second text encoder and tokenizer; `family` says how the pieces fit together."""
+    """The pieces of a diffusion model a train step touches; `denoiser`/`text_encoder(_2)` may be DDP-wrapped.
+    `denoiser` is the family's UNet or transformer; SDXL/SD3/Flux have a second text encoder and tokenizer
+    (SD3 a third, T5); `family` says how the pieces fit together."""
 
-    unet: nn.Module
+    denoiser: nn.Module
     text_encoder: nn.Module
     vae: nn.Module
     tokenizer: Any
@@ -53,10 +56,28 @@ class TrainModels:
     family: SDFamily = field(default_factory=SDFamily)
     text_encoder_2: nn.Module | None = None
     tokenizer_2: Any = None
+    text_encoder_3: nn.Module | None = None
+    tokenizer_3: Any = None
+
+    @property
+    def unet(self) -> nn.Module:
+        """The denoiser under SD's name (kept for SD/SDXL callers)."""
+        return self.denoiser
+
+    @unet.setter
+    def unet(self, module: nn.Module) -> None:
+        self.denoiser = module
 
     @property
     def text_encoders(self) -> list[nn.Module]:
         return [getattr(self, n) for n in self.family.text_encoder_names]
+
+    @property
+    def trained_text_encoders(self) -> list[nn.Module]:
+        """The text encoders whose weights train (none unless the run trains them; never T5)."""
+        if not self.train_text_encoder:
+            return []
+        return [getattr(self, n) for n in self.family.trainable_text_encoder_names]
 
     @property
     def tokenizers(self) -> list[Any]:
@@ -64,9 +85,9 @@ class TrainModels:
 
     def trainable(self) -> dict[str, nn.Module]:
         """The modules whose weights a checkpoint holds, by name (text encoders: both, when they train)."""
-        out = {"unet": unwrap(self.unet)}
+        out = {self.family.denoiser_name: unwrap(self.denoiser)}
         if self.train_text_encoder:
-            out.update({n: unwrap(getattr(self, n)) for n in self.family.text_encoder_names})
+            out.update({n: unwrap(getattr(self, n)) for n in self.family.trainable_text_encoder_names})
         return out
 
 
@@ -81,6 +102,8 @@ class StepSettings:
     snr_gamma: float | None = None  # Min-SNR weighting; None trains on plain MSE
     noise_offset: float = 0.0  # small (~0.05) values help very dark/bright images; 0 is the paper's
     seed: int = 0
+    objective: FlowObjective = field(default_factory=FlowObjective)  # SD3/Flux: timestep density, weights
+    guidance_scale: float = 3.5  # Flux.1-dev's guidance input while training (the flux script's default)
 
 
 @dataclass
@@ -92,13 +115,6 @@ class StepStats:
     lr: float
     grad_scale: float  # 1 without a GradScaler; drops when fp16 gradients overflowed
     extra: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class LossParts:
-    loss: torch.Tensor  # what backward runs on
-    instance: torch.Tensor  # detached, for logging
-    prior: torch.Tensor  # detached; 0 without prior preservation
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -151,46 +167,52 @@ def prepare_for_training(
 ) -> TrainModels:
     """Freeze, cast, adapt and switch on SDPA/checkpointing as the run asks; returns the `TrainModels`.
 
-    `components` has unet, vae, the family's text encoders and tokenizers and noise_scheduler
+    `components` has the denoiser (UNet or transformer), vae, the family's text encoders and tokenizers and noise_scheduler
     (loaders.load_sd_components), loaded in fp32 on the training device.
     """
     if train_mode not in ("full", "lora"):
         raise ValueError(f"train_mode {train_mode!r}: use full or lora")
     family = getattr(components, "family", None) or SDFamily()
-    unet, vae = components.unet, components.vae
+    if train_mode == "full" and not family.supports_full_finetune:
+        raise ModelError(
+            f"train_mode=full is not supported for {family.pipeline_class_name} ({family.name}); "
+            "use train_mode=lora (its default)"
+        )
+    denoiser, vae = components.unet, components.vae
     text_encoders = [getattr(components, n) for n in family.text_encoder_names]
+    trainable_names = family.trainable_text_encoder_names if train_text_encoder else []
     half = plan.frozen_dtype
 
     cast_frozen(vae.requires_grad_(False).eval(), half)  # the VAE only encodes: never trained, always frozen
-    use_sdpa(unet)
+    if not family.flow_matching:  # SD3's and Flux's transformers already run their own SDPA processors
+        use_sdpa(denoiser)
     use_sdpa(vae)
 
     if train_mode == "lora":
-        cast_frozen(unet, half)  # the base is frozen: keep it in the half dtype, adapters in fp32
+        cast_frozen(denoiser, half)  # the base is frozen: keep it in the half dtype, adapters in fp32
         torch.manual_seed(seed)  # LoRA's random A matrices: the same on every rank and every resume
-        add_lora(unet, lora_rank, lora_alpha, UNET_LORA_TARGETS)
-        if train_text_encoder:
-            for text_encoder in text_encoders:  # SDXL's script adapts both CLIP encoders
-                cast_frozen(text_encoder, half)
-                add_lora(text_encoder, lora_rank, lora_alpha, TEXT_ENCODER_LORA_TARGETS)
+        add_lora(denoiser, lora_rank, lora_alpha, list(family.lora_targets))
+        for name in trainable_names:  # SDXL's and SD3's scripts adapt both CLIP encoders, Flux's its one
+            cast_frozen(getattr(components, name), half)
+            add_lora(getattr(components, name), lora_rank, lora_alpha, TEXT_ENCODER_LORA_TARGETS)
     else:
-        unet.requires_grad_(True)
-        for text_encoder in text_encoders:
-            text_encoder.requires_grad_(train_text_encoder)
+        denoiser.requires_grad_(True)
+        for name, text_encoder in zip(family.text_encoder_names, text_encoders, strict=True):
+            text_encoder.requires_grad_(name in trainable_names)
 
-    for text_encoder in text_encoders:
-        if not train_text_encoder:
+    for name, text_encoder in zip(family.text_encoder_names, text_encoders, strict=True):
+        if name not in trainable_names:
             cast_frozen(text_encoder.requires_grad_(False).eval(), half)
         else:
             text_encoder.train()
             if gradient_checkpointing:
                 text_encoder.gradient_checkpointing_enable()
-    unet.train()
+    denoiser.train()
     if gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
 
     return TrainModels(
-        unet=unet,
+        denoiser=denoiser,
         text_encoder=text_encoders[0],
         vae=vae,
         tokenizer=components.tokenizer,
@@ -200,6 +222,8 @@ def prepare_for_training(
         family=family,
         text_encoder_2=getattr(components, "text_encoder_2", None),
         tokenizer_2=getattr(components, "tokenizer_2", None),
+        text_encoder_3=getattr(components, "text_encoder_3", None),
+        tokenizer_3=getattr(components, "tokenizer_3", None),
     )
 
 
@@ -214,9 +238,9 @@ def make_optimizer(
     weight_decay: float = 1e-2,
 ) -> torch.optim.Optimizer:
     """AdamW over the trainable weights: one group for the UNet, one for the text encoder(s) when they train."""
-    groups = [{"params": trainable_parameters(models.unet), "lr": learning_rate}]
+    groups = [{"params": trainable_parameters(models.denoiser), "lr": learning_rate}]
     if models.train_text_encoder:
-        text_params = [p for m in models.text_encoders for p in trainable_parameters(m)]
+        text_params = [p for m in models.trained_text_encoders for p in trainable_parameters(m)]
         groups.append({"params": text_params, "lr": text_encoder_lr or learning_rate})
     # foreach=False: the per-parameter loop is the same kernel sequence on every run (determinism on CPU).
     return torch.optim.AdamW(groups, weight_decay=weight_decay, foreach=False)
@@ -329,86 +353,6 @@ def batch_embeddings(
 
 
 # --------------------------------------------------------------------------------------------------
-# The loss
-# --------------------------------------------------------------------------------------------------
-
-
-def training_target(
-    noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-) -> torch.Tensor:
-    """What the UNet must predict: the noise (epsilon) or the velocity, as the scheduler config says."""
-    return SDFamily.training_target(noise_scheduler, latents, noise, timesteps)
-
-
-def snr_weights(noise_scheduler: Any, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023), one per row: min(SNR, gamma) / SNR (or SNR+1 for v)."""
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(noise_scheduler, timesteps)
-    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        return clipped / (snr + 1)
-    return clipped / snr
-
-
-def diffusion_loss(
-    unet: nn.Module,
-    noise_scheduler: Any,
-    latents: torch.Tensor,
-    encoder_hidden_states: torch.Tensor | PromptEmbeds,
-    generator: torch.Generator,
-    *,
-    with_prior: bool,
-    prior_loss_weight: float = 1.0,
-    snr_gamma: float | None = None,
-    noise_offset: float = 0.0,
-    family: SDFamily | None = None,
-    time_ids: torch.Tensor | None = None,
-) -> LossParts:
-    """DreamBooth's loss on one batch: rows [0, N/2) are the instance half, [N/2, N) the class half.
-
-    latents (N, C, h, w) fp32, encoder_hidden_states (N, T, D) or the family's `PromptEmbeds`, time_ids
-    (N, 6) for SDXL. Noise and timesteps come from `generator`.
-    """
-    family = family or SDFamily()
-    embeds = (
-        encoder_hidden_states
-        if isinstance(encoder_hidden_states, PromptEmbeds)
-        else PromptEmbeds(encoder_hidden_states)
-    )
-    n = latents.shape[0]
-    device = latents.device
-    noise = torch.randn(latents.shape, generator=generator).to(device)  # (N, C, h, w)
-    if noise_offset:
-        # A per-channel constant shift lets the model learn to change an image's mean brightness.
-        offset = torch.randn((n, latents.shape[1], 1, 1), generator=generator).to(device)
-        noise = noise + noise_offset * offset
-    num_timesteps = noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, num_timesteps, (n,), generator=generator).to(device)  # (N,)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)  # (N, C, h, w)
-    target = family.training_target(noise_scheduler, latents, noise, timesteps)
-
-    pred = family.denoise(unet, noisy, timesteps, embeds, time_ids).float()  # (N, C, h, w)
-
-    if with_prior:
-        pred, prior_pred = pred.chunk(2)
-        target, prior_target = target.chunk(2)
-        timesteps = timesteps[: n // 2]
-        prior = F.mse_loss(prior_pred, prior_target.float(), reduction="mean")
-    else:
-        prior = torch.zeros((), device=device)
-
-    if snr_gamma is None:
-        instance = F.mse_loss(pred, target.float(), reduction="mean")
-    else:
-        per_row = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
-        instance = (per_row * snr_weights(noise_scheduler, timesteps, snr_gamma)).mean()
-
-    loss = instance + prior_loss_weight * prior if with_prior else instance
-    return LossParts(loss, instance.detach(), prior.detach())
-
-
-# --------------------------------------------------------------------------------------------------
 # One optimizer step
 # --------------------------------------------------------------------------------------------------
 
@@ -437,7 +381,7 @@ def train_step(
     world_size: int = 1,
 ) -> StepStats:
     """One optimizer step (0-based `step`) over `settings.accumulation` micro-batches on this rank."""
-    trained = [models.unet] + (models.text_encoders if models.train_text_encoder else [])
+    trained = [models.denoiser, *models.trained_text_encoders]
     totals = torch.zeros(3)  # loss, instance, prior: averaged over micro-batches for logging
     for micro in range(settings.accumulation):
         generator = step_generator(settings.seed, step, micro, rank)
@@ -448,7 +392,7 @@ def train_step(
             with autocast(plan):
                 hidden = batch_embeddings(models, data, views, cache)  # (N, T, D) [+ pooled]
                 parts = diffusion_loss(
-                    models.unet,
+                    models.denoiser,
                     models.noise_scheduler,
                     latents,
                     hidden,
@@ -459,6 +403,8 @@ def train_step(
                     noise_offset=settings.noise_offset,
                     family=models.family,
                     time_ids=time_ids,
+                    objective=settings.objective,
+                    guidance_scale=settings.guidance_scale,
                 )
             # Dividing by the micro-batch count makes the accumulated gradient a mean, like one big batch.
             scaler.scale(parts.loss / settings.accumulation).backward()

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import huggingface_hub
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DiffusionPipeline
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -47,18 +47,26 @@ DtypeLike = str | torch.dtype | None
 
 @dataclass
 class SDComponents:
-    """What DreamBooth training needs, each part loaded on its own (the UNet trains, the rest is frozen).
-    SDXL adds `text_encoder_2`/`tokenizer_2`; `family` says how the parts fit together."""
+    """What DreamBooth training needs, each part loaded on its own (the denoiser trains, the rest is frozen).
+    `denoiser` is the family's UNet or transformer; SDXL, SD3 and Flux add `text_encoder_2`/`tokenizer_2`
+    (SD3: `text_encoder_3`/`tokenizer_3`, its T5); `family` says how the parts fit together."""
 
-    unet: UNet2DConditionModel
+    denoiser: torch.nn.Module
     vae: AutoencoderKL
     text_encoder: torch.nn.Module
     tokenizer: PreTrainedTokenizerBase
-    noise_scheduler: DDPMScheduler  # training adds noise with DDPM's schedule, whatever sampler ships
+    noise_scheduler: Any  # the training schedule (DDPM's for SD/SDXL, FlowMatch's for SD3/Flux)
     path: str  # the resolved folder or hub id, to save a fine-tuned pipeline next to its parts
     family: SDFamily = field(default_factory=SDFamily)
     text_encoder_2: torch.nn.Module | None = None
     tokenizer_2: PreTrainedTokenizerBase | None = None
+    text_encoder_3: torch.nn.Module | None = None
+    tokenizer_3: PreTrainedTokenizerBase | None = None
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """The denoiser under SD's name (kept for SD/SDXL callers)."""
+        return self.denoiser
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
@@ -77,7 +85,8 @@ def load_sd_pipeline(
     *,
     models_dir: Path | None = None,
 ) -> DiffusionPipeline:
-    """The pipeline of the folder's family (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`) on
+    """The pipeline of the folder's family (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`,
+    `StableDiffusion3Pipeline`, `FluxPipeline`) on
     `device` (default: cuda if there is one) in `dtype` (default fp32); `variant="fp16"` reads the
     checkpoint's `*.fp16.safetensors` files instead of the fp32 ones.
     `models_dir`: where presets are built (needed only when `name_or_path` is a preset name)."""
@@ -86,7 +95,9 @@ def load_sd_pipeline(
         family = detect_diffusion_family(path, options)
         if variant:
             options = {**options, "variant": variant}
-        pipeline = family.pipeline_class().from_pretrained(path, **options, **_dtype_option(dtype))
+        pipeline = family.pipeline_class().from_pretrained(
+            path, **options, **_dtype_option(dtype), **family.pipeline_load_kwargs()
+        )
     pipeline.set_progress_bar_config(disable=True)  # jobs and servers report progress their own way
     return pipeline.to(_device(device))
 
@@ -102,15 +113,15 @@ def sd_family(name_or_path: str, *, models_dir: Path | None = None) -> SDFamily:
 def load_sd_components(
     name_or_path: str, device: DeviceLike = None, dtype: DtypeLike = None, *, models_dir: Path | None = None
 ) -> SDComponents:
-    """The family's UNet, VAE, text encoder(s), tokenizer(s) and a DDPM noise scheduler, from the
-    pipeline's subfolders."""
+    """The family's denoiser (UNet or transformer), VAE, text encoder(s), tokenizer(s) and training noise
+    scheduler, from the pipeline's subfolders."""
     path = resolve_model(name_or_path, kind="sd", models_dir=models_dir)
     target = _device(device)
     with _explain_load_errors(name_or_path, path, "sd") as options:
         family = detect_diffusion_family(path, options)
         parts = family.load_components(path, {**options, **_dtype_option(dtype)}, options)
     components = SDComponents(**parts, path=path, family=family)
-    for module in (components.unet, components.vae, *components.text_encoders):
+    for module in (components.denoiser, components.vae, *components.text_encoders):
         module.to(target)
     return components
 

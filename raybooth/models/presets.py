@@ -8,6 +8,8 @@ diffusers/transformers folder format under the work dir (`raybooth build-models`
     tiny-vlm    LLaVA shaped, tiny: captioning, batch chat requests and the chat route on a CPU
     tiny-qwen2.5-vl  Qwen2.5-VL shaped, tiny: M-RoPE and per-image patch grids on a CPU
     tiny-llm    a text-only Llama chat model, tiny: the chat route and batch requests without images
+    tiny-sd3    SD3 shaped, tiny: flow-matching LoRA DreamBooth, sampling and serving on a CPU
+    tiny-flux   Flux.1-dev shaped, tiny: the same for Flux (guidance embedding, packed latents)
     sd15-arch   SD 1.5's real architecture with random weights: GPU benchmarks only (~4 GB)
 
 `resolve_model` maps a preset name to its built folder, a local folder to itself, and `org/name` to a
@@ -59,6 +61,12 @@ PRESETS: dict[str, Preset] = {
         Preset("tiny-sdxl", "sd", "SDXL shaped (two CLIP encoders, micro-conditioned UNet); 64x64 on a CPU"),
         Preset("tiny-qwen2.5-vl", "vlm", "Qwen2.5-VL shaped (windowed ViT + M-RoPE decoder), random; CPU"),
         Preset("tiny-llm", "vlm", "text-only Llama chat model (ChatML), random weights; CPU chat"),
+        Preset(
+            "tiny-sd3", "sd", "SD3 shaped (two CLIPs + T5, MMDiT transformer, flow matching); 64x64 on a CPU"
+        ),
+        Preset(
+            "tiny-flux", "sd", "Flux.1-dev shaped (CLIP + T5, guidance-distilled transformer); 64x64 on a CPU"
+        ),
     )
 }
 
@@ -127,7 +135,11 @@ def _write_preset(preset: Preset, folder: Path, seed: int) -> None:
 
     # Building reseeds torch before each component; fork_rng keeps the caller's random stream intact.
     with torch.random.fork_rng(devices=[]):
-        if preset.name == "tiny-sdxl":
+        if preset.name in ("tiny-sd3", "tiny-flux"):
+            from raybooth.models import flow_presets
+
+            flow_presets.WRITERS[preset.name](folder, seed)
+        elif preset.name == "tiny-sdxl":
             sd_presets.write_sdxl_folder(folder, sd_presets.SD_ARCHITECTURES[preset.name], seed)
         elif preset.kind == "sd":
             sd_presets.write_sd_folder(folder, sd_presets.SD_ARCHITECTURES[preset.name], seed)

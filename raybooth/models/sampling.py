@@ -7,7 +7,7 @@
     images = sample_images(pipe, ["a photo of sks dog", "a cat"], height=64, width=64,
                            num_inference_steps=4, guidance_scale=7.5, seeds=[0, 1])
 
-One UNet pass per denoising step for the whole batch: the unconditional and conditional halves are
+One denoiser pass per denoising step for the whole batch: the unconditional and conditional halves are
 concatenated along the batch axis (`(2B, C, h, w)`), as the diffusers pipelines do, and split after.
 Each row's starting noise (and any noise an ancestral scheduler adds) comes from that row's own
 `torch.Generator`, created on the CPU from its seed, so a row's image does not depend on which batch it
@@ -41,14 +41,19 @@ class SamplingStopped(Exception):
 @dataclass
 class SamplingParts:
     """What sampling needs, taken from a diffusers pipeline, its `.components` dict or
-    `loaders.SDComponents` (whose DDPM `noise_scheduler` then samples); `family` says how they fit."""
+    `loaders.SDComponents` (whose training `noise_scheduler` then samples); `family` says how they fit.
+    `denoiser` is the family's UNet or transformer (its pipeline component `family.denoiser_name`)."""
 
     family: SDFamily
     text_encoders: list[torch.nn.Module]
     tokenizers: list[Any]
-    unet: torch.nn.Module
+    denoiser: torch.nn.Module
     vae: torch.nn.Module
     scheduler: Any
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.denoiser
 
     @classmethod
     def of(cls, obj: Any) -> SamplingParts:
@@ -63,18 +68,19 @@ class SamplingParts:
 
         family = family_of(obj)
         scheduler = get("scheduler") or get("noise_scheduler")
-        parts = {"unet": get("unet"), "vae": get("vae"), "scheduler": scheduler}
+        parts = {family.denoiser_name: get(family.denoiser_name), "vae": get("vae"), "scheduler": scheduler}
         parts.update({name: get(name) for name in family.text_encoder_names + family.tokenizer_names})
         missing = [name for name, part in parts.items() if part is None]
         if missing:
             raise TypeError(
                 f"{type(obj).__name__} lacks {', '.join(missing)}; pass a {family.pipeline_class_name}"
             )
+        family.bind(parts[family.denoiser_name])
         return cls(
             family=family,
             text_encoders=[parts[n] for n in family.text_encoder_names],
             tokenizers=[parts[n] for n in family.tokenizer_names],
-            unet=parts["unet"],
+            denoiser=parts[family.denoiser_name],
             vae=parts["vae"],
             scheduler=scheduler,
         )
@@ -86,14 +92,16 @@ class SamplingParts:
 
 def check_size(components: Any, height: int, width: int) -> None:
     """Raise ValueError (with the fix) when the VAE cannot produce a `height`x`width` image."""
-    multiple = SamplingParts.of(components).vae_scale_factor  # the UNet itself copes with odd latent sizes
+    c = SamplingParts.of(components)
+    multiple = c.family.size_multiple(c.vae_scale_factor, c.denoiser)  # Flux: 2x2 latent patches too
     if height <= 0 or width <= 0 or height % multiple or width % multiple:
         raise ValueError(f"size {width}x{height}: width and height must be positive multiples of {multiple}")
 
 
 @torch.inference_mode()
 def encode_prompts(c: SamplingParts, prompts: Sequence[str]) -> PromptEmbeds:
-    """The family's text embeddings (`hidden` (B, T, D), SDXL's `pooled` (B, P)), as its pipeline encodes."""
+    """The family's text embeddings (`hidden` (B, T, D), SDXL/SD3/Flux `pooled` (B, P)), as its pipeline
+    encodes them."""
     return c.family.encode_prompts(c.text_encoders, c.tokenizers, prompts)
 
 
@@ -109,7 +117,8 @@ def initial_latents(
     c: SamplingParts, seeds: Sequence[int], height: int, width: int, dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.Tensor, list[torch.Generator]]:
     """Starting noise `(B, C, h, w)`, each row drawn from its own CPU generator, plus those generators."""
-    shape = (1, c.unet.config.in_channels, height // c.vae_scale_factor, width // c.vae_scale_factor)
+    channels = c.family.latent_channels(c.denoiser)
+    shape = (1, channels, height // c.vae_scale_factor, width // c.vae_scale_factor)
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     rows = [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
     return torch.cat(rows).to(device=device, dtype=dtype), generators
@@ -143,11 +152,12 @@ def sample_images(
 
     With `batch_invariant`, a row's image is byte-identical to the one it gets alone (or in any other
     batch) for the same seed: see models/batch_invariance.py for how, and what it costs.
-    `should_stop` is asked before every UNet pass; when it says yes (nobody wants the images any more,
+    `should_stop` is asked before every denoiser pass; when it says yes (nobody wants the images any more,
     e.g. every client of a serving batch left) sampling raises `SamplingStopped` instead of finishing.
 
     Guidance is on when any row's scale is above 1 (the diffusers convention); then every step runs the
-    UNet once on `2B` rows. Callers that want a row's image to be independent of its batch group rows
+    denoiser once on `2B` rows (Flux.1 runs no CFG pass: dev reads each row's scale through its guidance
+    embedding, schnell ignores it). Callers that want a row's image to be independent of its batch group rows
     by `guidance_on(scale)` as well as by size and steps (see serving/image_deployment.py).
     """
     c = SamplingParts.of(components_or_pipeline)
@@ -183,11 +193,12 @@ def _sample(
     should_stop: Callable[[], bool] | None,
 ) -> list[Image.Image]:
     batch = len(prompts)
-    device, dtype = c.unet.device, c.unet.dtype
+    device, dtype = c.denoiser.device, c.denoiser.dtype
+    latent_hw = (height // c.vae_scale_factor, width // c.vae_scale_factor)
     # A private scheduler: set_timesteps mutates it, and two batches may sample from one model at once.
     scheduler = copy.deepcopy(c.scheduler)
-    scheduler.set_timesteps(num_inference_steps, device=device)
-    use_cfg = any(guidance_on(s) for s in scales)
+    c.family.set_timesteps(scheduler, num_inference_steps, device, latent_hw)
+    use_cfg = c.family.uses_cfg and any(guidance_on(s) for s in scales)
 
     cond = encode_prompts(c, prompts)  # (B, T, D)
     embeddings = PromptEmbeds.cat([encode_negative_prompts(c, negative_prompts), cond]) if use_cfg else cond
@@ -196,8 +207,11 @@ def _sample(
     # SDXL micro-conditioning at sampling: original = target = the output size, no crop.
     time_ids = c.family.time_ids([(height, width, 0, 0, height, width)] * rows, device)
     latents, generators = initial_latents(c, seeds, height, width, dtype, device)
-    latents = latents * scheduler.init_noise_sigma
+    latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching starts at pure noise
     scale = torch.tensor(scales, device=device, dtype=dtype).view(batch, 1, 1, 1)
+    # Flux.1-dev: each row's scale is an input of the transformer (distilled guidance), (B,) fp32.
+    guidance = torch.tensor(scales, device=device) if c.family.takes_guidance(c.denoiser) else None
+    scale_input = getattr(scheduler, "scale_model_input", None)  # FlowMatch schedulers have none
     step_kwargs = (
         {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     )
@@ -206,8 +220,8 @@ def _sample(
         if should_stop is not None and should_stop():
             raise SamplingStopped(done, len(scheduler.timesteps))
         model_in = torch.cat([latents, latents]) if use_cfg else latents  # (2B, C, h, w) with guidance
-        model_in = scheduler.scale_model_input(model_in, t)
-        noise = c.family.denoise(c.unet, model_in, t, embeddings, time_ids)
+        model_in = scale_input(model_in, t) if scale_input is not None else model_in
+        noise = c.family.denoise(c.denoiser, model_in, t, embeddings, time_ids, guidance)
         if use_cfg:
             uncond, text = noise.chunk(2)
             noise = uncond + scale * (text - uncond)

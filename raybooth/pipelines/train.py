@@ -165,7 +165,6 @@ class Preflight:
 
 def preflight(cfg: DreamBoothConfig) -> Preflight:
     """Every check a user can fail, in the order they are cheapest; nothing is written (Ray must be up)."""
-    from raybooth.models.loaders import sd_family
 
     if not cfg.concepts:
         raise UserError(
@@ -182,9 +181,32 @@ def preflight(cfg: DreamBoothConfig) -> Preflight:
         for i, c in enumerate(cfg.concepts)
     ]
     # ModelError for an unknown preset, a bad folder, or a pipeline family raybooth does not train.
-    sd_family(cfg.base_model, models_dir=default_models_dir())
+    check_family(cfg)
     tracking_uri = tracking.configure(cfg.tracking)
     return Preflight(concepts, resolve_resume(cfg), tracking_uri)
+
+
+def check_family(cfg: DreamBoothConfig) -> DreamBoothConfig:
+    """The base model's family, its folder checked, and the run's train_mode resolved against it: the
+    config with `train_mode` set (the family's default when null). UserError when the family cannot
+    train that way."""
+    from raybooth.models.loaders import sd_family
+
+    family = sd_family(cfg.base_model, models_dir=default_models_dir())
+    mode = cfg.train_mode or family.default_train_mode
+    if mode == "full" and not family.supports_full_finetune:
+        raise UserError(
+            f"train_mode=full: {cfg.base_model} is a {family.pipeline_class_name} ({family.name}), which "
+            "raybooth trains with LoRA only; set train_mode=lora (or leave it unset)"
+        )
+    if cfg.resolution % family.resolution_multiple:
+        step = family.resolution_multiple
+        lower = cfg.resolution - cfg.resolution % step
+        raise UserError(
+            f"resolution {cfg.resolution}: a {family.pipeline_class_name} trains on sides divisible by {step}; "
+            f"use {lower or step} or {lower + step}"
+        )
+    return cfg.model_copy(update={"train_mode": mode})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,6 +274,7 @@ def launch_training(cfg: DreamBoothConfig, fault: dict | None = None) -> TrainRe
     """
     started = time.time()
     checked = preflight(cfg)
+    cfg = check_family(cfg)  # train_mode resolved for the family (the workers and MLflow see it set)
     root = storage.storage_root(cfg.storage)
     make_class_images(cfg, checked.concepts, root)
 
@@ -307,10 +330,9 @@ def run_train(cfg: DreamBoothConfig, verbose: bool = False) -> int:
     """CLI entry (the config loaded from YAML, overrides and flags): start or join Ray, train, print where
     everything went."""
     from raybooth.cluster.runtime import ray_session
-    from raybooth.models.loaders import sd_family
 
     # The base model's family first: an unsupported pipeline is one line before a cluster starts.
-    sd_family(cfg.base_model, models_dir=default_models_dir())
+    check_family(cfg)
     with ray_session(cfg.cluster, verbose=verbose):
         result = launch_training(cfg)
     loss = f"{result.loss:.4f}" if result.loss is not None else "n/a"

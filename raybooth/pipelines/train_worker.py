@@ -42,6 +42,7 @@ from raybooth.models.dreambooth import (
     unwrap,
 )
 from raybooth.models.dreambooth_data import DreamBoothData, Example, load_example
+from raybooth.models.flow_matching import FlowObjective
 
 # MLflow tags on a DreamBooth run: where its checkpoints are, so resume=<run id> can find them.
 TAG_RAY_RUN = "raybooth.ray_run_name"  # the Ray Train run (folder under TAG_STORAGE) holding the checkpoints
@@ -215,8 +216,9 @@ def load_inference_scheduler(path: str) -> Any:
 
 def unwrapped_parts(models: TrainModels, scheduler: Any) -> SimpleNamespace:
     """The family's parts outside their DDP wrappers: what sampling and the export read."""
-    names = ["unet", "vae", *models.family.text_encoder_names, *models.family.tokenizer_names]
-    parts = {n: getattr(models, n) for n in names}
+    family = models.family
+    names = [family.denoiser_name, "vae", *family.text_encoder_names, *family.tokenizer_names]
+    parts = {n: getattr(models, n if n != family.denoiser_name else "denoiser") for n in names}
     return SimpleNamespace(
         **{n: unwrap(p) if isinstance(p, torch.nn.Module) else p for n, p in parts.items()},
         family=models.family,
@@ -234,7 +236,8 @@ def validation_images(
     if not cfg.validation_prompts:
         return []
     parts = unwrapped_parts(models, scheduler)
-    trained = [parts.unet, *(getattr(parts, n) for n in models.family.text_encoder_names)]
+    denoiser = getattr(parts, models.family.denoiser_name)
+    trained = [denoiser, *(getattr(parts, n) for n in models.family.trainable_text_encoder_names)]
     for module in trained:
         module.eval()
     try:
@@ -249,7 +252,7 @@ def validation_images(
                 seeds=[cfg.seed + i for i in range(len(cfg.validation_prompts))],
             )
     finally:
-        parts.unet.train()
+        denoiser.train()
         if models.train_text_encoder:
             for module in trained[1:]:
                 module.train()
@@ -269,7 +272,7 @@ def export_final_model(
         with_text = models.train_text_encoder
         ckpt.save_lora_weights(
             folder,
-            parts.unet,
+            getattr(parts, models.family.denoiser_name),
             parts.text_encoder if with_text else None,
             cfg.base_model,
             dtype,
@@ -366,7 +369,7 @@ def train_func(raw_job: dict[str, Any]) -> None:
     components = load_sd_components(cfg.base_model, device=device, models_dir=default_models_dir())
     models = prepare_for_training(
         components,
-        train_mode=cfg.train_mode,
+        train_mode=cfg.train_mode or components.family.default_train_mode,
         train_text_encoder=cfg.train_text_encoder,
         plan=plan,
         gradient_checkpointing=cfg.gradient_checkpointing,
@@ -384,11 +387,11 @@ def train_func(raw_job: dict[str, Any]) -> None:
         print(f"raybooth train: resumed at step {start_step}", flush=True)
 
     # DDP after loading: every rank starts from identical weights, and only the trained modules sync.
-    models.unet = ray.train.torch.prepare_model(models.unet, move_to_device=False)
+    models.denoiser = ray.train.torch.prepare_model(models.denoiser, move_to_device=False)
     if models.train_text_encoder:
         # SDXL reads text_encoder's penultimate layer, so its last layer gets no gradient: DDP must know.
-        unused = {"find_unused_parameters": True} if models.family.name == "sdxl" else None
-        for name in models.family.text_encoder_names:  # SDXL: both CLIP encoders train and sync
+        unused = {"find_unused_parameters": True} if models.family.text_encoder_has_unused_layers else None
+        for name in models.family.trainable_text_encoder_names:  # SDXL/SD3: both CLIP encoders sync
             module = ray.train.torch.prepare_model(
                 getattr(models, name), move_to_device=False, parallel_strategy_kwargs=unused
             )
@@ -403,6 +406,14 @@ def train_func(raw_job: dict[str, Any]) -> None:
         snr_gamma=cfg.snr_gamma,
         noise_offset=cfg.noise_offset,
         seed=cfg.seed,
+        objective=FlowObjective(
+            timestep_density=cfg.timestep_density,
+            loss_weighting=cfg.loss_weighting,
+            logit_mean=cfg.logit_mean,
+            logit_std=cfg.logit_std,
+            mode_scale=cfg.mode_scale,
+        ),
+        guidance_scale=cfg.train_guidance_scale,
     )
 
     with RunLogger(job, rank) as log:

@@ -33,7 +33,8 @@ from raybooth.models.sampling import sample_images
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 LORA_META = "raybooth_lora.json"
-FP16_WEIGHTS = "unet/diffusion_pytorch_model.fp16.safetensors"  # present when the folder has an fp16 variant
+# The denoiser's (unet/ or transformer/) fp16 weights: present when the folder has an fp16 variant.
+FP16_WEIGHTS = "*/diffusion_pytorch_model.fp16.safetensors"
 _PINNED = re.compile(r"/\d+$")  # name/3: a fixed version never moves
 
 
@@ -129,7 +130,7 @@ class ImageModelStore:
         """`(dtype, variant)` to load a diffusers folder with. Exported models are fp32 plus an fp16 variant
         (models/checkpoint.py): a GPU with dtype auto or float16 reads the fp16 files (half the memory and
         the read), a CPU the fp32 ones (CPUs have no fast fp16 kernels)."""
-        if not (folder / FP16_WEIGHTS).is_file():
+        if not any(folder.glob(FP16_WEIGHTS)):
             return self.dtype, None
         wants_fp16 = self.dtype == "float16" or (
             self.dtype is None and pick_device(self.device or "auto").type == "cuda"

@@ -31,6 +31,8 @@ def test_presets_are_named_with_kinds():
         "tiny-llm": "vlm",
         "sd15-arch": "sd",
         "tiny-sdxl": "sd",
+        "tiny-sd3": "sd",
+        "tiny-flux": "sd",
     }
     assert all(p.description for p in PRESETS.values())
 

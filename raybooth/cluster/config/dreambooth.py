@@ -86,8 +86,11 @@ class DreamBoothConfig(JobConfig):
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     mixed_precision: str = Field("no", pattern="^(no|fp16|bf16)$", description="no | fp16 | bf16.")
-    train_mode: str = Field(
-        "full", pattern="^(full|lora)$", description="full (UNet + text encoder) or lora."
+    train_mode: str | None = Field(
+        None,
+        pattern="^(full|lora)$",
+        description="full (UNet + text encoder) or lora; null: the family's default (full for SD 1.x/2.x "
+        "and SDXL, lora for SD3 and Flux.1, which train LoRA only).",
     )
     lora_rank: int = Field(4, ge=1, description="LoRA rank (train_mode: lora).")
     lora_alpha: int = Field(4, ge=1, description="LoRA alpha (train_mode: lora).")
@@ -99,6 +102,27 @@ class DreamBoothConfig(JobConfig):
     )
     snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting gamma (null: off).")
     noise_offset: float = Field(0.0, ge=0, description="Noise offset (0: off).")
+    # Flow matching (SD3, Flux.1): how training timesteps are drawn and rows weighted, as diffusers'
+    # train_dreambooth_lora_sd3.py / _flux.py (--weighting_scheme, --logit_mean, ...); DDPM families ignore them.
+    timestep_density: str = Field(
+        "logit_normal",
+        pattern="^(logit_normal|mode|uniform)$",
+        description="SD3/Flux: density of the training sigmas: logit_normal (SD3 paper's default), mode, uniform.",
+    )
+    loss_weighting: str = Field(
+        "none", pattern="^(none|sigma_sqrt|cosmap)$", description="SD3/Flux: per-row loss weighting."
+    )
+    logit_mean: float = Field(0.0, description="SD3/Flux: mean of the logit-normal density.")
+    logit_std: float = Field(1.0, gt=0, description="SD3/Flux: std of the logit-normal density.")
+    mode_scale: float = Field(
+        1.29,
+        ge=-1,
+        le=1.75,  # the SD3 paper's range, where the density's map stays monotone on [0, 1]
+        description="SD3/Flux: scale of the mode density (0: uniform).",
+    )
+    train_guidance_scale: float = Field(
+        3.5, ge=0, description="Flux.1-dev: the guidance input while training (the flux script's default)."
+    )
     sample_steps: int = Field(25, ge=1, description="Denoising steps for class images and validation images.")
     sample_guidance_scale: float = Field(
         7.5, ge=0, description="Guidance scale for class and validation images."
