@@ -8,6 +8,7 @@ diffusers/transformers folder format under the work dir (`raybooth build-models`
     tiny-vlm    LLaVA shaped, tiny: captioning, batch chat requests and the chat route on a CPU
     tiny-qwen2.5-vl  Qwen2.5-VL shaped, tiny: M-RoPE and per-image patch grids on a CPU
     tiny-llm    a text-only Llama chat model, tiny: the chat route and batch requests without images
+    tiny-smolvlm     SmolVLM (Idefics3) shaped, tiny: per-request image tile counts on a CPU
     sd15-arch   SD 1.5's real architecture with random weights: GPU benchmarks only (~4 GB)
 
 `resolve_model` maps a preset name to its built folder, a local folder to itself, and `org/name` to a
@@ -59,6 +60,7 @@ PRESETS: dict[str, Preset] = {
         Preset("tiny-sdxl", "sd", "SDXL shaped (two CLIP encoders, micro-conditioned UNet); 64x64 on a CPU"),
         Preset("tiny-qwen2.5-vl", "vlm", "Qwen2.5-VL shaped (windowed ViT + M-RoPE decoder), random; CPU"),
         Preset("tiny-llm", "vlm", "text-only Llama chat model (ChatML), random weights; CPU chat"),
+        Preset("tiny-smolvlm", "vlm", "SmolVLM shaped (Idefics3: image tiles, pixel shuffle), random; CPU"),
     )
 }
 
@@ -123,7 +125,7 @@ def _write_preset(preset: Preset, folder: Path, seed: int) -> None:
     # `resolve_model` on an already built preset need neither.
     import torch
 
-    from raybooth.models import sd_presets, vlm_presets
+    from raybooth.models import sd_presets, vlm_presets, vlm_presets_more
 
     # Building reseeds torch before each component; fork_rng keeps the caller's random stream intact.
     with torch.random.fork_rng(devices=[]):
@@ -132,7 +134,7 @@ def _write_preset(preset: Preset, folder: Path, seed: int) -> None:
         elif preset.kind == "sd":
             sd_presets.write_sd_folder(folder, sd_presets.SD_ARCHITECTURES[preset.name], seed)
         else:
-            vlm_presets.WRITERS[preset.name](folder, seed)
+            {**vlm_presets.WRITERS, **vlm_presets_more.WRITERS}[preset.name](folder, seed)
 
 
 def _move_into_place(building: Path, dest: Path, name: str, seed: int) -> None:

@@ -82,13 +82,21 @@ QWEN_VL = Family(
         "mm_token_type_ids": InputRule("token"),  # what get_rope_index reads: 0 text, 1 image, 2 video
     },
 )
+# Idefics3 / SmolVLM: each row's images arrive as (1, N_img, C, H, W) tiles (a global tile plus the crops),
+# N_img differing per request; the batch is (B, N_max, C, H, W) with all-zero tiles as padding (which the
+# model drops) and the pixel mask padded with 0 alongside. Rows without images are simply absent.
+IDEFICS3 = Family(
+    "SmolVLM / Idefics3",
+    ("idefics3", "smolvlm"),
+    rules={"pixel_values": InputRule("pad"), "pixel_attention_mask": InputRule("pad")},
+)
 TEXT = Family(
     "text-only LLM",
     ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"),
     takes_images=False,
     rules={"token_type_ids": InputRule("drop")},
 )
-FAMILIES: tuple[Family, ...] = (LLAVA, QWEN_VL, TEXT)
+FAMILIES: tuple[Family, ...] = (LLAVA, QWEN_VL, IDEFICS3, TEXT)
 
 
 def replace_rule(family: Family, name: str, rule: InputRule) -> Family:

@@ -1,4 +1,5 @@
-"""The engine on tiny-qwen2.5-vl (M-RoPE, per-image patch grids) and tiny-llm (text only), against HF.
+"""The engine on each family preset (tiny-qwen2.5-vl: M-RoPE; tiny-smolvlm: per-request tile counts;
+tiny-llm: text only; ...), against HF.
 
 .venv/bin/python -m pytest tests/models/test_vlm_families.py
 
@@ -9,6 +10,8 @@ have to be right per row.
 """
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -29,10 +32,24 @@ MAX_TOKENS = 8
 LOGITS_ATOL = 1e-5
 
 
-@pytest.fixture(scope="module", params=["tiny-qwen2.5-vl", "tiny-llm"])
-def engine(request) -> VLMEngine:
-    path = resolve_model(request.param, kind="vlm", models_dir=default_models_dir())
+VISION_PRESETS = ["tiny-qwen2.5-vl", "tiny-smolvlm"]
+
+
+@functools.cache
+def load_engine(name: str) -> VLMEngine:
+    """Each preset loads once for the module, whichever fixture asks for it."""
+    path = resolve_model(name, kind="vlm", models_dir=default_models_dir())
     return VLMEngine.from_pretrained(path, device="cpu")
+
+
+@pytest.fixture(scope="module", params=[*VISION_PRESETS, "tiny-llm"])
+def engine(request) -> VLMEngine:
+    return load_engine(request.param)
+
+
+@pytest.fixture(scope="module", params=VISION_PRESETS)
+def vision_engine(request) -> VLMEngine:
+    return load_engine(request.param)
 
 
 def chat(*parts, **params) -> GenerationRequest:
@@ -126,6 +143,15 @@ def test_qwen_rows_count_images_not_patches_and_survive_the_prepared_row_format(
     assert two.inputs["image_grid_thw"].tolist() == [[1, 6, 8], [1, 4, 4]]  # (t, h, w) patches per image
     back = prepared_from_row(prepared_columns(two, None, 0.0))
     assert back.num_images == 2 and back.input_ids == two.input_ids
+    for name, tensor in two.inputs.items():
+        assert back.inputs[name].dtype == tensor.dtype and torch.equal(back.inputs[name], tensor)
+
+
+def test_rows_count_images_not_tiles_and_survive_the_prepared_row_format(vision_engine):
+    two = vision_engine.prepare(chat(image(1, (64, 48)), text("hi"), image(2, (32, 32))))
+    assert two.num_images == 2 and two.inputs  # what packing and limits count, whatever the tile count
+    back = prepared_from_row(prepared_columns(two, None, 0.0))
+    assert back.num_images == 2 and back.input_ids == two.input_ids and set(back.inputs) == set(two.inputs)
     for name, tensor in two.inputs.items():
         assert back.inputs[name].dtype == tensor.dtype and torch.equal(back.inputs[name], tensor)
 

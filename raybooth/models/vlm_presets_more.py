@@ -1,0 +1,114 @@
+"""Tiny presets of the families whose images become tiles, crops or patch grids of their own size:
+`tiny-smolvlm` (Idefics3), `tiny-llava-next`, `tiny-mllama`, and the encoder-decoder `tiny-florence2`.
+
+    write_smolvlm_folder(Path("/tmp/tiny-smolvlm"), seed=0)
+    AutoModelForImageTextToText.from_pretrained("/tmp/tiny-smolvlm")
+
+Each is the library's own model class built from its config with tiny sizes and a fixed seed, saved with
+its processor (the PIL image processors: torchvision is not a dependency), so `from_pretrained` loads it
+like a real checkpoint of its family. The sizes are picked so two images of different sizes give
+different tile or patch counts: that is what the engine's per-family batching rules must get right.
+
+tiny-smolvlm: SmolVLM-Instruct's architecture (`Idefics3ForConditionalGeneration`; SmolVLM2's `smolvlm`
+model type needs the `num2words` package for its processor). Images are resized to a longest edge of
+64 pixels and split into 32x32 tiles plus one global tile, 4 image tokens each, so a 64x48 image is 5
+tiles and a 32x32 one is 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessorPil,
+    Idefics3Processor,
+)
+
+from raybooth.models.vlm_presets import _save, _text_config_args, build_chatml_tokenizer
+
+# --------------------------------------------------------------------------------------------------
+# tiny-smolvlm (Idefics3)
+# --------------------------------------------------------------------------------------------------
+
+SMOL_TILE = 32  # pixels per tile side (the vision tower's image size)
+SMOL_PATCH = 8  # → 4x4 patches per tile, pixel-shuffled by 2 → 4 image tokens per tile
+SMOL_SCALE = 2
+SMOL_LONGEST_EDGE = 64  # images resize to this longest edge first: at most 2x2 tiles + the global one
+# Idefics3's row/column markers; the processor looks up every <row_i_col_j> up to 6x6.
+SMOL_SPECIALS = (
+    "<fake_token_around_image>",
+    "<global-img>",
+    "<end_of_utterance>",
+    *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)),
+)
+
+# SmolVLM's template: "User:<image>text<end_of_utterance>\nAssistant:"; tools as a first system turn.
+SMOL_TEMPLATE = (
+    "<|im_start|>"
+    "{% if tools %}System: Functions you may call:{{ '\n' }}"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\n' }}{% endfor %}<end_of_utterance>{{ '\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize }}:"
+    "{% if message['content'] is string %} {{ message['content'] }}"
+    "{% elif message['content'] %}{% for part in message['content'] %}"
+    "{% if part['type'] in ('image', 'image_url') %}<image>"
+    "{% elif part['type'] == 'text' %} {{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['tool_calls'] is defined and message['tool_calls'] %}"
+    "{% for call in message['tool_calls'] %}<tool_call>{{ call['function'] | tojson }}</tool_call>{% endfor %}"
+    "{% endif %}"
+    "<end_of_utterance>{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def build_smolvlm_processor() -> Idefics3Processor:
+    tokenizer = build_chatml_tokenizer(extra_specials=SMOL_SPECIALS, chat_template=SMOL_TEMPLATE)
+    tokenizer.eos_token = "<end_of_utterance>"  # a turn ends the answer
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": SMOL_LONGEST_EDGE},
+        max_image_size={"longest_edge": SMOL_TILE},
+        do_image_splitting=True,
+    )
+    tokens_per_tile = (SMOL_TILE // SMOL_PATCH) ** 2 // SMOL_SCALE**2
+    return Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=tokens_per_tile,
+        chat_template=SMOL_TEMPLATE,
+    )
+
+
+def write_smolvlm_folder(dest: Path, seed: int) -> None:
+    """`tiny-smolvlm`: an `Idefics3ForConditionalGeneration` (SigLIP-style tower, pixel shuffle, Llama)."""
+    processor = build_smolvlm_processor()
+    tokenizer = processor.tokenizer
+    text = _text_config_args(tokenizer)
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=SMOL_TILE,
+        patch_size=SMOL_PATCH,
+    )
+    config = Idefics3Config(
+        text_config={"model_type": "llama", **text},
+        vision_config=vision,
+        scale_factor=SMOL_SCALE,
+        image_token_id=processor.image_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    _save(Idefics3ForConditionalGeneration(config), processor, tokenizer, dest)
+
+
+# Preset name → the function that writes its folder (presets.build_preset looks it up here).
+WRITERS = {
+    "tiny-smolvlm": write_smolvlm_folder,
+}
