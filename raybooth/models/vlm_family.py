@@ -90,13 +90,21 @@ IDEFICS3 = Family(
     ("idefics3", "smolvlm"),
     rules={"pixel_values": InputRule("pad"), "pixel_attention_mask": InputRule("pad")},
 )
+# LLaVA-NeXT (AnyRes): each image is (N_patches, C, H, W) crops, N_patches following its size; the processor
+# pads a row's images to the row's largest count, the batch pads them to the batch's largest, and the model
+# cuts each image back to the count its `image_sizes` entry gives.
+LLAVA_NEXT = Family(
+    "LLaVA-NeXT",
+    ("llava_next",),
+    rules={"pixel_values": InputRule("pad"), "image_sizes": InputRule("concat")},
+)
 TEXT = Family(
     "text-only LLM",
     ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"),
     takes_images=False,
     rules={"token_type_ids": InputRule("drop")},
 )
-FAMILIES: tuple[Family, ...] = (LLAVA, QWEN_VL, IDEFICS3, TEXT)
+FAMILIES: tuple[Family, ...] = (LLAVA, QWEN_VL, IDEFICS3, LLAVA_NEXT, TEXT)
 
 
 def replace_rule(family: Family, name: str, rule: InputRule) -> Family:

@@ -25,9 +25,19 @@ from transformers import (
     Idefics3ForConditionalGeneration,
     Idefics3ImageProcessorPil,
     Idefics3Processor,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessorPil,
+    LlavaNextProcessor,
 )
 
-from raybooth.models.vlm_presets import _save, _text_config_args, build_chatml_tokenizer
+from raybooth.models.vlm_presets import (
+    CHAT_TEMPLATE,
+    _save,
+    _text_config_args,
+    build_chatml_tokenizer,
+)
+from raybooth.models.vlm_presets import build_processor as build_llava_processor
 
 # --------------------------------------------------------------------------------------------------
 # tiny-smolvlm (Idefics3)
@@ -108,7 +118,65 @@ def write_smolvlm_folder(dest: Path, seed: int) -> None:
     _save(Idefics3ForConditionalGeneration(config), processor, tokenizer, dest)
 
 
+# --------------------------------------------------------------------------------------------------
+# tiny-llava-next
+# --------------------------------------------------------------------------------------------------
+
+NEXT_TILE = 16  # the CLIP tower's image size: the base image and every crop are 16x16, 2x2 patches each
+NEXT_PATCH = 8
+# The resolutions (h, w) an image is fitted to before it is cut into 16x16 crops: a 40x40 image fits
+# 48x48 (9 crops + the base image), a 64x48 one 48x64 (12 + 1), so rows differ in their patch count.
+NEXT_PINPOINTS = [[48, 48], [48, 64], [64, 48], [64, 64]]
+
+
+def _clip_vision(**overrides: int) -> dict[str, object]:
+    return dict(
+        model_type="clip_vision_model",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=NEXT_TILE,
+        patch_size=NEXT_PATCH,
+        projection_dim=32,
+        **overrides,
+    )
+
+
+def write_llava_next_folder(dest: Path, seed: int) -> None:
+    """`tiny-llava-next`: a `LlavaNextForConditionalGeneration` (AnyRes crops, `image_sizes`), tiny-vlm's
+    tokenizer and LLaVA template."""
+    tokenizer = build_llava_processor().tokenizer
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": NEXT_TILE},
+        crop_size={"height": NEXT_TILE, "width": NEXT_TILE},
+        image_grid_pinpoints=NEXT_PINPOINTS,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=NEXT_PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, which "default" drops
+        chat_template=CHAT_TEMPLATE,
+    )
+    text = {"model_type": "llama", **_text_config_args(tokenizer), "bos_token_id": tokenizer.bos_token_id}
+    config = LlavaNextConfig(
+        vision_config=_clip_vision(),
+        text_config=text,
+        image_token_index=tokenizer.image_token_id,
+        image_grid_pinpoints=NEXT_PINPOINTS,
+        image_seq_length=(NEXT_TILE // NEXT_PATCH) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    _save(LlavaNextForConditionalGeneration(config), processor, tokenizer, dest)
+
+
 # Preset name → the function that writes its folder (presets.build_preset looks it up here).
 WRITERS = {
     "tiny-smolvlm": write_smolvlm_folder,
+    "tiny-llava-next": write_llava_next_folder,
 }

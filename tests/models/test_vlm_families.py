@@ -32,7 +32,7 @@ MAX_TOKENS = 8
 LOGITS_ATOL = 1e-5
 
 
-VISION_PRESETS = ["tiny-qwen2.5-vl", "tiny-smolvlm"]
+VISION_PRESETS = ["tiny-qwen2.5-vl", "tiny-smolvlm", "tiny-llava-next"]
 
 
 @functools.cache
