@@ -10,6 +10,7 @@ diffusers/transformers folder format under the work dir (`raybooth build-models`
     tiny-llm    a text-only Llama chat model, tiny: the chat route and batch requests without images
     tiny-smolvlm     SmolVLM (Idefics3) shaped, tiny: per-request image tile counts on a CPU
     tiny-llava-next  LLaVA-NeXT shaped, tiny: per-image crop counts (AnyRes) on a CPU
+    tiny-mllama      Mllama (Llama 3.2 Vision) shaped, tiny: cross-attention to each row's images on a CPU
     sd15-arch   SD 1.5's real architecture with random weights: GPU benchmarks only (~4 GB)
 
 `resolve_model` maps a preset name to its built folder, a local folder to itself, and `org/name` to a
@@ -63,6 +64,7 @@ PRESETS: dict[str, Preset] = {
         Preset("tiny-llm", "vlm", "text-only Llama chat model (ChatML), random weights; CPU chat"),
         Preset("tiny-smolvlm", "vlm", "SmolVLM shaped (Idefics3: image tiles, pixel shuffle), random; CPU"),
         Preset("tiny-llava-next", "vlm", "LLaVA-NeXT shaped (AnyRes crops, image_sizes), random; CPU"),
+        Preset("tiny-mllama", "vlm", "Mllama shaped (tiled vision, cross-attention decoder), random; CPU"),
     )
 }
 

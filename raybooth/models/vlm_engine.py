@@ -381,6 +381,8 @@ class VLMEngine:
     def _forward(self, **inputs: Any) -> torch.Tensor:
         """One model call; the last position's logits as float32 on the CPU, `(B, V)`."""
         with torch.inference_mode():
+            if self.family.forward is not None:  # a family that calls its model its own way (Mllama)
+                return self.family.forward(self.model, {**inputs, "use_cache": True}).float().cpu()
             out = self.model(**inputs, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :].float().cpu()
 
@@ -404,19 +406,22 @@ class VLMEngine:
         if self.family.positions == "mrope":
             position_ids, rope_deltas = mrope_positions(self.model, ids, mask, extra)  # (4, B, T), (B, 1)
             rope_deltas = rope_deltas.to(self.device)
+        extra, decode_inputs = self._to_device(extra), self._to_device(decode_inputs)
+        if self.family.prepare is not None:  # what batching alone cannot express (Mllama's masks)
+            extra, decode_inputs = self.family.prepare(self.model, extra, mask.to(self.device))
         state = _BatchState(
             cache=DynamicCache(config=self.model.config.get_text_config()),
             mask=mask.to(self.device),
             positions=positions[:, -1:].to(self.device),
             rope_deltas=rope_deltas,
-            decode_inputs=self._to_device(decode_inputs),
+            decode_inputs=decode_inputs,
         )
         logits = self._forward(
             input_ids=ids.to(self.device),
             attention_mask=state.mask,
             position_ids=position_ids.to(self.device),
             past_key_values=state.cache,
-            **self._to_device(extra),
+            **extra,
         )
         return logits, state
 

@@ -29,10 +29,16 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessorPil,
     LlavaNextProcessor,
+    MllamaConfig,
+    MllamaForConditionalGeneration,
+    MllamaImageProcessorPil,
+    MllamaProcessor,
 )
 
+from raybooth.models.bpe import VLM_BOS
 from raybooth.models.vlm_presets import (
     CHAT_TEMPLATE,
+    CHATML_TEMPLATE,
     _save,
     _text_config_args,
     build_chatml_tokenizer,
@@ -175,8 +181,68 @@ def write_llava_next_folder(dest: Path, seed: int) -> None:
     _save(LlavaNextForConditionalGeneration(config), processor, tokenizer, dest)
 
 
+# --------------------------------------------------------------------------------------------------
+# tiny-mllama
+# --------------------------------------------------------------------------------------------------
+
+MLLAMA_TILE = 16  # pixels per tile side; an image becomes up to 4 tiles (its aspect ratio picks how many)
+MLLAMA_PATCH = 8  # → 2x2 patches per tile (+ a CLS token): 5 vision tokens per tile
+MLLAMA_SPECIALS = ("<|image|>", "<|python_tag|>")
+
+# ChatML with Llama 3.2 Vision's image marker: the image token sits where the image part is, and every
+# text token after it cross-attends to that image (the processor's cross_attention_mask).
+# The processor insists on a BOS (Llama's <|begin_of_text|>), so the template writes one.
+MLLAMA_TEMPLATE = "{{ bos_token }}" + CHATML_TEMPLATE.replace(
+    "<|vision_start|><|image_pad|><|vision_end|>", "<|image|>"
+)
+
+
+def write_mllama_folder(dest: Path, seed: int) -> None:
+    """`tiny-mllama`: a `MllamaForConditionalGeneration` (tiled vision encoder, cross-attention layers in
+    a Llama decoder), ChatML tokenizer with `<|image|>`."""
+    tokenizer = build_chatml_tokenizer(extra_specials=MLLAMA_SPECIALS, chat_template=MLLAMA_TEMPLATE)
+    tokenizer.bos_token = VLM_BOS
+    image_processor = MllamaImageProcessorPil(
+        size={"height": MLLAMA_TILE, "width": MLLAMA_TILE}, max_image_tiles=4
+    )
+    processor = MllamaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=MLLAMA_TEMPLATE
+    )
+    text = _text_config_args(tokenizer)
+    text.update(
+        num_hidden_layers=3, cross_attention_layers=[1], bos_token_id=tokenizer.bos_token_id
+    )  # self, cross, self
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_global_layers=1,
+        attention_heads=2,
+        image_size=MLLAMA_TILE,
+        patch_size=MLLAMA_PATCH,
+        max_num_tiles=4,
+        intermediate_layers_indices=[0],
+        vision_output_dim=64,  # hidden_size x (1 + len(intermediate_layers_indices))
+    )
+    config = MllamaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<|image|>"),
+    )
+    torch.manual_seed(seed)
+    model = MllamaForConditionalGeneration(config)
+    # The cross-attention gates start at 0 (tanh(0) = 0: images would change nothing); open them so the
+    # tiny model's answers depend on its images, as a trained one's do.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+                param.fill_(1.0)
+    _save(model, processor, tokenizer, dest)
+
+
 # Preset name → the function that writes its folder (presets.build_preset looks it up here).
 WRITERS = {
     "tiny-smolvlm": write_smolvlm_folder,
     "tiny-llava-next": write_llava_next_folder,
+    "tiny-mllama": write_mllama_folder,
 }

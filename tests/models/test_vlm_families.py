@@ -15,7 +15,7 @@ import functools
 
 import pytest
 import torch
-from transformers import MllamaConfig
+from transformers import Blip2Config
 
 from raybooth.cluster.workdir import default_models_dir
 from raybooth.errors import ModelError
@@ -32,7 +32,7 @@ MAX_TOKENS = 8
 LOGITS_ATOL = 1e-5
 
 
-VISION_PRESETS = ["tiny-qwen2.5-vl", "tiny-smolvlm", "tiny-llava-next"]
+VISION_PRESETS = ["tiny-qwen2.5-vl", "tiny-smolvlm", "tiny-llava-next", "tiny-mllama"]
 
 
 @functools.cache
@@ -166,14 +166,14 @@ def test_text_only_model_refuses_an_image_part():
 
 
 def test_unsupported_family_is_refused_at_load_in_one_line(tmp_path):
-    MllamaConfig().save_pretrained(tmp_path)  # a config, no weights: refused before any weight is read
+    Blip2Config().save_pretrained(tmp_path)  # a config, no weights: refused before any weight is read
     with pytest.raises(ModelError) as info:
         load_vlm(str(tmp_path), device="cpu")
     message = str(info.value)
-    assert "\n" not in message and "'mllama'" in message
+    assert "\n" not in message and "'blip-2'" in message
     assert "supported families" in message and "qwen2_5_vl" in message and "llava" in message
     with pytest.raises(ModelError, match="not supported"):
-        detect_family(MllamaConfig())
+        detect_family(Blip2Config())
 
 
 def test_collate_rules_left_pad_token_outputs_concat_images_and_pad_per_request_axes():
@@ -193,3 +193,27 @@ def test_collate_rules_left_pad_token_outputs_concat_images_and_pad_per_request_
     stepwise = replace_rule(family, "token_type_ids", InputRule("token", decode=True))
     _, decode = collate_inputs(stepwise, rows, lengths=[2, 3, 1], longest=3)
     assert list(decode) == ["token_type_ids"]
+
+
+def test_collate_stacks_one_slot_per_row_and_left_pads_per_token_masks_with_their_trailing_axes():
+    rows = [
+        {
+            "pixel_values": torch.ones(1, 1, 2),
+            "cross_attention_mask": torch.ones(1, 2, 1, 4, dtype=torch.long),
+        },
+        {},  # text only: an all-zero slot, so the batch's rows and the vision rows stay aligned
+        {
+            "pixel_values": torch.ones(1, 2, 2),
+            "cross_attention_mask": torch.ones(1, 3, 2, 4, dtype=torch.long),
+        },
+    ]
+    family = replace_rule(
+        replace_rule(LLAVA, "pixel_values", InputRule("stack")), "cross_attention_mask", InputRule("token")
+    )
+    prefill, _ = collate_inputs(family, rows, lengths=[2, 1, 3], longest=3)
+    assert prefill["pixel_values"].shape == (3, 2, 2)
+    assert prefill["pixel_values"].sum(dim=(1, 2)).tolist() == [2, 0, 4]
+    masks = prefill["cross_attention_mask"]  # (B, T, N_img, N_tiles)
+    assert masks.shape == (3, 3, 2, 4)
+    assert masks[0, 1:, 0].all() and not masks[0, 0].any() and not masks[0, :, 1].any()  # left pad, pad image
+    assert not masks[1].any() and masks[2].all()
