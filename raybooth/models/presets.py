@@ -11,6 +11,7 @@ diffusers/transformers folder format under the work dir (`raybooth build-models`
     tiny-smolvlm     SmolVLM (Idefics3) shaped, tiny: per-request image tile counts on a CPU
     tiny-llava-next  LLaVA-NeXT shaped, tiny: per-image crop counts (AnyRes) on a CPU
     tiny-mllama      Mllama (Llama 3.2 Vision) shaped, tiny: cross-attention to each row's images on a CPU
+    tiny-florence2   Florence-2 shaped, tiny: an encoder-decoder with task prompts (`<CAPTION>`) on a CPU
     sd15-arch   SD 1.5's real architecture with random weights: GPU benchmarks only (~4 GB)
 
 `resolve_model` maps a preset name to its built folder, a local folder to itself, and `org/name` to a
@@ -65,6 +66,9 @@ PRESETS: dict[str, Preset] = {
         Preset("tiny-smolvlm", "vlm", "SmolVLM shaped (Idefics3: image tiles, pixel shuffle), random; CPU"),
         Preset("tiny-llava-next", "vlm", "LLaVA-NeXT shaped (AnyRes crops, image_sizes), random; CPU"),
         Preset("tiny-mllama", "vlm", "Mllama shaped (tiled vision, cross-attention decoder), random; CPU"),
+        Preset(
+            "tiny-florence2", "vlm", "Florence-2 shaped (DaViT + BART encoder-decoder, task prompts); CPU"
+        ),
     )
 }
 

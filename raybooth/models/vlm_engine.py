@@ -83,6 +83,7 @@ from raybooth.models.vlm_requests import (
     split_images,
     takes_images,
 )
+from raybooth.models.vlm_seq2seq import new_seq2seq_cache, seq2seq_prefill, seq2seq_step
 
 __all__ = [
     "INVALID_REQUEST",
@@ -407,6 +408,16 @@ class VLMEngine:
             position_ids, rope_deltas = mrope_positions(self.model, ids, mask, extra)  # (4, B, T), (B, 1)
             rope_deltas = rope_deltas.to(self.device)
         extra, decode_inputs = self._to_device(extra), self._to_device(decode_inputs)
+        if self.family.encoder_decoder:  # the encoder once, then the decoder's first step (vlm_seq2seq)
+            cache = new_seq2seq_cache(self.model)
+            with torch.inference_mode():
+                logits, decode_inputs = seq2seq_prefill(
+                    self.model, ids.to(self.device), mask.to(self.device), extra, cache
+                )
+            state = _BatchState(
+                cache, mask.to(self.device), positions[:, -1:].to(self.device), None, decode_inputs
+            )
+            return logits.float().cpu(), state
         if self.family.prepare is not None:  # what batching alone cannot express (Mllama's masks)
             extra, decode_inputs = self.family.prepare(self.model, extra, mask.to(self.device))
         state = _BatchState(
@@ -432,6 +443,9 @@ class VLMEngine:
         position_ids = state.positions
         if state.rope_deltas is not None:
             position_ids = mrope_step_positions(state.positions, state.rope_deltas)  # (4, B, 1)
+        if self.family.encoder_decoder:
+            with torch.inference_mode():
+                return seq2seq_step(self.model, tokens, state.cache, state.decode_inputs).float().cpu()
         return self._forward(
             input_ids=tokens,
             attention_mask=state.mask,

@@ -61,6 +61,7 @@ class Family:
     model_types: tuple[str, ...]  # config.json `model_type`s of this family
     takes_images: bool = True
     positions: Literal["1d", "mrope"] = "1d"  # mrope: 3-D (time, height, width) rotary positions
+    encoder_decoder: bool = False  # the prompt is encoded once and the decoder steps (vlm_seq2seq)
     rules: dict[str, InputRule] = field(default_factory=dict)  # overrides of the generic rule
     # (model, batched prefill inputs on the device, (B, T) attention mask) -> (prefill inputs, decode-step
     # inputs): for what batching alone cannot express; None for most families.
@@ -126,13 +127,16 @@ MLLAMA = Family(
     prepare=mllama_prepare,
     forward=mllama_forward,
 )
+# Florence-2: an encoder-decoder reading a task prompt (`<CAPTION>`) and at most one image, resized to one
+# fixed size, so its pixel values always concatenate.
+FLORENCE2 = Family("Florence-2", ("florence2",), encoder_decoder=True)
 TEXT = Family(
     "text-only LLM",
     ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"),
     takes_images=False,
     rules={"token_type_ids": InputRule("drop")},
 )
-FAMILIES: tuple[Family, ...] = (LLAVA, QWEN_VL, IDEFICS3, LLAVA_NEXT, MLLAMA, TEXT)
+FAMILIES: tuple[Family, ...] = (LLAVA, QWEN_VL, IDEFICS3, LLAVA_NEXT, MLLAMA, FLORENCE2, TEXT)
 
 
 def replace_rule(family: Family, name: str, rule: InputRule) -> Family:

@@ -21,6 +21,13 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    BartConfig,
+    CLIPImageProcessorPil,
+    Florence2Config,
+    Florence2ForConditionalGeneration,
+    Florence2Processor,
+    Florence2VisionConfig,
+    GenerationConfig,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3ImageProcessorPil,
@@ -33,12 +40,14 @@ from transformers import (
     MllamaForConditionalGeneration,
     MllamaImageProcessorPil,
     MllamaProcessor,
+    PreTrainedTokenizerFast,
 )
 
-from raybooth.models.bpe import VLM_BOS
+from raybooth.models.bpe import VLM_BOS, VLM_EOS, VLM_IMAGE, VLM_PAD, build_chat_tokenizer
 from raybooth.models.vlm_presets import (
     CHAT_TEMPLATE,
     CHATML_TEMPLATE,
+    MAX_CONTEXT,
     _save,
     _text_config_args,
     build_chatml_tokenizer,
@@ -240,9 +249,85 @@ def write_mllama_folder(dest: Path, seed: int) -> None:
     _save(model, processor, tokenizer, dest)
 
 
+# --------------------------------------------------------------------------------------------------
+# tiny-florence2 (encoder-decoder)
+# --------------------------------------------------------------------------------------------------
+
+FLORENCE_IMAGE = 32  # every image is resized to 32x32; DaViT strides 4 then 2 → a 4x4 feature map
+FLORENCE_IMAGE_TOKENS = 4 * 4 + 1  # the map's 16 positions + their mean (Florence-2's projector)
+
+
+def write_florence2_folder(dest: Path, seed: int) -> None:
+    """`tiny-florence2`: a `Florence2ForConditionalGeneration` (DaViT vision tower, BART encoder-decoder).
+    No chat template: the prompt is a task token such as `<CAPTION>`, which the processor expands."""
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=build_chat_tokenizer(),
+        bos_token=VLM_BOS,
+        eos_token=VLM_EOS,
+        pad_token=VLM_PAD,
+        extra_special_tokens={"image_token": VLM_IMAGE},
+        model_max_length=MAX_CONTEXT,
+    )
+    image_processor = CLIPImageProcessorPil(
+        size={"height": FLORENCE_IMAGE, "width": FLORENCE_IMAGE},
+        do_center_crop=False,
+        image_seq_length=FLORENCE_IMAGE_TOKENS,
+    )
+    processor = Florence2Processor(image_processor=image_processor, tokenizer=tokenizer)
+    vision = Florence2VisionConfig(
+        depths=(1, 1),
+        patch_size=(7, 3),
+        patch_stride=(4, 2),
+        patch_padding=(3, 1),
+        patch_prenorm=(False, True),
+        embed_dim=(16, 32),
+        num_heads=(1, 2),
+        num_groups=(1, 2),
+        window_size=2,
+        drop_path_rate=0.0,
+        projection_dim=64,
+    )
+    text = BartConfig(
+        vocab_size=len(tokenizer),
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_position_embeddings=MAX_CONTEXT,
+        dropout=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.eos_token_id,  # BART starts decoding from EOS
+        forced_eos_token_id=None,
+        # Untied: with the LM head equal to the embeddings a random model repeats its input token, and
+        # from the decoder's start token (EOS) that would end every answer at once.
+        tie_word_embeddings=False,
+    )
+    config = Florence2Config(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.image_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Florence2ForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(dest)
+    processor.save_pretrained(dest)
+
+
 # Preset name → the function that writes its folder (presets.build_preset looks it up here).
 WRITERS = {
     "tiny-smolvlm": write_smolvlm_folder,
     "tiny-llava-next": write_llava_next_folder,
     "tiny-mllama": write_mllama_folder,
+    "tiny-florence2": write_florence2_folder,
 }

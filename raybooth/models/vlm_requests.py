@@ -193,6 +193,11 @@ def prepare_request(processor: Any, request: GenerationRequest) -> PreparedReque
         template_messages = [{**m, "content": _joined_text(m["content"])} for m in template_messages]
     for i, image in enumerate(images):
         check_image_budget(image.size, processor, request.image_limits, f"image {i}")
+    if vision and takes_task_prompts(processor):
+        encoded = processor(
+            text=[task_prompt(template_messages, images)], images=images or None, return_tensors="pt"
+        )
+        return _prepared(encoded, request, images)
     options = {"tools": request.tools} if request.tools else {}
     prompt = processor.apply_chat_template(
         template_messages, add_generation_prompt=True, tokenize=False, **options
@@ -204,6 +209,10 @@ def prepare_request(processor: Any, request: GenerationRequest) -> PreparedReque
         encoded = processor(text=[prompt], images=images or None, **special)
     else:
         encoded = tokenizer([prompt], **special)
+    return _prepared(encoded, request, images)
+
+
+def _prepared(encoded: Any, request: GenerationRequest, images: list[Image.Image]) -> PreparedRequest:
     inputs = {k: v for k, v in encoded.items() if k not in ENGINE_INPUTS and isinstance(v, torch.Tensor)}
     return PreparedRequest(
         input_ids=encoded["input_ids"][0].tolist(),
@@ -211,6 +220,24 @@ def prepare_request(processor: Any, request: GenerationRequest) -> PreparedReque
         inputs=inputs,
         num_images=len(images),
     )
+
+
+def takes_task_prompts(processor: Any) -> bool:
+    """A vision processor without a chat template reads a task prompt (Florence-2: `<CAPTION>`,
+    `<OD>`, ...), which it expands itself, instead of a conversation."""
+    return getattr(processor, "chat_template", None) is None
+
+
+def task_prompt(messages: Sequence[dict[str, Any]], images: Sequence[Image.Image]) -> str:
+    """The prompt of a task-prompt model: the one user message's text, with at most one image."""
+    if len(messages) != 1 or messages[0]["role"] != "user":
+        raise RequestError(
+            "this model reads one task prompt, not a conversation; send a single user message "
+            "(e.g. '<CAPTION>' with one image)"
+        )
+    if len(images) > 1:
+        raise RequestError(f"this model takes one image per request, got {len(images)}; send one image")
+    return _joined_text(messages[0]["content"]).strip()
 
 
 def _joined_text(content: Any) -> str:

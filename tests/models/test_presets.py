@@ -31,6 +31,10 @@ def test_presets_are_named_with_kinds():
         "tiny-llm": "vlm",
         "sd15-arch": "sd",
         "tiny-sdxl": "sd",
+        "tiny-smolvlm": "vlm",
+        "tiny-llava-next": "vlm",
+        "tiny-mllama": "vlm",
+        "tiny-florence2": "vlm",
     }
     assert all(p.description for p in PRESETS.values())
 

@@ -24,6 +24,7 @@ from raybooth.models.loaders import load_vlm
 from raybooth.models.presets import resolve_model
 from raybooth.models.vlm_engine import GenerationRequest, VLMEngine
 from raybooth.models.vlm_family import LLAVA, TEXT, InputRule, collate_inputs, detect_family, replace_rule
+from raybooth.models.vlm_requests import takes_task_prompts
 from raybooth.pipelines.inference import prepared_columns, prepared_from_row
 from raybooth.samples import draw_sample_image
 
@@ -32,7 +33,7 @@ MAX_TOKENS = 8
 LOGITS_ATOL = 1e-5
 
 
-VISION_PRESETS = ["tiny-qwen2.5-vl", "tiny-smolvlm", "tiny-llava-next", "tiny-mllama"]
+VISION_PRESETS = ["tiny-qwen2.5-vl", "tiny-smolvlm", "tiny-llava-next", "tiny-mllama", "tiny-florence2"]
 
 
 @functools.cache
@@ -67,13 +68,22 @@ def image(i: int, size: tuple[int, int]) -> dict:
     return {"type": "image", "image": draw_sample_image(i).resize(size)}
 
 
+def images_request(engine: VLMEngine) -> tuple[GenerationRequest, int]:
+    """Two images of different sizes (so different token counts); one, with a task prompt, for a model
+    that reads task prompts (Florence-2)."""
+    if takes_task_prompts(engine.processor):
+        return chat(image(1, (64, 48)), text("<DETAILED_CAPTION>")), 1
+    return chat(image(1, (64, 48)), text("What color is the cat?"), image(2, (32, 32))), 2
+
+
 def mixed_batch(engine: VLMEngine) -> list[GenerationRequest]:
-    """Text only (short and long), one image, two images of different sizes (so different token counts)."""
+    """Text only (short and long), one image, and `images_request`."""
     rows = [chat(text("hi")), chat(text("What is in the image? Describe the dog and the cat. " * 3))]
     if engine.family.takes_images:
+        task = takes_task_prompts(engine.processor)
         rows += [
-            chat(image(0, (40, 40)), text("Describe the image.")),
-            chat(image(1, (64, 48)), text("What color is the cat?"), image(2, (32, 32))),
+            chat(image(0, (40, 40)), text("<CAPTION>" if task else "Describe the image.")),
+            images_request(engine)[0],
         ]
     return rows
 
@@ -86,8 +96,11 @@ def hf_alone(engine: VLMEngine, request: GenerationRequest) -> tuple[list[int], 
     inputs = {
         k: v for k, v in prepared.inputs.items() if not (engine.family is TEXT and k == "token_type_ids")
     }
+    if engine.family.encoder_decoder:  # the decoder's first input: its start token
+        inputs["decoder_input_ids"] = torch.tensor([[engine.model.generation_config.decoder_start_token_id]])
     with torch.inference_mode():
         logits = engine.model(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs).logits[0, -1]
+        inputs.pop("decoder_input_ids", None)
         out = engine.model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
@@ -98,7 +111,8 @@ def hf_alone(engine: VLMEngine, request: GenerationRequest) -> tuple[list[int], 
             output_logits=True,
             return_dict_in_generate=True,
         )
-    tokens = out.sequences[0, ids.shape[1] :].tolist()
+    # A decoder-only model's sequences continue the prompt; an encoder-decoder's start from the start token.
+    tokens = out.sequences[0, 1 if engine.family.encoder_decoder else ids.shape[1] :].tolist()
     eos = [i for i, t in enumerate(tokens) if t in engine.eos_token_ids]
     tokens = tokens[: eos[0] + 1] if eos else tokens
     logprobs = [
@@ -148,10 +162,13 @@ def test_qwen_rows_count_images_not_patches_and_survive_the_prepared_row_format(
 
 
 def test_rows_count_images_not_tiles_and_survive_the_prepared_row_format(vision_engine):
-    two = vision_engine.prepare(chat(image(1, (64, 48)), text("hi"), image(2, (32, 32))))
-    assert two.num_images == 2 and two.inputs  # what packing and limits count, whatever the tile count
+    request, count = images_request(vision_engine)
+    two = vision_engine.prepare(request)
+    assert two.num_images == count and two.inputs  # what packing and limits count, whatever the tile count
     back = prepared_from_row(prepared_columns(two, None, 0.0))
-    assert back.num_images == 2 and back.input_ids == two.input_ids and set(back.inputs) == set(two.inputs)
+    assert (
+        back.num_images == count and back.input_ids == two.input_ids and set(back.inputs) == set(two.inputs)
+    )
     for name, tensor in two.inputs.items():
         assert back.inputs[name].dtype == tensor.dtype and torch.equal(back.inputs[name], tensor)
 
@@ -217,3 +234,21 @@ def test_collate_stacks_one_slot_per_row_and_left_pads_per_token_masks_with_thei
     assert masks.shape == (3, 3, 2, 4)
     assert masks[0, 1:, 0].all() and not masks[0, 0].any() and not masks[0, :, 1].any()  # left pad, pad image
     assert not masks[1].any() and masks[2].all()
+
+
+def test_task_prompt_model_refuses_two_images_and_a_conversation_per_row():
+    engine = load_engine("tiny-florence2")
+    conversation = chat(text("<CAPTION>"))
+    conversation.messages.insert(0, {"role": "system", "content": "be brief"})
+    fine, two, talk, bad_task = engine.generate(
+        [
+            chat(image(0, (40, 40)), text("<CAPTION>")),
+            chat(image(0, (40, 40)), text("<CAPTION>"), image(1, (32, 32))),
+            conversation,
+            chat(image(0, (40, 40)), text("<CAPTION> and more")),  # Florence-2's processor refuses it
+        ]
+    )
+    assert fine.error is None and fine.completion_tokens > 0
+    assert two.error_type == "invalid_request_error" and "one image per request, got 2" in two.error
+    assert talk.error_type == "invalid_request_error" and "single user message" in talk.error
+    assert bad_task.error_type == "invalid_request_error" and "<CAPTION>" in bad_task.error
