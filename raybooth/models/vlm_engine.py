@@ -19,10 +19,15 @@ row and extends the cache. Left padding keeps every row's last prompt token in t
 step serves all rows; the attention mask hides the pads and position ids count only real tokens, so a
 padded row computes what it would compute alone. Qwen-VL's 3-D M-RoPE positions come from the model's
 own `get_rope_index` on the padded batch, and each row's offset (`rope_deltas`) carries them through the
-decode steps. Sampling, stop strings and JSON
-grammars are per row (see `decoding.py`, `constrained.py`), each row with its own seeded generator, so a
-row's output never depends on its batch. Finished rows are dropped from the batch (and the KV cache), so
-one long answer does not make the others pay for its steps.
+decode steps. Mllama's cross-attention masks are built per row (`vlm_cross_attention.py`); an
+encoder-decoder (Florence-2) encodes its prompts once and steps its decoder (`vlm_seq2seq.py`). Sampling,
+stop strings and JSON grammars are per row (`vlm_rows.py`, `decoding.py`, `constrained.py`), each row
+with its own seeded generator, so a row's output never depends on its batch. Finished rows are dropped
+from the batch (and the KV cache), so one long answer does not make the others pay for its steps.
+
+The modules: `vlm_requests.py` (requests, results, errors, preparing one row: no model needed),
+`vlm_family.py` (families and their batching rules), `vlm_rows.py` (one row's decode state), and this
+one: the loop, with the batch's model-side state in `_BatchState`.
 
 Errors that belong to one row come back as that row's `error` and the other rows run on, token for token
 as they would without it: before decoding (bad params, a prompt over the context window, a schema refused
@@ -42,9 +47,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter
 from collections.abc import Container, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +58,7 @@ from raybooth.models.constrained import JSONGrammars
 from raybooth.models.decoding import (
     SamplingParams,
     TextTracker,
-    adjust_logits,
     row_generator,
-    sample_token,
-    token_logprobs,
 )
 from raybooth.models.vlm_family import (
     Family,
@@ -83,6 +84,7 @@ from raybooth.models.vlm_requests import (
     split_images,
     takes_images,
 )
+from raybooth.models.vlm_rows import DecodeRow
 from raybooth.models.vlm_seq2seq import new_seq2seq_cache, seq2seq_prefill, seq2seq_step
 
 __all__ = [
@@ -107,34 +109,6 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------
 # The engine
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Row:
-    """Decode state of one running row."""
-
-    index: int  # position in the caller's request list
-    prepared: PreparedRequest
-    generator: torch.Generator
-    text: TextTracker
-    matcher: Any  # xgrammar GrammarMatcher or None
-    generated: int = 0  # tokens sampled so far, EOS included (what usage.completion_tokens counts)
-    counts: Counter[int] = field(default_factory=Counter)  # how often each token was sampled (penalties)
-
-    @property
-    def params(self) -> SamplingParams:
-        return self.prepared.params
-
-    def finish(self, reason: str, text: str = "") -> StreamDelta:
-        return StreamDelta(
-            text=text,
-            finish_reason=reason,
-            prompt_tokens=self.prepared.prompt_tokens,
-            completion_tokens=self.generated,
-        )
-
-    def fail(self, error: BaseException) -> StreamDelta:
-        return error_delta(error, self.prepared.prompt_tokens, self.generated)
 
 
 @dataclass
@@ -207,6 +181,9 @@ class VLMEngine:
             elif isinstance(value, list | tuple):
                 ids.update(int(v) for v in value)
         return ids
+
+    def _vocab_bytes(self) -> Sequence[bytes]:
+        return self.grammars.info.decoded_vocab  # each token id's exact bytes (built on first use)
 
     @property
     def grammars(self) -> JSONGrammars:
@@ -295,7 +272,7 @@ class VLMEngine:
                 try:
                     if b in grammar_failed:
                         raise grammar_failed[b]
-                    delta = self._step_row(row, logits[b])
+                    delta = row.step(logits[b], self.eos_token_ids, self._vocab_bytes)
                 except Exception as e:  # this row's failure only: it leaves, the batch goes on
                     step[row.index] = row.fail(e)
                     continue
@@ -329,9 +306,9 @@ class VLMEngine:
 
     def _start_rows(
         self, requests: Sequence[GenerationRequest | PreparedRequest]
-    ) -> tuple[list[_Row], list[StreamDelta | None] | None]:
+    ) -> tuple[list[DecodeRow], list[StreamDelta | None] | None]:
         """Prepare every request and build its row state; failures become error deltas."""
-        rows: list[_Row] = []
+        rows: list[DecodeRow] = []
         errors: list[StreamDelta | None] = [None] * len(requests)
         failed = False
         for i, request in enumerate(requests):
@@ -347,7 +324,7 @@ class VLMEngine:
                 failed = True
                 continue
             rows.append(
-                _Row(
+                DecodeRow(
                     i,
                     prepared,
                     row_generator(prepared.params),
@@ -364,20 +341,6 @@ class VLMEngine:
                 f"logit_bias names token ids {outside[:5]} outside this model's vocabulary "
                 f"(0..{self.vocab_size - 1}); use ids of its tokenizer"
             )
-
-    def _token(self, token_id: int, logprob: float) -> TokenLogprob:
-        raw = (
-            self.grammars.info.decoded_vocab[token_id]
-            if token_id < len(self.grammars.info.decoded_vocab)
-            else b""
-        )
-        return TokenLogprob(raw.decode("utf-8", errors="replace"), list(raw), logprob)
-
-    def _logprob(self, logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
-        chosen, alternatives = token_logprobs(logits, token, top)
-        entry = self._token(token, chosen)
-        entry.top = [self._token(t, lp) for t, lp in alternatives]
-        return entry
 
     def _forward(self, **inputs: Any) -> torch.Tensor:
         """One model call; the last position's logits as float32 on the CPU, `(B, V)`."""
@@ -468,37 +431,9 @@ class VLMEngine:
 
         return {k: move(v) for k, v in inputs.items()}
 
-    def _mask_with_grammars(self, logits: torch.Tensor, rows: list[_Row]) -> dict[int, Exception]:
+    def _mask_with_grammars(self, logits: torch.Tensor, rows: list[DecodeRow]) -> dict[int, Exception]:
         """Mask every constrained row's logits in place; the rows whose matcher raised, with the error."""
         matchers = [row.matcher for row in rows]
         if any(m is not None for m in matchers):
             return self.grammars.mask_logits(logits, matchers)
         return {}
-
-    def _step_row(self, row: _Row, logits: torch.Tensor) -> StreamDelta:
-        """Sample one row's next token from its (masked) logits `(V,)` and feed it to the row."""
-        row_logits = adjust_logits(logits, row.params, row.counts)
-        token = sample_token(row_logits, row.params, row.generator)
-        delta = self._advance(row, token)
-        delta.token_ids.append(token)
-        row.counts[token] += 1
-        if row.params.logprobs is not None and token not in self.eos_token_ids:
-            delta.logprobs.append(self._logprob(row_logits, token, row.params.logprobs))
-        return delta
-
-    def _advance(self, row: _Row, token: int) -> StreamDelta:
-        """Feed one sampled token to a row; its delta, finished when EOS, a stop, the grammar or the budget says so."""
-        if row.matcher is not None and not row.matcher.accept_token(token):
-            # The token was sampled from the grammar's own mask, so this is a bug, not bad input.
-            raise RuntimeError(f"grammar rejected token {token} that its own bitmask allowed")
-        row.generated += 1
-        if token in self.eos_token_ids:
-            return row.finish("stop", row.text.flush())
-        delta, stopped = row.text.push(token)
-        if stopped:
-            return row.finish("stop", delta)
-        if row.matcher is not None and row.matcher.is_terminated():
-            return row.finish("stop", delta + row.text.flush())
-        if row.generated >= row.params.max_tokens:
-            return row.finish("length", delta + row.text.flush())
-        return StreamDelta(text=delta)
