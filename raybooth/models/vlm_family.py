@@ -29,6 +29,7 @@ own `forward` (see `vlm_cross_attention.py`). Plain PyTorch: no Ray.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -242,10 +243,16 @@ def image_only_processor_class(cls: type) -> type:
     subclass whose `__init__` takes no `video_processor` needs none; it keeps `cls`'s name, so what it
     saves loads as `cls` where torchvision is installed."""
 
+    # By keyword: the third positional parameter is not the video processor everywhere (Idefics3's is
+    # image_seq_len), and a processor without a video part gets nothing extra.
+    takes_video = "video_processor" in inspect.signature(cls.__init__).parameters
+
     def __init__(
         self: Any, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None, **kw: Any
     ):
-        cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kw)
+        if takes_video:
+            kw["video_processor"] = None
+        cls.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kw)
 
     return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
 

@@ -19,6 +19,7 @@ from transformers import Blip2Config
 
 from raybooth.cluster.workdir import default_models_dir
 from raybooth.errors import ModelError
+from raybooth.models import loaders
 from raybooth.models.decoding import SamplingParams
 from raybooth.models.loaders import load_vlm
 from raybooth.models.presets import resolve_model
@@ -256,3 +257,11 @@ def test_task_prompt_model_refuses_two_images_and_a_conversation_per_row():
     assert two.error_type == "invalid_request_error" and "one image per request, got 2" in two.error
     assert talk.error_type == "invalid_request_error" and "single user message" in talk.error
     assert bad_task.error_type == "invalid_request_error" and "<CAPTION>" in bad_task.error
+
+
+def test_processor_built_without_its_video_part_keeps_its_own_settings():
+    # The fallback for processors whose video part needs torchvision (SmolVLM2, Qwen-VL) must keep what
+    # processor_config.json sets, e.g. image tokens per tile; the default (169) would break every prompt.
+    path = resolve_model("tiny-smolvlm", kind="vlm", models_dir=default_models_dir())
+    processor = loaders._image_only_processor(path, {})
+    assert processor.image_seq_len == 4 and type(processor).__name__ == "Idefics3Processor"
