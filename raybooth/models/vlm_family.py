@@ -56,6 +56,12 @@ class InputRule:
     pad_value: float = 0
 
 
+# (model, batched prefill inputs on the device, (B, T) attention mask) -> (prefill inputs, decode-step inputs)
+PrepareBatch = Callable[[Any, dict[str, Any], torch.Tensor], tuple[dict[str, Any], dict[str, Any]]]
+# (model, inputs) -> (B, V) last-position logits
+ForwardBatch = Callable[[Any, dict[str, Any]], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class Family:
     name: str  # what users and errors read: "Qwen2.5-VL", "text-only LLM"
@@ -64,13 +70,8 @@ class Family:
     positions: Literal["1d", "mrope"] = "1d"  # mrope: 3-D (time, height, width) rotary positions
     encoder_decoder: bool = False  # the prompt is encoded once and the decoder steps (vlm_seq2seq)
     rules: dict[str, InputRule] = field(default_factory=dict)  # overrides of the generic rule
-    # (model, batched prefill inputs on the device, (B, T) attention mask) -> (prefill inputs, decode-step
-    # inputs): for what batching alone cannot express; None for most families.
-    prepare: Callable[[Any, dict[str, Any], torch.Tensor], tuple[dict[str, Any], dict[str, Any]]] | None = (
-        None
-    )
-    # (model, inputs) -> (B, V) last-position logits, in place of `model(**inputs)`; None for most families.
-    forward: Callable[[Any, dict[str, Any]], torch.Tensor] | None = None
+    prepare: PrepareBatch | None = None  # for what batching alone cannot express (Mllama); None for most
+    forward: ForwardBatch | None = None  # in place of `model(**inputs)` (Mllama); None for most families
 
     def rule(self, name: str, tensor: torch.Tensor, prompt_tokens: int) -> InputRule:
         if name in self.rules:
@@ -100,6 +101,7 @@ QWEN_VL = Family(
 # Idefics3 / SmolVLM: each row's images arrive as (1, N_img, C, H, W) tiles (a global tile plus the crops),
 # N_img differing per request; the batch is (B, N_max, C, H, W) with all-zero tiles as padding (which the
 # model drops) and the pixel mask padded with 0 alongside. Rows without images are simply absent.
+# (SmolVLM2's `smolvlm` processor also needs the `num2words` package.)
 IDEFICS3 = Family(
     "SmolVLM / Idefics3",
     ("idefics3", "smolvlm"),

@@ -1,12 +1,13 @@
-"""The engine on each family preset (tiny-qwen2.5-vl: M-RoPE; tiny-smolvlm: per-request tile counts;
-tiny-llm: text only; ...), against HF.
+"""The engine on each family preset, against HF: tiny-qwen2.5-vl (M-RoPE, per-image patch grids),
+tiny-smolvlm (per-request tile counts), tiny-llava-next (per-image crop counts), tiny-mllama
+(cross-attention to each row's own images), tiny-florence2 (encoder-decoder, task prompts), tiny-llm.
 
 .venv/bin/python -m pytest tests/models/test_vlm_families.py
 
 The oracle is Hugging Face itself: `model.generate` and `model(...)` on each request alone, with the
-inputs the family's processor returns. A mixed batch (text only, one image, two images of different sizes)
-must give every row the tokens it gets alone, so batching, padding, positions and the image inputs all
-have to be right per row.
+inputs the family's processor returns. A mixed batch (text only, one image, two images of different sizes;
+one row ending early) must give every row the tokens it gets alone, so batching, padding, positions, the
+image inputs and dropping finished rows all have to be right per row.
 """
 
 from __future__ import annotations
