@@ -174,11 +174,21 @@ def _image_only_processor(path: str, options: dict[str, Any]) -> ProcessorMixin:
     config_file = Path(path) / "processor_config.json"
     if not config_file.is_file():
         config_file = Path(hf_hub_download(path, "processor_config.json", **options))
-    name = json.loads(config_file.read_text(encoding="utf-8"))["processor_class"]
-    cls = image_only_processor_class(getattr(transformers, name))
+    saved = json.loads(config_file.read_text(encoding="utf-8"))
+    cls = image_only_processor_class(getattr(transformers, saved["processor_class"]))
     tokenizer = AutoTokenizer.from_pretrained(path, **options)
     image_processor = AutoImageProcessor.from_pretrained(path, **options)
-    return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+    # The processor's own settings (SmolVLM's image_seq_len: image tokens per tile) travel with it; the
+    # sub-processors' configs (dicts) are loaded above.
+    settings = {
+        k: v for k, v in saved.items() if k not in ("processor_class", "auto_map") and not isinstance(v, dict)
+    }
+    return cls(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
+        **settings,
+    )
 
 
 def hub_reachable(timeout_s: float = 3.0) -> bool:

@@ -10,6 +10,10 @@ diffusers/transformers folder format under the work dir (`raybooth build-models`
     tiny-llm    a text-only Llama chat model, tiny: the chat route and batch requests without images
     tiny-sd3    SD3 shaped, tiny: flow-matching LoRA DreamBooth, sampling and serving on a CPU
     tiny-flux   Flux.1-dev shaped, tiny: the same for Flux (guidance embedding, packed latents)
+    tiny-smolvlm     SmolVLM (Idefics3) shaped, tiny: per-request image tile counts on a CPU
+    tiny-llava-next  LLaVA-NeXT shaped, tiny: per-image crop counts (AnyRes) on a CPU
+    tiny-mllama      Mllama (Llama 3.2 Vision) shaped, tiny: cross-attention to each row's images on a CPU
+    tiny-florence2   Florence-2 shaped, tiny: an encoder-decoder with task prompts (`<CAPTION>`) on a CPU
     sd15-arch   SD 1.5's real architecture with random weights: GPU benchmarks only (~4 GB)
 
 `resolve_model` maps a preset name to its built folder, a local folder to itself, and `org/name` to a
@@ -66,6 +70,12 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "tiny-flux", "sd", "Flux.1-dev shaped (CLIP + T5, guidance-distilled transformer); 64x64 on a CPU"
+        ),
+        Preset("tiny-smolvlm", "vlm", "SmolVLM shaped (Idefics3: image tiles, pixel shuffle), random; CPU"),
+        Preset("tiny-llava-next", "vlm", "LLaVA-NeXT shaped (AnyRes crops, image_sizes), random; CPU"),
+        Preset("tiny-mllama", "vlm", "Mllama shaped (tiled vision, cross-attention decoder), random; CPU"),
+        Preset(
+            "tiny-florence2", "vlm", "Florence-2 shaped (DaViT + BART encoder-decoder, task prompts); CPU"
         ),
     )
 }
@@ -131,20 +141,17 @@ def _write_preset(preset: Preset, folder: Path, seed: int) -> None:
     # `resolve_model` on an already built preset need neither.
     import torch
 
-    from raybooth.models import sd_presets, vlm_presets
+    from raybooth.models import flow_presets, sd_presets, vlm_presets, vlm_presets_more
 
+    writers = {**flow_presets.WRITERS, **vlm_presets.WRITERS, **vlm_presets_more.WRITERS}
     # Building reseeds torch before each component; fork_rng keeps the caller's random stream intact.
     with torch.random.fork_rng(devices=[]):
-        if preset.name in ("tiny-sd3", "tiny-flux"):
-            from raybooth.models import flow_presets
-
-            flow_presets.WRITERS[preset.name](folder, seed)
+        if preset.name in writers:
+            writers[preset.name](folder, seed)
         elif preset.name == "tiny-sdxl":
             sd_presets.write_sdxl_folder(folder, sd_presets.SD_ARCHITECTURES[preset.name], seed)
-        elif preset.kind == "sd":
-            sd_presets.write_sd_folder(folder, sd_presets.SD_ARCHITECTURES[preset.name], seed)
         else:
-            vlm_presets.WRITERS[preset.name](folder, seed)
+            sd_presets.write_sd_folder(folder, sd_presets.SD_ARCHITECTURES[preset.name], seed)
 
 
 def _move_into_place(building: Path, dest: Path, name: str, seed: int) -> None:

@@ -19,10 +19,15 @@ row and extends the cache. Left padding keeps every row's last prompt token in t
 step serves all rows; the attention mask hides the pads and position ids count only real tokens, so a
 padded row computes what it would compute alone. Qwen-VL's 3-D M-RoPE positions come from the model's
 own `get_rope_index` on the padded batch, and each row's offset (`rope_deltas`) carries them through the
-decode steps. Sampling, stop strings and JSON
-grammars are per row (see `decoding.py`, `constrained.py`), each row with its own seeded generator, so a
-row's output never depends on its batch. Finished rows are dropped from the batch (and the KV cache), so
-one long answer does not make the others pay for its steps.
+decode steps. Mllama's cross-attention masks are built per row (`vlm_cross_attention.py`); an
+encoder-decoder (Florence-2) encodes its prompts once and steps its decoder (`vlm_seq2seq.py`). Sampling,
+stop strings and JSON grammars are per row (`vlm_rows.py`, `decoding.py`, `constrained.py`), each row
+with its own seeded generator, so a row's output never depends on its batch. Finished rows are dropped
+from the batch (and the KV cache), so one long answer does not make the others pay for its steps.
+
+The modules: `vlm_requests.py` (requests, results, errors, preparing one row: no model needed),
+`vlm_family.py` (families and their batching rules), `vlm_rows.py` (one row's decode state), and this
+one: the loop, with the batch's model-side state in `_BatchState`.
 
 Errors that belong to one row come back as that row's `error` and the other rows run on, token for token
 as they would without it: before decoding (bad params, a prompt over the context window, a schema refused
@@ -42,28 +47,20 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter
 from collections.abc import Container, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from raybooth.models.constrained import JSONGrammars
 from raybooth.models.decoding import (
     SamplingParams,
     TextTracker,
-    adjust_logits,
     row_generator,
-    sample_token,
-    token_logprobs,
 )
-from raybooth.models.image_budget import check_image_budget
-from raybooth.models.images import ImageLimits
 from raybooth.models.vlm_family import (
-    ENGINE_INPUTS,
     Family,
     collate_inputs,
     detect_family,
@@ -71,235 +68,47 @@ from raybooth.models.vlm_family import (
     mrope_step_positions,
 )
 
+# Requests, results and preparing one row live in vlm_requests; re-exported here for callers.
+from raybooth.models.vlm_requests import (
+    INVALID_REQUEST,
+    SERVER_ERROR,
+    GenerationRequest,
+    GenerationResult,
+    PreparedRequest,
+    RequestError,
+    StreamDelta,
+    TokenLogprob,
+    check_context,
+    error_delta,
+    prepare_request,
+    split_images,
+    takes_images,
+)
+from raybooth.models.vlm_rows import DecodeRow
+from raybooth.models.vlm_seq2seq import new_seq2seq_cache, seq2seq_prefill, seq2seq_step
+
+__all__ = [
+    "INVALID_REQUEST",
+    "SERVER_ERROR",
+    "GenerationRequest",
+    "GenerationResult",
+    "PreparedRequest",
+    "RequestError",
+    "StreamDelta",
+    "TokenLogprob",
+    "VLMEngine",
+    "check_context",
+    "error_delta",
+    "prepare_request",
+    "split_images",
+    "takes_images",
+]
+
 log = logging.getLogger(__name__)
-
-INVALID_REQUEST = "invalid_request_error"  # the row's request is bad (HTTP 400); OpenAI's error type
-SERVER_ERROR = "server_error"  # the engine failed on the row (HTTP 500)
-
-
-@dataclass
-class GenerationRequest:
-    """One conversation. Content is a string or OpenAI-like parts with images already decoded:
-    `{"type": "text", "text": ...}` / `{"type": "image", "image": PIL.Image}`."""
-
-    messages: list[dict[str, Any]]
-    params: SamplingParams = field(default_factory=SamplingParams)
-    # OpenAI tool definitions the chat template shows the model (`{"type": "function", "function": ...}`).
-    tools: list[dict[str, Any]] | None = None
-    # Aspect-ratio and after-resize pixel limits `prepare_request` checks before the processor resizes;
-    # the caller's configured ones travel with the request to wherever it is prepared.
-    image_limits: ImageLimits = field(default_factory=ImageLimits)
-
-
-@dataclass
-class PreparedRequest:
-    """A request turned into model inputs; what packing measures and what the decode loop consumes."""
-
-    input_ids: list[int]  # prompt tokens, image placeholders already expanded
-    params: SamplingParams
-    # Every other tensor the processor returned (pixel_values, image_grid_thw, mm_token_type_ids, ...),
-    # as it returned them for this row alone; the family's rules batch them (vlm_family.collate_inputs).
-    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
-    num_images: int = 0  # images in the request (not patches or tiles): what packing and limits count
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.input_ids)
-
-    @property
-    def pixel_values(self) -> torch.Tensor | None:
-        return self.inputs.get("pixel_values")
-
-
-@dataclass
-class TokenLogprob:
-    """One sampled token (or an alternative to it) with its log-probability, in OpenAI's terms: `token`
-    is its text, `bytes` its exact UTF-8 bytes (a token may hold part of a character; `token` then shows
-    U+FFFD where `bytes` stay exact)."""
-
-    token: str
-    bytes: list[int]
-    logprob: float
-    top: list[TokenLogprob] = field(default_factory=list)  # the likeliest alternatives, best first
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    # "stop" (EOS, stop string, grammar complete) | "length" | "cancelled" | "error" (then `error` is set)
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    token_ids: list[int] = field(default_factory=list)
-    error: str | None = None
-    # One entry per sampled token but EOS, when the request asked for logprobs; None when it did not.
-    logprobs: list[TokenLogprob] | None = None
-    error_type: str | None = None  # INVALID_REQUEST | SERVER_ERROR when `error` is set
-
-
-@dataclass
-class StreamDelta:
-    """What one row produced in one step: new text, and on its last step the finish reason and counts.
-    A failed row's last delta has finish_reason "error", `error` and `error_type` (see the module doc)."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)  # tokens sampled this step (EOS included)
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # theirs, when asked for (EOS left out)
-    finish_reason: str | None = None
-    error: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error_type: str | None = None  # INVALID_REQUEST | SERVER_ERROR when `error` is set
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None or self.error is not None
-
-
-class RequestError(ValueError):
-    """A request this engine cannot run (too long for the context, no text, bad images)."""
-
-
-def error_delta(error: BaseException, prompt_tokens: int = 0, completion_tokens: int = 0) -> StreamDelta:
-    """The last delta of a row that failed with `error`: ValueErrors are the request's fault, the rest
-    the server's (logged with their traceback; the user sees no internal text)."""
-    if isinstance(error, ValueError):
-        message, kind = str(error), INVALID_REQUEST
-    else:
-        log.error("a generation row failed", exc_info=error)
-        message, kind = f"internal error while generating this request ({type(error).__name__})", SERVER_ERROR
-    return StreamDelta(
-        finish_reason="error",
-        error=message,
-        error_type=kind,
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# Preparing one request (processor only: runs on CPU workers too, without the model)
-# --------------------------------------------------------------------------------------------------
-
-
-def split_images(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Image.Image]]:
-    """Messages for the chat template (image parts reduced to `{"type": "image"}`) and the images in order."""
-    template_messages: list[dict[str, Any]] = []
-    images: list[Image.Image] = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list):
-            parts = []
-            for part in content:
-                if part.get("type") == "image":
-                    if not isinstance(part.get("image"), Image.Image):
-                        raise RequestError("an image part must carry a decoded PIL image under 'image'")
-                    images.append(part["image"])
-                    parts.append({"type": "image"})
-                elif part.get("type") == "text":
-                    parts.append({"type": "text", "text": str(part.get("text", ""))})
-                else:
-                    raise RequestError(
-                        f"content part type {part.get('type')!r} is not 'text' or 'image'; decode image_url "
-                        "parts first (raybooth.openai.chat.engine_messages_from_chat)"
-                    )
-            content = parts
-        # Tool turns keep what templates read of them (the calls made, the call a tool result answers).
-        extra = {k: message[k] for k in ("tool_calls", "tool_call_id", "name") if message.get(k) is not None}
-        template_messages.append(
-            {"role": message["role"], "content": content if content is not None else "", **extra}
-        )
-    return template_messages, images
-
-
-def takes_images(processor: Any) -> bool:
-    """A multimodal processor has an image processor; a text-only LLM's "processor" is its tokenizer."""
-    return getattr(processor, "image_processor", None) is not None
-
-
-def prepare_request(processor: Any, request: GenerationRequest) -> PreparedRequest:
-    """Chat template → token ids with expanded image tokens, plus every tensor the processor returns.
-
-    `processor` is a multimodal processor, or a tokenizer for a text-only LLM (whose chat template gets
-    each message's text parts joined into one string, the form text templates read). Each image's aspect
-    ratio and its size after the processor's resize are checked first (an `ImageError`, a ValueError, so
-    the row's 400): the resize is where a thin image costs gigabytes."""
-    template_messages, images = split_images(request.messages)
-    tokenizer = getattr(processor, "tokenizer", processor)
-    vision = takes_images(processor)
-    if images and not vision:
-        name = Path(str(getattr(tokenizer, "name_or_path", "") or "this model")).name
-        raise RequestError(f"model {name} takes no images; send text only, or use a vision-language model")
-    if not vision:
-        template_messages = [{**m, "content": _joined_text(m["content"])} for m in template_messages]
-    for i, image in enumerate(images):
-        check_image_budget(image.size, processor, request.image_limits, f"image {i}")
-    options = {"tools": request.tools} if request.tools else {}
-    prompt = processor.apply_chat_template(
-        template_messages, add_generation_prompt=True, tokenize=False, **options
-    )
-    bos = getattr(tokenizer, "bos_token", None)
-    # The template may already write BOS; adding another would shift every position by one.
-    special = {"add_special_tokens": not (bos and prompt.startswith(bos)), "return_tensors": "pt"}
-    if vision:
-        encoded = processor(text=[prompt], images=images or None, **special)
-    else:
-        encoded = tokenizer([prompt], **special)
-    inputs = {k: v for k, v in encoded.items() if k not in ENGINE_INPUTS and isinstance(v, torch.Tensor)}
-    return PreparedRequest(
-        input_ids=encoded["input_ids"][0].tolist(),
-        params=request.params,
-        inputs=inputs,
-        num_images=len(images),
-    )
-
-
-def _joined_text(content: Any) -> str:
-    if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content)
-    return content
-
-
-def check_context(prepared: PreparedRequest, max_context: int | None) -> None:
-    """Refuse a row whose prompt plus its token budget cannot fit the model's position table."""
-    if max_context is not None and prepared.prompt_tokens + prepared.params.max_tokens > max_context:
-        raise RequestError(
-            f"prompt ({prepared.prompt_tokens} tokens) + max_tokens ({prepared.params.max_tokens}) exceeds the "
-            f"model's context of {max_context} tokens; shorten the prompt or lower max_tokens"
-        )
-
 
 # --------------------------------------------------------------------------------------------------
 # The engine
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Row:
-    """Decode state of one running row."""
-
-    index: int  # position in the caller's request list
-    prepared: PreparedRequest
-    generator: torch.Generator
-    text: TextTracker
-    matcher: Any  # xgrammar GrammarMatcher or None
-    generated: int = 0  # tokens sampled so far, EOS included (what usage.completion_tokens counts)
-    counts: Counter[int] = field(default_factory=Counter)  # how often each token was sampled (penalties)
-
-    @property
-    def params(self) -> SamplingParams:
-        return self.prepared.params
-
-    def finish(self, reason: str, text: str = "") -> StreamDelta:
-        return StreamDelta(
-            text=text,
-            finish_reason=reason,
-            prompt_tokens=self.prepared.prompt_tokens,
-            completion_tokens=self.generated,
-        )
-
-    def fail(self, error: BaseException) -> StreamDelta:
-        return error_delta(error, self.prepared.prompt_tokens, self.generated)
 
 
 @dataclass
@@ -372,6 +181,9 @@ class VLMEngine:
             elif isinstance(value, list | tuple):
                 ids.update(int(v) for v in value)
         return ids
+
+    def _vocab_bytes(self) -> Sequence[bytes]:
+        return self.grammars.info.decoded_vocab  # each token id's exact bytes (built on first use)
 
     @property
     def grammars(self) -> JSONGrammars:
@@ -460,7 +272,7 @@ class VLMEngine:
                 try:
                     if b in grammar_failed:
                         raise grammar_failed[b]
-                    delta = self._step_row(row, logits[b])
+                    delta = row.step(logits[b], self.eos_token_ids, self._vocab_bytes)
                 except Exception as e:  # this row's failure only: it leaves, the batch goes on
                     step[row.index] = row.fail(e)
                     continue
@@ -494,9 +306,9 @@ class VLMEngine:
 
     def _start_rows(
         self, requests: Sequence[GenerationRequest | PreparedRequest]
-    ) -> tuple[list[_Row], list[StreamDelta | None] | None]:
+    ) -> tuple[list[DecodeRow], list[StreamDelta | None] | None]:
         """Prepare every request and build its row state; failures become error deltas."""
-        rows: list[_Row] = []
+        rows: list[DecodeRow] = []
         errors: list[StreamDelta | None] = [None] * len(requests)
         failed = False
         for i, request in enumerate(requests):
@@ -512,7 +324,7 @@ class VLMEngine:
                 failed = True
                 continue
             rows.append(
-                _Row(
+                DecodeRow(
                     i,
                     prepared,
                     row_generator(prepared.params),
@@ -530,23 +342,11 @@ class VLMEngine:
                 f"(0..{self.vocab_size - 1}); use ids of its tokenizer"
             )
 
-    def _token(self, token_id: int, logprob: float) -> TokenLogprob:
-        raw = (
-            self.grammars.info.decoded_vocab[token_id]
-            if token_id < len(self.grammars.info.decoded_vocab)
-            else b""
-        )
-        return TokenLogprob(raw.decode("utf-8", errors="replace"), list(raw), logprob)
-
-    def _logprob(self, logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
-        chosen, alternatives = token_logprobs(logits, token, top)
-        entry = self._token(token, chosen)
-        entry.top = [self._token(t, lp) for t, lp in alternatives]
-        return entry
-
     def _forward(self, **inputs: Any) -> torch.Tensor:
         """One model call; the last position's logits as float32 on the CPU, `(B, V)`."""
         with torch.inference_mode():
+            if self.family.forward is not None:  # a family that calls its model its own way (Mllama)
+                return self.family.forward(self.model, {**inputs, "use_cache": True}).float().cpu()
             out = self.model(**inputs, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :].float().cpu()
 
@@ -570,19 +370,32 @@ class VLMEngine:
         if self.family.positions == "mrope":
             position_ids, rope_deltas = mrope_positions(self.model, ids, mask, extra)  # (4, B, T), (B, 1)
             rope_deltas = rope_deltas.to(self.device)
+        extra, decode_inputs = self._to_device(extra), self._to_device(decode_inputs)
+        if self.family.encoder_decoder:  # the encoder once, then the decoder's first step (vlm_seq2seq)
+            cache = new_seq2seq_cache(self.model)
+            with torch.inference_mode():
+                logits, decode_inputs = seq2seq_prefill(
+                    self.model, ids.to(self.device), mask.to(self.device), extra, cache
+                )
+            state = _BatchState(
+                cache, mask.to(self.device), positions[:, -1:].to(self.device), None, decode_inputs
+            )
+            return logits.float().cpu(), state
+        if self.family.prepare is not None:  # what batching alone cannot express (Mllama's masks)
+            extra, decode_inputs = self.family.prepare(self.model, extra, mask.to(self.device))
         state = _BatchState(
             cache=DynamicCache(config=self.model.config.get_text_config()),
             mask=mask.to(self.device),
             positions=positions[:, -1:].to(self.device),
             rope_deltas=rope_deltas,
-            decode_inputs=self._to_device(decode_inputs),
+            decode_inputs=decode_inputs,
         )
         logits = self._forward(
             input_ids=ids.to(self.device),
             attention_mask=state.mask,
             position_ids=position_ids.to(self.device),
             past_key_values=state.cache,
-            **self._to_device(extra),
+            **extra,
         )
         return logits, state
 
@@ -593,6 +406,9 @@ class VLMEngine:
         position_ids = state.positions
         if state.rope_deltas is not None:
             position_ids = mrope_step_positions(state.positions, state.rope_deltas)  # (4, B, 1)
+        if self.family.encoder_decoder:
+            with torch.inference_mode():
+                return seq2seq_step(self.model, tokens, state.cache, state.decode_inputs).float().cpu()
         return self._forward(
             input_ids=tokens,
             attention_mask=state.mask,
@@ -615,37 +431,9 @@ class VLMEngine:
 
         return {k: move(v) for k, v in inputs.items()}
 
-    def _mask_with_grammars(self, logits: torch.Tensor, rows: list[_Row]) -> dict[int, Exception]:
+    def _mask_with_grammars(self, logits: torch.Tensor, rows: list[DecodeRow]) -> dict[int, Exception]:
         """Mask every constrained row's logits in place; the rows whose matcher raised, with the error."""
         matchers = [row.matcher for row in rows]
         if any(m is not None for m in matchers):
             return self.grammars.mask_logits(logits, matchers)
         return {}
-
-    def _step_row(self, row: _Row, logits: torch.Tensor) -> StreamDelta:
-        """Sample one row's next token from its (masked) logits `(V,)` and feed it to the row."""
-        row_logits = adjust_logits(logits, row.params, row.counts)
-        token = sample_token(row_logits, row.params, row.generator)
-        delta = self._advance(row, token)
-        delta.token_ids.append(token)
-        row.counts[token] += 1
-        if row.params.logprobs is not None and token not in self.eos_token_ids:
-            delta.logprobs.append(self._logprob(row_logits, token, row.params.logprobs))
-        return delta
-
-    def _advance(self, row: _Row, token: int) -> StreamDelta:
-        """Feed one sampled token to a row; its delta, finished when EOS, a stop, the grammar or the budget says so."""
-        if row.matcher is not None and not row.matcher.accept_token(token):
-            # The token was sampled from the grammar's own mask, so this is a bug, not bad input.
-            raise RuntimeError(f"grammar rejected token {token} that its own bitmask allowed")
-        row.generated += 1
-        if token in self.eos_token_ids:
-            return row.finish("stop", row.text.flush())
-        delta, stopped = row.text.push(token)
-        if stopped:
-            return row.finish("stop", delta)
-        if row.matcher is not None and row.matcher.is_terminated():
-            return row.finish("stop", delta + row.text.flush())
-        if row.generated >= row.params.max_tokens:
-            return row.finish("length", delta + row.text.flush())
-        return StreamDelta(text=delta)

@@ -8,31 +8,38 @@ A processor returns more than `input_ids`: pixel values, image grids (Qwen-VL), 
 image sizes, masks. Every output a row's processor call returned travels with the row
 (`PreparedRequest.inputs`), and one rule per output says how the rows' tensors become one batch:
 
-- `token`:  aligned with the prompt, `(1, T)`: left-padded with the prompt to `(B, T_max)`;
+- `token`:  aligned with the prompt, `(1, T, ...)`: left-padded with the prompt to `(B, T_max, ...)`, any
+            trailing dims padded to the batch's largest (Mllama's per-token, per-image, per-tile mask);
 - `concat`: one entry per image along dim 0 (pixel values, `image_grid_thw`): the rows' entries concatenate,
             in row order, which is the order the model fills image tokens in;
 - `pad`:    like `concat`, but every other dim is padded to the batch's largest first (per-request patch
             or tile counts), so rows of different shapes still stack;
+- `stack`:  one entry per row, `(1, ...)`: padded to the batch's largest and stacked to `(B, ...)`, zeros
+            for a row without it (Mllama, whose cross-attention reads each row's own images);
 - `row`:    kept per row, as a list (the model takes one entry per row);
 - `drop`:   not a model input (a text LLM's tokenizer may return `token_type_ids` its model never reads).
 
 The generic rule (`token` when the tensor is `(1, T)` for a T-token prompt, else `concat`) covers most
 families; a family names its exceptions. `decode=True` marks what the model also needs at every decode
-step (the rest is prefill only, as Hugging Face `generate` passes it). Plain PyTorch: no Ray.
+step (the rest is prefill only, as Hugging Face `generate` passes it). A family whose model call needs
+more than batching (Mllama's cross-attention masks) adds a `prepare` step on the batched inputs and its
+own `forward` (see `vlm_cross_attention.py`). Plain PyTorch: no Ray.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
 from raybooth.errors import ModelError
+from raybooth.models.vlm_cross_attention import mllama_forward, mllama_prepare
 
-Batching = Literal["token", "concat", "pad", "row", "drop"]
+Batching = Literal["token", "concat", "pad", "stack", "row", "drop"]
 
 # Outputs the engine builds itself for the whole batch (padding, mask), never taken from the processor.
 ENGINE_INPUTS = ("input_ids", "attention_mask")
@@ -49,13 +56,22 @@ class InputRule:
     pad_value: float = 0
 
 
+# (model, batched prefill inputs on the device, (B, T) attention mask) -> (prefill inputs, decode-step inputs)
+PrepareBatch = Callable[[Any, dict[str, Any], torch.Tensor], tuple[dict[str, Any], dict[str, Any]]]
+# (model, inputs) -> (B, V) last-position logits
+ForwardBatch = Callable[[Any, dict[str, Any]], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class Family:
     name: str  # what users and errors read: "Qwen2.5-VL", "text-only LLM"
     model_types: tuple[str, ...]  # config.json `model_type`s of this family
     takes_images: bool = True
     positions: Literal["1d", "mrope"] = "1d"  # mrope: 3-D (time, height, width) rotary positions
+    encoder_decoder: bool = False  # the prompt is encoded once and the decoder steps (vlm_seq2seq)
     rules: dict[str, InputRule] = field(default_factory=dict)  # overrides of the generic rule
+    prepare: PrepareBatch | None = None  # for what batching alone cannot express (Mllama); None for most
+    forward: ForwardBatch | None = None  # in place of `model(**inputs)` (Mllama); None for most families
 
     def rule(self, name: str, tensor: torch.Tensor, prompt_tokens: int) -> InputRule:
         if name in self.rules:
@@ -82,13 +98,48 @@ QWEN_VL = Family(
         "mm_token_type_ids": InputRule("token"),  # what get_rope_index reads: 0 text, 1 image, 2 video
     },
 )
+# Idefics3 / SmolVLM: each row's images arrive as (1, N_img, C, H, W) tiles (a global tile plus the crops),
+# N_img differing per request; the batch is (B, N_max, C, H, W) with all-zero tiles as padding (which the
+# model drops) and the pixel mask padded with 0 alongside. Rows without images are simply absent.
+# (SmolVLM2's `smolvlm` processor also needs the `num2words` package.)
+IDEFICS3 = Family(
+    "SmolVLM / Idefics3",
+    ("idefics3", "smolvlm"),
+    rules={"pixel_values": InputRule("pad"), "pixel_attention_mask": InputRule("pad")},
+)
+# LLaVA-NeXT (AnyRes): each image is (N_patches, C, H, W) crops, N_patches following its size; the processor
+# pads a row's images to the row's largest count, the batch pads them to the batch's largest, and the model
+# cuts each image back to the count its `image_sizes` entry gives.
+LLAVA_NEXT = Family(
+    "LLaVA-NeXT",
+    ("llava_next",),
+    rules={"pixel_values": InputRule("pad"), "image_sizes": InputRule("concat")},
+)
+# Mllama: images reach the text through cross-attention, per row: pixel values, aspect ratios and their
+# masks stack to one slot per row (a text-only row's slot is zeros), and the per-token mask is left-padded
+# with the prompt; `mllama_prepare` turns them into the masks a row would get alone (see its module).
+MLLAMA = Family(
+    "Mllama (Llama 3.2 Vision)",
+    ("mllama",),
+    rules={
+        "pixel_values": InputRule("stack"),
+        "aspect_ratio_ids": InputRule("stack"),
+        "aspect_ratio_mask": InputRule("stack"),
+        "cross_attention_mask": InputRule("token"),
+    },
+    prepare=mllama_prepare,
+    forward=mllama_forward,
+)
+# Florence-2: an encoder-decoder reading a task prompt (`<CAPTION>`) and at most one image, resized to one
+# fixed size, so its pixel values always concatenate.
+FLORENCE2 = Family("Florence-2", ("florence2",), encoder_decoder=True)
 TEXT = Family(
     "text-only LLM",
     ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"),
     takes_images=False,
     rules={"token_type_ids": InputRule("drop")},
 )
-FAMILIES: tuple[Family, ...] = (LLAVA, QWEN_VL, TEXT)
+FAMILIES: tuple[Family, ...] = (LLAVA, QWEN_VL, IDEFICS3, LLAVA_NEXT, MLLAMA, FLORENCE2, TEXT)
 
 
 def replace_rule(family: Family, name: str, rule: InputRule) -> Family:
@@ -133,6 +184,8 @@ def collate_inputs(
             value = torch.cat([t for _, t in present])
         elif rule.batching == "pad":
             value = _pad_and_concat([t for _, t in present], rule.pad_value)
+        elif rule.batching == "stack":
+            value = _pad_and_stack(present, len(rows), rule.pad_value)
         elif rule.batching == "drop":
             continue
         else:  # "row": one entry per row, None where a row has none
@@ -152,15 +205,17 @@ def _left_pad(
     pad_value: float,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    out = torch.full((len(rows), longest), pad_value, dtype=dtype)  # (B, T_max)
+    present = [row[name] for row in rows if name in row]
+    trailing = [max(t.shape[d] for t in present) for d in range(2, present[0].ndim)]
+    out = torch.full((len(rows), longest, *trailing), pad_value, dtype=dtype)  # (B, T_max, ...)
     for b, row in enumerate(rows):
         if name in row:
-            tensor = row[name].reshape(-1)
-            if tensor.numel() != lengths[b]:
+            tensor = row[name][0]  # (T, ...)
+            if tensor.shape[0] != lengths[b]:
                 raise ValueError(
-                    f"processor output {name!r} has {tensor.numel()} entries for {lengths[b]} tokens"
+                    f"processor output {name!r} has {tensor.shape[0]} entries for {lengths[b]} tokens"
                 )
-            out[b, longest - lengths[b] :] = tensor
+            out[(b, slice(longest - lengths[b], None), *(slice(0, n) for n in tensor.shape[1:]))] = tensor
     return out
 
 
@@ -175,15 +230,31 @@ def _pad_and_concat(tensors: Sequence[torch.Tensor], pad_value: float) -> torch.
     return torch.cat(padded)
 
 
+def _pad_and_stack(present: Sequence[tuple[int, torch.Tensor]], batch: int, pad_value: float) -> torch.Tensor:
+    """`(B, ...)` from the rows' `(1, ...)` entries, padded at the end; rows without one are all padding."""
+    first = present[0][1]
+    shape = [max(t.shape[d] for _, t in present) for d in range(1, first.ndim)]
+    out = first.new_full((batch, *shape), pad_value)
+    for b, t in present:
+        out[(b, *(slice(0, n) for n in t.shape[1:]))] = t[0]
+    return out
+
+
 def image_only_processor_class(cls: type) -> type:
     """`cls` without its video processor. `ProcessorMixin` reads its parts off `__init__`'s signature, so a
     subclass whose `__init__` takes no `video_processor` needs none; it keeps `cls`'s name, so what it
     saves loads as `cls` where torchvision is installed."""
 
+    # By keyword: the third positional parameter is not the video processor everywhere (Idefics3's is
+    # image_seq_len), and a processor without a video part gets nothing extra.
+    takes_video = "video_processor" in inspect.signature(cls.__init__).parameters
+
     def __init__(
         self: Any, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None, **kw: Any
     ):
-        cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kw)
+        if takes_video:
+            kw["video_processor"] = None
+        cls.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kw)
 
     return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
 

@@ -192,16 +192,19 @@ CHATML_TEMPLATE = (
 )
 
 
-def build_chatml_tokenizer() -> PreTrainedTokenizerFast:
-    """The byte-level BPE with ChatML's markers; `<|im_end|>` ends a turn, so it is the EOS."""
+def build_chatml_tokenizer(
+    extra_specials: tuple[str, ...] = (), chat_template: str = CHATML_TEMPLATE
+) -> PreTrainedTokenizerFast:
+    """The byte-level BPE with ChatML's markers; `<|im_end|>` ends a turn, so it is the EOS. Other
+    families add their own markers (`extra_specials`, after ChatML's) and template."""
     return PreTrainedTokenizerFast(
-        tokenizer_object=build_chat_tokenizer(extra_specials=CHATML_SPECIALS),
+        tokenizer_object=build_chat_tokenizer(extra_specials=CHATML_SPECIALS + tuple(extra_specials)),
         model_input_names=["input_ids", "attention_mask"],  # no token_type_ids: a decoder reads none
         eos_token=IM_END,
         pad_token=VLM_PAD,
         padding_side="left",
         model_max_length=MAX_CONTEXT,
-        chat_template=CHATML_TEMPLATE,
+        chat_template=chat_template,
     )
 
 

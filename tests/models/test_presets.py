@@ -33,6 +33,10 @@ def test_presets_are_named_with_kinds():
         "tiny-sdxl": "sd",
         "tiny-sd3": "sd",
         "tiny-flux": "sd",
+        "tiny-smolvlm": "vlm",
+        "tiny-llava-next": "vlm",
+        "tiny-mllama": "vlm",
+        "tiny-florence2": "vlm",
     }
     assert all(p.description for p in PRESETS.values())
 

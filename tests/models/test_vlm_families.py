@@ -1,26 +1,32 @@
-"""The engine on tiny-qwen2.5-vl (M-RoPE, per-image patch grids) and tiny-llm (text only), against HF.
+"""The engine on each family preset, against HF: tiny-qwen2.5-vl (M-RoPE, per-image patch grids),
+tiny-smolvlm (per-request tile counts), tiny-llava-next (per-image crop counts), tiny-mllama
+(cross-attention to each row's own images), tiny-florence2 (encoder-decoder, task prompts), tiny-llm.
 
 .venv/bin/python -m pytest tests/models/test_vlm_families.py
 
 The oracle is Hugging Face itself: `model.generate` and `model(...)` on each request alone, with the
-inputs the family's processor returns. A mixed batch (text only, one image, two images of different sizes)
-must give every row the tokens it gets alone, so batching, padding, positions and the image inputs all
-have to be right per row.
+inputs the family's processor returns. A mixed batch (text only, one image, two images of different sizes;
+one row ending early) must give every row the tokens it gets alone, so batching, padding, positions, the
+image inputs and dropping finished rows all have to be right per row.
 """
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
-from transformers import MllamaConfig
+from transformers import Blip2Config
 
 from raybooth.cluster.workdir import default_models_dir
 from raybooth.errors import ModelError
+from raybooth.models import loaders
 from raybooth.models.decoding import SamplingParams
 from raybooth.models.loaders import load_vlm
 from raybooth.models.presets import resolve_model
 from raybooth.models.vlm_engine import GenerationRequest, VLMEngine
 from raybooth.models.vlm_family import LLAVA, TEXT, InputRule, collate_inputs, detect_family, replace_rule
+from raybooth.models.vlm_requests import takes_task_prompts
 from raybooth.pipelines.inference import prepared_columns, prepared_from_row
 from raybooth.samples import draw_sample_image
 
@@ -29,10 +35,24 @@ MAX_TOKENS = 8
 LOGITS_ATOL = 1e-5
 
 
-@pytest.fixture(scope="module", params=["tiny-qwen2.5-vl", "tiny-llm"])
-def engine(request) -> VLMEngine:
-    path = resolve_model(request.param, kind="vlm", models_dir=default_models_dir())
+VISION_PRESETS = ["tiny-qwen2.5-vl", "tiny-smolvlm", "tiny-llava-next", "tiny-mllama", "tiny-florence2"]
+
+
+@functools.cache
+def load_engine(name: str) -> VLMEngine:
+    """Each preset loads once for the module, whichever fixture asks for it."""
+    path = resolve_model(name, kind="vlm", models_dir=default_models_dir())
     return VLMEngine.from_pretrained(path, device="cpu")
+
+
+@pytest.fixture(scope="module", params=[*VISION_PRESETS, "tiny-llm"])
+def engine(request) -> VLMEngine:
+    return load_engine(request.param)
+
+
+@pytest.fixture(scope="module", params=VISION_PRESETS)
+def vision_engine(request) -> VLMEngine:
+    return load_engine(request.param)
 
 
 def chat(*parts, **params) -> GenerationRequest:
@@ -50,13 +70,26 @@ def image(i: int, size: tuple[int, int]) -> dict:
     return {"type": "image", "image": draw_sample_image(i).resize(size)}
 
 
+def images_request(engine: VLMEngine) -> tuple[GenerationRequest, int]:
+    """Two images of different sizes (so different token counts); one, with a task prompt, for a model
+    that reads task prompts (Florence-2)."""
+    if takes_task_prompts(engine.processor):
+        return chat(image(1, (64, 48)), text("<DETAILED_CAPTION>")), 1
+    return chat(image(1, (64, 48)), text("What color is the cat?"), image(2, (32, 32))), 2
+
+
 def mixed_batch(engine: VLMEngine) -> list[GenerationRequest]:
-    """Text only (short and long), one image, two images of different sizes (so different token counts)."""
-    rows = [chat(text("hi")), chat(text("What is in the image? Describe the dog and the cat. " * 3))]
+    """Text only (short and long), one image, and `images_request`."""
+    # The first row's budget ends it early: it leaves the batch (and the KV cache) while the others run on.
+    rows = [
+        chat(text("hi"), max_tokens=3),
+        chat(text("What is in the image? Describe the dog and the cat. " * 3)),
+    ]
     if engine.family.takes_images:
+        task = takes_task_prompts(engine.processor)
         rows += [
-            chat(image(0, (40, 40)), text("Describe the image.")),
-            chat(image(1, (64, 48)), text("What color is the cat?"), image(2, (32, 32))),
+            chat(image(0, (40, 40)), text("<CAPTION>" if task else "Describe the image.")),
+            images_request(engine)[0],
         ]
     return rows
 
@@ -69,19 +102,23 @@ def hf_alone(engine: VLMEngine, request: GenerationRequest) -> tuple[list[int], 
     inputs = {
         k: v for k, v in prepared.inputs.items() if not (engine.family is TEXT and k == "token_type_ids")
     }
+    if engine.family.encoder_decoder:  # the decoder's first input: its start token
+        inputs["decoder_input_ids"] = torch.tensor([[engine.model.generation_config.decoder_start_token_id]])
     with torch.inference_mode():
         logits = engine.model(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs).logits[0, -1]
+        inputs.pop("decoder_input_ids", None)
         out = engine.model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             **inputs,
-            max_new_tokens=MAX_TOKENS,
+            max_new_tokens=request.params.max_tokens,
             do_sample=False,
             pad_token_id=engine.pad_token_id,
             output_logits=True,
             return_dict_in_generate=True,
         )
-    tokens = out.sequences[0, ids.shape[1] :].tolist()
+    # A decoder-only model's sequences continue the prompt; an encoder-decoder's start from the start token.
+    tokens = out.sequences[0, 1 if engine.family.encoder_decoder else ids.shape[1] :].tolist()
     eos = [i for i, t in enumerate(tokens) if t in engine.eos_token_ids]
     tokens = tokens[: eos[0] + 1] if eos else tokens
     logprobs = [
@@ -130,6 +167,18 @@ def test_qwen_rows_count_images_not_patches_and_survive_the_prepared_row_format(
         assert back.inputs[name].dtype == tensor.dtype and torch.equal(back.inputs[name], tensor)
 
 
+def test_rows_count_images_not_tiles_and_survive_the_prepared_row_format(vision_engine):
+    request, count = images_request(vision_engine)
+    two = vision_engine.prepare(request)
+    assert two.num_images == count and two.inputs  # what packing and limits count, whatever the tile count
+    back = prepared_from_row(prepared_columns(two, None, 0.0))
+    assert (
+        back.num_images == count and back.input_ids == two.input_ids and set(back.inputs) == set(two.inputs)
+    )
+    for name, tensor in two.inputs.items():
+        assert back.inputs[name].dtype == tensor.dtype and torch.equal(back.inputs[name], tensor)
+
+
 def test_text_only_model_refuses_an_image_part():
     path = resolve_model("tiny-llm", kind="vlm", models_dir=default_models_dir())
     engine = VLMEngine.from_pretrained(path, device="cpu")
@@ -140,14 +189,14 @@ def test_text_only_model_refuses_an_image_part():
 
 
 def test_unsupported_family_is_refused_at_load_in_one_line(tmp_path):
-    MllamaConfig().save_pretrained(tmp_path)  # a config, no weights: refused before any weight is read
+    Blip2Config().save_pretrained(tmp_path)  # a config, no weights: refused before any weight is read
     with pytest.raises(ModelError) as info:
         load_vlm(str(tmp_path), device="cpu")
     message = str(info.value)
-    assert "\n" not in message and "'mllama'" in message
+    assert "\n" not in message and "'blip-2'" in message
     assert "supported families" in message and "qwen2_5_vl" in message and "llava" in message
     with pytest.raises(ModelError, match="not supported"):
-        detect_family(MllamaConfig())
+        detect_family(Blip2Config())
 
 
 def test_collate_rules_left_pad_token_outputs_concat_images_and_pad_per_request_axes():
@@ -167,3 +216,53 @@ def test_collate_rules_left_pad_token_outputs_concat_images_and_pad_per_request_
     stepwise = replace_rule(family, "token_type_ids", InputRule("token", decode=True))
     _, decode = collate_inputs(stepwise, rows, lengths=[2, 3, 1], longest=3)
     assert list(decode) == ["token_type_ids"]
+
+
+def test_collate_stacks_one_slot_per_row_and_left_pads_per_token_masks_with_their_trailing_axes():
+    rows = [
+        {
+            "pixel_values": torch.ones(1, 1, 2),
+            "cross_attention_mask": torch.ones(1, 2, 1, 4, dtype=torch.long),
+        },
+        {},  # text only: an all-zero slot, so the batch's rows and the vision rows stay aligned
+        {
+            "pixel_values": torch.ones(1, 2, 2),
+            "cross_attention_mask": torch.ones(1, 3, 2, 4, dtype=torch.long),
+        },
+    ]
+    family = replace_rule(
+        replace_rule(LLAVA, "pixel_values", InputRule("stack")), "cross_attention_mask", InputRule("token")
+    )
+    prefill, _ = collate_inputs(family, rows, lengths=[2, 1, 3], longest=3)
+    assert prefill["pixel_values"].shape == (3, 2, 2)
+    assert prefill["pixel_values"].sum(dim=(1, 2)).tolist() == [2, 0, 4]
+    masks = prefill["cross_attention_mask"]  # (B, T, N_img, N_tiles)
+    assert masks.shape == (3, 3, 2, 4)
+    assert masks[0, 1:, 0].all() and not masks[0, 0].any() and not masks[0, :, 1].any()  # left pad, pad image
+    assert not masks[1].any() and masks[2].all()
+
+
+def test_task_prompt_model_refuses_two_images_and_a_conversation_per_row():
+    engine = load_engine("tiny-florence2")
+    conversation = chat(text("<CAPTION>"))
+    conversation.messages.insert(0, {"role": "system", "content": "be brief"})
+    fine, two, talk, bad_task = engine.generate(
+        [
+            chat(image(0, (40, 40)), text("<CAPTION>")),
+            chat(image(0, (40, 40)), text("<CAPTION>"), image(1, (32, 32))),
+            conversation,
+            chat(image(0, (40, 40)), text("<CAPTION> and more")),  # Florence-2's processor refuses it
+        ]
+    )
+    assert fine.error is None and fine.completion_tokens > 0
+    assert two.error_type == "invalid_request_error" and "one image per request, got 2" in two.error
+    assert talk.error_type == "invalid_request_error" and "single user message" in talk.error
+    assert bad_task.error_type == "invalid_request_error" and "<CAPTION>" in bad_task.error
+
+
+def test_processor_built_without_its_video_part_keeps_its_own_settings():
+    # The fallback for processors whose video part needs torchvision (SmolVLM2, Qwen-VL) must keep what
+    # processor_config.json sets, e.g. image tokens per tile; the default (169) would break every prompt.
+    path = resolve_model("tiny-smolvlm", kind="vlm", models_dir=default_models_dir())
+    processor = loaders._image_only_processor(path, {})
+    assert processor.image_seq_len == 4 and type(processor).__name__ == "Idefics3Processor"

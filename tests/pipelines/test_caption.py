@@ -13,7 +13,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from transformers import MllamaConfig
+from transformers import Blip2Config
 
 from raybooth.cli import main
 from raybooth.cluster import storage
@@ -160,7 +160,7 @@ def test_cli_fails_fast_on_bad_input(tmp_path, capsys):
     # A text-only LLM cannot caption, and a family the engine cannot run is refused by name.
     assert main(["caption", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "model=tiny-llm"]) == 2
     assert "model tiny-llm is a text-only LLM and takes no images" in capsys.readouterr().err
-    MllamaConfig().save_pretrained(tmp_path / "mllama")
+    Blip2Config().save_pretrained(tmp_path / "blip2")
     assert (
         main(
             [
@@ -169,13 +169,13 @@ def test_cli_fails_fast_on_bad_input(tmp_path, capsys):
                 str(tmp_path),
                 "--output",
                 str(tmp_path / "o"),
-                f"model={tmp_path / 'mllama'}",
+                f"model={tmp_path / 'blip2'}",
             ]
         )
         == 2
     )
     err = capsys.readouterr().err
-    assert "model type 'mllama'" in err and "supported families" in err and len(err.strip().splitlines()) == 1
+    assert "model type 'blip-2'" in err and "supported families" in err and len(err.strip().splitlines()) == 1
 
 
 def test_caption_on_tiny_qwen_vl_has_no_error_rows(ray_cluster, tmp_path):
