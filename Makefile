@@ -5,8 +5,10 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# pytest options: CI may add e.g. `PYTEST_ARGS=-x`.
+# pytest options: CI may add e.g. `PYTEST_ARGS=-x`. Two workers: most of the suite waits on Ray, Serve and
+# server processes, so two files at a time keep both cores busy (tests/conftest.py says what runs together).
 PYTEST_ARGS ?=
+PYTEST_WORKERS ?= 2
 
 .PHONY: demo test bench lint venv clean
 
@@ -25,7 +27,7 @@ demo: $(STAMP)
 	$(BIN)/raybooth demo --config configs/demo.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

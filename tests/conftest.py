@@ -37,15 +37,45 @@ _SERVER_START_TIMEOUT_S = 120.0  # mlflow server on a busy 2-core CI box takes ~
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`gpu` tests are deselected (not skipped) where torch sees no CUDA device, as on CI here."""
+    """`gpu` tests are deselected (not skipped) where torch sees no CUDA device, as on CI here. On several
+    workers (`make test` runs `-n 2`), the files holding `slow` tests run first, so the long ones do not
+    start last and leave one worker idle at the end."""
     import torch
 
-    if torch.cuda.is_available():
-        return
-    gpu = [item for item in items if item.get_closest_marker("gpu")]
-    if gpu:
-        config.hook.pytest_deselected(items=gpu)
-        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+    if not torch.cuda.is_available():
+        gpu = [item for item in items if item.get_closest_marker("gpu")]
+        if gpu:
+            config.hook.pytest_deselected(items=gpu)
+            items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+    if getattr(config.option, "numprocesses", None):
+        slow_files = {work_unit(item.nodeid) for item in items if item.get_closest_marker("slow")}
+        items.sort(key=lambda item: work_unit(item.nodeid) not in slow_files)  # stable: order kept within
+
+
+# Test files that share one session fixture too costly to build twice run on one worker: the serving
+# tests share one Serve app (tests/serving/conftest.py's SharedServe).
+_SHARED_WORK_UNITS = ("tests/serving/",)
+
+
+def work_unit(nodeid: str) -> str:
+    """What one worker runs as a unit under `--dist loadfile`: a test file, or a folder of `_SHARED_WORK_UNITS`."""
+    path = nodeid.split("::", 1)[0]
+    return next((folder for folder in _SHARED_WORK_UNITS if path.startswith(folder)), path)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadfile` with `work_unit` as the unit, in collection order (set above)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkUnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    config.option.loadscopereorder = False  # keep the slow-first order instead of "most tests first"
+    return WorkUnitScheduling(config, log)
 
 
 @pytest.fixture(scope="session", autouse=True)
