@@ -82,14 +82,19 @@ def add_doctor(sub: argparse._SubParsersAction) -> None:
 
 @subcommand
 def add_build_models(sub: argparse._SubParsersAction) -> None:
+    from raybooth.models.presets import PRESETS  # light: no torch until a preset is built
+
     p = sub.add_parser(
         "build-models",
         help="build tiny model presets into the work dir",
         description="Build model presets (tiny seeded weights saved in diffusers/transformers format) so "
-        "later jobs load them with from_pretrained. sd15-arch is large: build it only for GPU benchmarks.",
+        "later jobs load them with from_pretrained. The *-arch ones are real architectures (gigabytes): "
+        "build them only for GPU benchmarks.",
+        epilog="presets:\n" + "\n".join(f"  {p.name:<16} {p.description}" for p in PRESETS.values()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "presets", nargs="*", default=["tiny-sd", "tiny-vlm"], help="preset names (default: tiny ones)"
+        "presets", nargs="*", default=["tiny-sd", "tiny-vlm"], help="preset names (default: tiny-sd tiny-vlm)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed for the random weights")
 
