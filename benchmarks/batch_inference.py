@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/batch_inference.py                  # CPU, tiny-vlm, 96 requests
     .venv/bin/python benchmarks/batch_inference.py --device cuda    # GPU, a ~1.4B LLaVA-shaped VLM
+    .venv/bin/python benchmarks/batch_inference.py --model tiny-qwen2.5-vl   # one family's batching
+    .venv/bin/python benchmarks/batch_inference.py --model all      # every VLM preset, one table
 
 One run measures both sides on the same workload: OpenAI batch request lines whose prompts spread from
 ~10 to ~1000 tokens (log-uniform: many short, a few long) with 0-2 images each.
@@ -11,6 +13,12 @@ One run measures both sides on the same workload: OpenAI batch request lines who
   of the same batch size, model load included.
 Printed: rows/s of each and their ratio, and the padding fraction of token-budget packing vs FIFO
 batches over the workload's real prompt lengths (plus what the Ray job measured in its own batches).
+
+`--model <preset>` (or `all`) measures each family's batching instead, in one process: the same kind of
+workload shaped for the family (no images for a text-only LLM; one image and a `<CAPTION>` task prompt
+for Florence-2), prepared once, then generated in token-budget packed batches and in FIFO batches.
+Printed per preset: rows/s of both and the padding fraction of both, so a regression in one family's
+batching (rows run alone, padding that grew) shows as its own row.
 
 The GPU model is built here from configs (random weights, bf16): CLIP-L/14-336 vision tower + a
 TinyLlama-sized decoder, with tiny-vlm's tokenizer and chat template; its answers are noise, its cost is
@@ -34,8 +42,10 @@ import torch
 from raybooth.cluster.config import BatchConfig, ClusterSection
 from raybooth.cluster.runtime import init_ray
 from raybooth.cluster.workdir import default_models_dir
-from raybooth.models.packing import PackItem, pack_by_token_budget, pack_fifo, padding_fraction
-from raybooth.models.vlm_engine import VLMEngine
+from raybooth.models.packing import PackedBatch, PackItem, pack_by_token_budget, pack_fifo, padding_fraction
+from raybooth.models.presets import PRESETS
+from raybooth.models.vlm_engine import PreparedRequest, VLMEngine
+from raybooth.models.vlm_requests import takes_images, takes_task_prompts
 from raybooth.openai.chat import ChatLimits, generation_request_from_chat
 from raybooth.openai.protocol import BatchRequestLine
 from raybooth.pipelines.batch import run_batch
@@ -118,20 +128,34 @@ def build_bench_vlm(dest: Path, device: str) -> Path:
     return dest
 
 
-def make_requests(rows: int, max_tokens: int, seed: int = 0) -> list[str]:
-    """Batch request lines: prompts log-uniform over ~10-1000 tokens, 0-2 images, greedy."""
+VLM_PRESETS = [p.name for p in PRESETS.values() if p.kind == "vlm"]
+
+
+def make_requests(
+    rows: int,
+    max_tokens: int,
+    seed: int = 0,
+    image_counts: tuple[int, ...] = (0, 1, 1, 2),
+    max_words: int = 650,
+    task_prompt: str | None = None,
+    image_sizes: tuple[int, ...] = (64, 64, 64, 64),
+) -> list[str]:
+    """Batch request lines: prompts log-uniform over 5..max_words words (~1.3 tokens each; most short),
+    a count of images drawn from `image_counts` (of `image_sizes`: sizes that vary give tile and patch
+    counts that vary), greedy. A task
+    prompt replaces the text (a Florence-2-style model reads only that)."""
     rng = random.Random(seed)
     images = [
-        "data:image/png;base64," + base64.b64encode(png_bytes(draw_sample_image(i))).decode()
-        for i in range(4)
+        "data:image/png;base64," + base64.b64encode(png_bytes(draw_sample_image(i, size=size))).decode()
+        for i, size in enumerate(image_sizes)
     ]
     lines = []
     for i in range(rows):
-        words = int(5 * 130 ** rng.random())  # 5..650 words (~1.3 tokens each), most of them short
-        text = " ".join(rng.choice(WORDS) for _ in range(words))
+        words = int(5 * (max_words / 5) ** rng.random())
+        text = task_prompt or " ".join(rng.choice(WORDS) for _ in range(words))
         content = [
             {"type": "image_url", "image_url": {"url": rng.choice(images)}}
-            for _ in range(rng.choice([0, 1, 1, 2]))
+            for _ in range(rng.choice(image_counts))
         ]
         content.append({"type": "text", "text": text})
         body = {
@@ -164,6 +188,71 @@ def plain_loop(
     return time.perf_counter() - started, prepared
 
 
+def run_batches(engine: VLMEngine, prepared: list[PreparedRequest], batches: list[PackedBatch]) -> float:
+    """Seconds to generate every batch (rows must all succeed: a failed row would flatter the rate)."""
+    started = time.perf_counter()
+    for batch in batches:
+        for result in engine.generate([prepared[i] for i in batch.indices]):
+            assert result.error is None, result.error
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def family_benchmark(
+    preset: str, rows: int, max_tokens: int, batch_size: int, device: str
+) -> dict[str, float | str]:
+    """One preset's rows/s and padding fraction with token-budget packing and with FIFO batches."""
+    engine = VLMEngine.from_pretrained(preset, device=device, models_dir=default_models_dir())
+    if not takes_images(engine.processor):
+        shape: dict = {"image_counts": (0,)}
+    elif takes_task_prompts(engine.processor):
+        shape = {"image_counts": (1,), "task_prompt": "<CAPTION>"}
+    else:
+        shape = {"image_counts": (0, 1, 1, 2)}
+    # Short prompts: the tiny presets' context is 1024 positions, image tokens included.
+    lines = make_requests(rows, max_tokens, max_words=200, image_sizes=(32, 48, 64, 80), **shape)
+    limits = ChatLimits(default_max_tokens=max_tokens, max_tokens_cap=4096)
+    prepared = [
+        engine.prepare(generation_request_from_chat(BatchRequestLine.model_validate_json(line).body, limits))
+        for line in lines
+    ]
+    items = [PackItem(i, p.prompt_tokens, p.num_images) for i, p in enumerate(prepared)]
+    packed = pack_by_token_budget(items, batch_size, batch_size * 1024)
+    fifo = pack_fifo(items, batch_size)
+    run_batches(engine, prepared, fifo)  # warm-up: first-call allocations of each shape stay out of the rates
+    # Best of three, the two interleaved: a tiny model's batch takes milliseconds, so a busy moment of the
+    # box (or whichever ran first) would otherwise decide.
+    times = {"packed": [], "fifo": []}
+    for _ in range(3):
+        times["packed"].append(run_batches(engine, prepared, packed))
+        times["fifo"].append(run_batches(engine, prepared, fifo))
+    return {
+        "preset": preset,
+        "family": engine.family.name,
+        "packed_rows_s": rows / min(times["packed"]),
+        "fifo_rows_s": rows / min(times["fifo"]),
+        "packed_padding": padding_fraction(packed),
+        "fifo_padding": padding_fraction(fifo),
+        "batches": f"{len(packed)}/{len(fifo)}",
+    }
+
+
+def print_family_table(results: list[dict], rows: int, max_tokens: int, batch_size: int) -> None:
+    print(f"per-family batching: {rows} requests, {max_tokens} new tokens, batch size {batch_size}")
+    header = (
+        f"{'preset':<16} {'rows/s packed':>13} {'rows/s FIFO':>11} {'pad packed':>10} {'pad FIFO':>8} "
+        f"{'batches p/F':>11}  family"
+    )
+    print(header)
+    print("-" * (len(header) + 30))
+    for r in results:
+        print(
+            f"{r['preset']:<16} {r['packed_rows_s']:>13.2f} {r['fifo_rows_s']:>11.2f} "
+            f"{r['packed_padding']:>10.3f} {r['fifo_padding']:>8.3f} {r['batches']:>11}  {r['family']}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -175,11 +264,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--replicas", default=None, help="MIN:MAX replicas (default: 2:2 on cpu, 1:1 on cuda)"
     )
+    parser.add_argument(
+        "--model",
+        choices=[*VLM_PRESETS, "all"],
+        default=None,
+        help="measure one preset's batching (or every VLM preset: all) in one process instead of Ray vs plain",
+    )
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         print("--device cuda: torch sees no GPU here", file=sys.stderr)
         return 2
+    if args.model is not None:
+        torch.set_num_threads(1)  # tiny models are all overhead: threads only wait on each other
+        rows, batch_size = args.rows or (256 if cuda else 24), args.batch_size or (32 if cuda else 8)
+        presets = VLM_PRESETS if args.model == "all" else [args.model]
+        results = [family_benchmark(p, rows, args.max_tokens, batch_size, args.device) for p in presets]
+        print_family_table(results, rows, args.max_tokens, batch_size)
+        return 0
     rows = args.rows or (512 if cuda else 96)
     batch_size = args.batch_size or (32 if cuda else 8)
     replicas = args.replicas or ("1:1" if cuda else "2:2")

@@ -39,7 +39,8 @@ def subcommand(fn: Subcommand) -> Subcommand:
 
 
 def report_job(summary: Any) -> int:
-    """Print a batch job's summary (stdout) and its first errors (stderr); its exit code: 1 if all rows failed."""
+    """Print a batch job's summary (stdout) and its first errors (stderr); its exit code: 1 if all rows
+    failed or more than max_error_fraction of them."""
     print(summary.text())
     if summary.failed:
         print(summary.error_text(), file=sys.stderr)

@@ -58,6 +58,13 @@ _INFERENCE_FLAGS = (
     JobFlag("--input", "input", "folder, glob, parquet file/folder, JSONL or s3:// prefix to read"),
     JobFlag("--output", "output", "folder, file or s3:// prefix to write"),
     JobFlag("--model", "model", "tiny-vlm (default), a local model folder or a hub id"),
+    JobFlag(
+        "--max-error-fraction",
+        "max_error_fraction",
+        "exit 1 when more than this share of rows fail (0: any; default 1: only when all do)",
+        float,
+        metavar="F",
+    ),
 )
 
 TRAIN_EPILOG = """\

@@ -83,16 +83,30 @@ def check_aspect_ratio(width: int, height: int, limits: ImageLimits, name: str) 
         )
 
 
-def _check_bytes(size: int, limits: ImageLimits, name: str) -> None:
-    if size > limits.max_bytes:
+@dataclass(frozen=True)
+class ByteLimit:
+    """A payload's byte limit and the words its refusal uses: what it is and the setting that raises it."""
+
+    max_bytes: int
+    kind: str = "image"  # "image" | "video"
+    setting: str = "max_image_bytes"
+
+    @classmethod
+    def of_images(cls, limits: ImageLimits) -> ByteLimit:
+        return cls(limits.max_bytes)
+
+
+def _check_bytes(size: int, limit: ByteLimit, name: str) -> None:
+    if size > limit.max_bytes:
         raise ImageError(
-            f"{name}: image too large: {size} bytes > limit {limits.max_bytes} (raise max_image_bytes to allow it)"
+            f"{name}: {limit.kind} too large: {size} bytes > limit {limit.max_bytes} "
+            f"(raise {limit.setting} to allow it)"
         )
 
 
 def decode_image(data: bytes, limits: ImageLimits, name: str = "image") -> Image.Image:
     """Bytes → upright RGB image, refusing oversized, bomb, corrupt and truncated images."""
-    _check_bytes(len(data), limits, name)
+    _check_bytes(len(data), ByteLimit.of_images(limits), name)
     if not data:
         raise ImageError(f"{name}: corrupt image: empty file")
     fmt: str | None = None  # what the header says, for the message when decoding fails
@@ -131,14 +145,15 @@ def _format_name(fmt: str | None) -> str:
     return {"WEBP": "WebP", None: "image"}.get(fmt, fmt or "image")
 
 
-def decode_data_url(url: str, limits: ImageLimits, name: str = "image") -> bytes:
+def decode_data_url(url: str, limits: ImageLimits | ByteLimit, name: str = "image") -> bytes:
     """`data:image/png;base64,...` → bytes, refusing oversized payloads before decoding them."""
+    limit = limits if isinstance(limits, ByteLimit) else ByteLimit.of_images(limits)
     header, sep, payload = url.partition(",")
     if not sep or not header.startswith("data:"):
-        raise ImageError(f"{name}: malformed data URL (expected data:image/<type>;base64,<data>)")
+        raise ImageError(f"{name}: malformed data URL (expected data:{limit.kind}/<type>;base64,<data>)")
     if ";base64" not in header:
-        raise ImageError(f"{name}: data URL must be base64-encoded (data:image/<type>;base64,...)")
-    _check_bytes(len(payload) * 3 // 4, limits, name)
+        raise ImageError(f"{name}: data URL must be base64-encoded (data:{limit.kind}/<type>;base64,...)")
+    _check_bytes(len(payload) * 3 // 4, limit, name)
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
@@ -161,26 +176,34 @@ def read_image_bytes(
     """The bytes behind a data URL, local path, file:// or (through `filesystem`) s3:// URI.
 
     The size is checked before the bytes are read."""
-    name = name or (ref if not ref.startswith("data:") else "image")
+    return read_media_bytes(ref, ByteLimit.of_images(limits), name, filesystem)
+
+
+def read_media_bytes(
+    ref: str, limit: ByteLimit, name: str | None = None, filesystem: Filesystem = local_filesystem
+) -> bytes:
+    """`read_image_bytes` for any payload (images, videos): `limit` says its byte cap and what it is."""
+    kind = limit.kind
+    name = name or (ref if not ref.startswith("data:") else kind)
     if ref.startswith("data:"):
-        return decode_data_url(ref, limits, name)
+        return decode_data_url(ref, limit, name)
     if ref.startswith(HTTP_SCHEMES):
         raise ImageError(
-            f"{name}: http(s) image URLs are not fetched by raybooth; inline the image as a data: URL "
+            f"{name}: http(s) {kind} URLs are not fetched by raybooth; inline the {kind} as a data: URL "
             "or give a path / s3:// URI the cluster can read"
         )
     try:
         fs, path = filesystem(ref)
-        _check_bytes(int(fs.size(path)), limits, name)
+        _check_bytes(int(fs.size(path)), limit, name)
         return fs.cat_file(path)
     except ImageError:
         raise
     except FileNotFoundError as e:
-        raise ImageError(f"{name}: missing image: no such file or object") from e
+        raise ImageError(f"{name}: missing {kind}: no such file or object") from e
     except (StorageError, OSError) as e:
-        raise ImageError(f"{name}: cannot read image: {e}") from e
+        raise ImageError(f"{name}: cannot read {kind}: {e}") from e
     except Exception as e:  # botocore and aiohttp errors have no common base worth importing here
-        raise ImageError(f"{name}: cannot read image: {type(e).__name__}: {e}") from e
+        raise ImageError(f"{name}: cannot read {kind}: {type(e).__name__}: {e}") from e
 
 
 def load_image(

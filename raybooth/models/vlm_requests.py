@@ -38,8 +38,9 @@ SERVER_ERROR = "server_error"  # the engine failed on the row (HTTP 500)
 
 @dataclass
 class GenerationRequest:
-    """One conversation. Content is a string or OpenAI-like parts with images already decoded:
-    `{"type": "text", "text": ...}` / `{"type": "image", "image": PIL.Image}`."""
+    """One conversation. Content is a string or OpenAI-like parts with images and videos already decoded:
+    `{"type": "text", "text": ...}` / `{"type": "image", "image": PIL.Image}` /
+    `{"type": "video", "video": [PIL.Image, ...]}` (its sampled frames, `models/video.py`)."""
 
     messages: list[dict[str, Any]]
     params: SamplingParams = field(default_factory=SamplingParams)
@@ -141,34 +142,70 @@ def error_delta(error: BaseException, prompt_tokens: int = 0, completion_tokens:
 # --------------------------------------------------------------------------------------------------
 
 
-def split_images(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Image.Image]]:
-    """Messages for the chat template (image parts reduced to `{"type": "image"}`) and the images in order."""
-    template_messages: list[dict[str, Any]] = []
-    images: list[Image.Image] = []
+@dataclass
+class SplitContent:
+    """Messages for the chat template and the pixels their parts carried, in order."""
+
+    messages: list[dict[str, Any]]  # image parts reduced to {"type": "image"}, videos to {"type": "video"}
+    images: list[Image.Image]  # image parts' images and, for a model without a video processor, video frames
+    videos: list[list[Image.Image]]  # each video's frames, for the model's video processor
+    video_parts: int = 0  # video parts in the request, whichever way their frames go
+
+    @property
+    def frames(self) -> int:
+        return len(self.images) + sum(len(v) for v in self.videos)
+
+
+def split_content(messages: Sequence[dict[str, Any]], frames_as_images: bool = True) -> SplitContent:
+    """Split decoded parts from the messages. A video part (`{"type": "video", "video": [frames]}`) becomes
+    one template video and its frames (`frames_as_images=False`: the model has a video processor), or
+    that many images in order (every other vision model reads a video as its frames)."""
+    split = SplitContent([], [], [])
     for message in messages:
         content = message.get("content")
         if isinstance(content, list):
             parts = []
             for part in content:
-                if part.get("type") == "image":
+                kind = part.get("type")
+                if kind == "image":
                     if not isinstance(part.get("image"), Image.Image):
                         raise RequestError("an image part must carry a decoded PIL image under 'image'")
-                    images.append(part["image"])
+                    split.images.append(part["image"])
                     parts.append({"type": "image"})
-                elif part.get("type") == "text":
+                elif kind == "video":
+                    frames = part.get("video")
+                    if not frames or not all(isinstance(f, Image.Image) for f in frames):
+                        raise RequestError(
+                            "a video part must carry its decoded frames (PIL images) under 'video'"
+                        )
+                    split.video_parts += 1
+                    if frames_as_images:
+                        split.images.extend(frames)
+                        parts.extend({"type": "image"} for _ in frames)
+                    else:
+                        split.videos.append(list(frames))
+                        parts.append({"type": "video"})
+                elif kind == "text":
                     parts.append({"type": "text", "text": str(part.get("text", ""))})
                 else:
                     raise RequestError(
-                        f"content part type {part.get('type')!r} is not 'text' or 'image'; decode image_url "
-                        "parts first (raybooth.openai.chat.engine_messages_from_chat)"
+                        f"content part type {kind!r} is not 'text', 'image' or 'video'; decode image_url and "
+                        "video_url parts first (raybooth.openai.chat.engine_messages_from_chat)"
                     )
             content = parts
         # Tool turns keep what templates read of them (the calls made, the call a tool result answers).
         extra = {k: message[k] for k in ("tool_calls", "tool_call_id", "name") if message.get(k) is not None}
-        template_messages.append(
+        split.messages.append(
             {"role": message["role"], "content": content if content is not None else "", **extra}
         )
-    return template_messages, images
+    return split
+
+
+def split_images(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Image.Image]]:
+    """Messages for the chat template (image parts reduced to `{"type": "image"}`) and the images in order
+    (a video's frames among them)."""
+    split = split_content(messages)
+    return split.messages, split.images
 
 
 def takes_images(processor: Any) -> bool:
@@ -183,21 +220,31 @@ def prepare_request(processor: Any, request: GenerationRequest) -> PreparedReque
     each message's text parts joined into one string, the form text templates read). Each image's aspect
     ratio and its size after the processor's resize are checked first (an `ImageError`, a ValueError, so
     the row's 400): the resize is where a thin image costs gigabytes."""
-    template_messages, images = split_images(request.messages)
+    video_processor = getattr(processor, "video_processor", None)
+    split = split_content(request.messages, frames_as_images=video_processor is None)
+    template_messages, images = split.messages, split.images
     tokenizer = getattr(processor, "tokenizer", processor)
     vision = takes_images(processor)
+    name = Path(str(getattr(tokenizer, "name_or_path", "") or "this model")).name
+    if split.video_parts and not vision:
+        raise RequestError(f"model {name} takes no video; send text only, or use a vision-language model")
     if images and not vision:
-        name = Path(str(getattr(tokenizer, "name_or_path", "") or "this model")).name
         raise RequestError(f"model {name} takes no images; send text only, or use a vision-language model")
     if not vision:
         template_messages = [{**m, "content": _joined_text(m["content"])} for m in template_messages]
     for i, image in enumerate(images):
         check_image_budget(image.size, processor, request.image_limits, f"image {i}")
+    for v, frames in enumerate(split.videos):
+        check_image_budget(frames[0].size, processor, request.image_limits, f"video {v}")
     if vision and takes_task_prompts(processor):
+        if split.video_parts:
+            raise RequestError(
+                f"model {name} reads one image with a task prompt and takes no video; send an image"
+            )
         encoded = processor(
             text=[task_prompt(template_messages, images)], images=images or None, return_tensors="pt"
         )
-        return _prepared(encoded, request, images)
+        return _prepared(encoded, request, split.frames)
     options = {"tools": request.tools} if request.tools else {}
     prompt = processor.apply_chat_template(
         template_messages, add_generation_prompt=True, tokenize=False, **options
@@ -205,20 +252,29 @@ def prepare_request(processor: Any, request: GenerationRequest) -> PreparedReque
     bos = getattr(tokenizer, "bos_token", None)
     # The template may already write BOS; adding another would shift every position by one.
     special = {"add_special_tokens": not (bos and prompt.startswith(bos)), "return_tensors": "pt"}
+    if split.videos:
+        special["videos"] = split.videos
     if vision:
-        encoded = processor(text=[prompt], images=images or None, **special)
+        try:
+            encoded = processor(text=[prompt], images=images or None, **special)
+        except ImportError as e:  # a video processor whose backend is not installed (torchvision)
+            package = e.name or "torchvision"
+            raise RequestError(
+                f"video input for model {name} needs the {package} package, which is not installed here; "
+                f"install {package} or send the frames as image_url parts"
+            ) from e
     else:
         encoded = tokenizer([prompt], **special)
-    return _prepared(encoded, request, images)
+    return _prepared(encoded, request, split.frames)
 
 
-def _prepared(encoded: Any, request: GenerationRequest, images: list[Image.Image]) -> PreparedRequest:
+def _prepared(encoded: Any, request: GenerationRequest, num_images: int) -> PreparedRequest:
     inputs = {k: v for k, v in encoded.items() if k not in ENGINE_INPUTS and isinstance(v, torch.Tensor)}
     return PreparedRequest(
         input_ids=encoded["input_ids"][0].tolist(),
         params=request.params,
         inputs=inputs,
-        num_images=len(images),
+        num_images=num_images,  # a video's frames count as images: each costs an image's compute
     )
 
 

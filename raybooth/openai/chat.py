@@ -9,7 +9,8 @@ Every check that needs no HTTP happens here, once for both callers: `check_promp
 prompt over `max_prompt_bytes` before anything tokenizes it (a 10 MB prompt would take seconds of a
 replica's CPU only to be refused for its length), `max_tokens_for` decides a request's token budget
 (default and cap), and images in `image_url` parts are fetched and decoded
-(data: URLs, paths, s3://) with the byte and pixel limits of `models/images.py`. Any problem is an
+(data: URLs, paths, s3://) with the byte and pixel limits of `models/images.py`, videos in `video_url`
+parts to frames sampled with the limits of `models/video.py` (their frames count as images). Any problem is an
 `APIError` (400) whose `param` says which field or part, the way OpenAI's error bodies do.
 
 Tool calls: a forced `tool_choice` (a named function, or "required") becomes a JSON schema the decoding
@@ -27,6 +28,7 @@ from raybooth.cluster import storage
 from raybooth.cluster.config import BatchConfig, ServeConfig
 from raybooth.models.decoding import SamplingParams
 from raybooth.models.images import ImageError, ImageLimits, load_image
+from raybooth.models.video import VideoLimits, load_video
 from raybooth.models.vlm_engine import GenerationRequest, GenerationResult, TokenLogprob
 from raybooth.openai.errors import bad_request, limit_exceeded
 from raybooth.openai.protocol import (
@@ -44,6 +46,7 @@ from raybooth.openai.protocol import (
     ToolDefinition,
     TopLogprob,
     Usage,
+    VideoContentPart,
 )
 
 
@@ -57,6 +60,13 @@ class ChatLimits:
     # context windows hold, while tokenizing it still takes well under a second.
     max_prompt_bytes: int = 256 * 1024
     prompt_setting: str = "max_prompt_bytes"  # the config key of that limit, named in the refusal
+    videos: VideoLimits = VideoLimits()
+    # Images plus video frames in one request (None: no cap but the per-video frame limit). Each frame is
+    # an image to the model, so the chat route's image cap covers them too.
+    max_images: int | None = None
+    images_setting: str = "max_images_per_request"
+    # Over HTTP a video must be inline (data:); the server never reads its own files for a client.
+    inline_videos_only: bool = False
 
     @classmethod
     def for_serving(cls, cfg: ServeConfig) -> ChatLimits:
@@ -68,6 +78,10 @@ class ChatLimits:
             cap_setting="limits.max_tokens",
             max_prompt_bytes=cfg.limits.max_prompt_bytes,
             prompt_setting="limits.max_prompt_bytes",
+            videos=VideoLimits.from_settings(cfg.limits),
+            max_images=cfg.limits.max_images_per_request,
+            images_setting="limits.max_images_per_request",
+            inline_videos_only=True,
         )
 
     @classmethod
@@ -79,6 +93,7 @@ class ChatLimits:
             images=ImageLimits.from_settings(cfg),
             cap_setting="max_tokens_cap",
             max_prompt_bytes=cfg.max_prompt_bytes,
+            videos=VideoLimits.from_settings(cfg),
         )
 
 
@@ -198,9 +213,14 @@ def sampling_params_from_chat(
     )
 
 
-def engine_messages_from_chat(request: ChatCompletionRequest, limits: ImageLimits) -> list[dict[str, Any]]:
-    """OpenAI messages → engine messages, with every `image_url` fetched and decoded to a PIL image."""
+def engine_messages_from_chat(
+    request: ChatCompletionRequest, limits: ChatLimits | ImageLimits
+) -> list[dict[str, Any]]:
+    """OpenAI messages → engine messages, with every `image_url` fetched and decoded to a PIL image and
+    every `video_url` to its sampled frames; images and frames together within `limits.max_images`."""
+    chat = limits if isinstance(limits, ChatLimits) else ChatLimits(images=limits)
     messages: list[dict[str, Any]] = []
+    pictures = 0  # images + video frames so far
     for m, message in enumerate(request.messages):
         # "developer" is OpenAI's newer name for the system role; chat templates know only "system".
         role = "system" if message.role == "developer" else message.role
@@ -210,22 +230,45 @@ def engine_messages_from_chat(request: ChatCompletionRequest, limits: ImageLimit
             continue
         parts: list[dict[str, Any]] = []
         for p, part in enumerate(message.content):
-            if isinstance(part, ImageContentPart):
-                param = f"messages[{m}].content[{p}].image_url"
-                try:
-                    image = load_image(
-                        part.image_url.url,
-                        limits,
-                        name=_image_label(part.image_url.url, m, p),
-                        filesystem=storage.filesystem,
+            if isinstance(part, ImageContentPart | VideoContentPart):
+                parts.append(_decoded_part(part, chat, m, p))
+                pictures += len(parts[-1]["video"]) if "video" in parts[-1] else 1
+                if chat.max_images is not None and pictures > chat.max_images:
+                    raise limit_exceeded(
+                        chat.images_setting,
+                        f"{pictures} (images + video frames)",
+                        chat.max_images,
+                        "messages",
                     )
-                except ImageError as e:
-                    raise bad_request(str(e), param=param) from e
-                parts.append({"type": "image", "image": image})
             else:
                 parts.append({"type": "text", "text": part.text})
         messages.append({"role": role, "content": parts, **extra})
     return messages
+
+
+def _decoded_part(
+    part: ImageContentPart | VideoContentPart, limits: ChatLimits, m: int, p: int
+) -> dict[str, Any]:
+    """An image part as its PIL image, a video part as its frames; a 400 naming the part otherwise."""
+    if isinstance(part, ImageContentPart):
+        param, url = f"messages[{m}].content[{p}].image_url", part.image_url.url
+    else:
+        param, url = f"messages[{m}].content[{p}].video_url", part.video_url.url
+    name = _image_label(url, m, p)
+    try:
+        if isinstance(part, ImageContentPart):
+            image = load_image(url, limits.images, name=name, filesystem=storage.filesystem)
+            return {"type": "image", "image": image}
+        if limits.inline_videos_only and not url.startswith("data:"):
+            raise bad_request(
+                "over HTTP videos must be inline data: URLs (data:video/mp4;base64,...); the server does "
+                "not read its own files or fetch URLs",
+                param=param,
+            )
+        frames = load_video(url, limits.videos, limits.images, name=name, filesystem=storage.filesystem)
+        return {"type": "video", "video": frames}
+    except ImageError as e:  # VideoError too
+        raise bad_request(str(e), param=param) from e
 
 
 def _tool_fields(message: ChatMessage) -> dict[str, Any]:
@@ -269,7 +312,7 @@ def generation_request_from_chat(
         raise bad_request(str(e)) from e
     tools = [tool.model_dump(exclude_none=True) for tool in request.tools] if request.tools else None
     return GenerationRequest(
-        messages=engine_messages_from_chat(request, limits.images),
+        messages=engine_messages_from_chat(request, limits),
         params=params,
         tools=tools,
         image_limits=limits.images,  # where it is prepared, against the processor's resize

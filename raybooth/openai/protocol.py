@@ -60,7 +60,22 @@ class ImageContentPart(_Lenient):
     image_url: ImageURL
 
 
-ContentPart = TextContentPart | ImageContentPart
+class VideoURL(_Lenient):
+    url: str = Field(
+        ...,
+        description="data:video/mp4;base64,... URL, a local path, file:// or s3:// URI (MP4/MOV, WebM, AVI).",
+    )
+
+
+class VideoContentPart(_Lenient):
+    """A video (vLLM's and Qwen's `video_url` part): its frames, sampled at the configured fps, reach the
+    model's video processor or, for other vision models, the model as that many images."""
+
+    type: Literal["video_url"] = "video_url"
+    video_url: VideoURL
+
+
+ContentPart = TextContentPart | ImageContentPart | VideoContentPart
 
 
 class FunctionCall(_Response):
@@ -102,8 +117,12 @@ class ChatMessage(_Lenient):
                 parts.append(TextContentPart.model_validate(part))
             elif kind == "image_url":
                 parts.append(ImageContentPart.model_validate(part))
+            elif kind == "video_url":
+                parts.append(VideoContentPart.model_validate(part))
             else:
-                raise ValueError(f"content part {i}: type must be 'text' or 'image_url', got {kind!r}")
+                raise ValueError(
+                    f"content part {i}: type must be 'text', 'image_url' or 'video_url', got {kind!r}"
+                )
         return parts
 
 

@@ -304,4 +304,4 @@ def run_batch(cfg: BatchConfig, verbose: bool = False) -> JobSummary:
         assemble_results(parts, cfg.output)
     else:
         output = f"{parts} ({left} of {requests} lines left; rerun to finish)"
-    return JobSummary.from_counts("batch", output, counts, len(done), seconds, errors)
+    return JobSummary.from_counts("batch", output, counts, len(done), seconds, errors, cfg.max_error_fraction)

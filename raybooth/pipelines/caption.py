@@ -292,4 +292,6 @@ def run_caption(cfg: CaptionConfig, verbose: bool = False) -> JobSummary:
         "caption", items, rows, prepare_caption_items, prepare_kwargs, per_call, CaptionWorker, cfg.output
     )
     counts, seconds, errors = run_inference_job(cfg, plan, verbose=verbose)
-    return JobSummary.from_counts("caption", cfg.output, counts, len(done), seconds, errors)
+    return JobSummary.from_counts(
+        "caption", cfg.output, counts, len(done), seconds, errors, cfg.max_error_fraction
+    )

@@ -4,7 +4,7 @@
     with ProgressBar(counter, total=rows, label="caption"):
         ds.write_parquet(...)                           # blocks while the bar updates from a thread
     summary = JobSummary.from_counts("caption", output, run_counts(new_parts), skipped, seconds, errors)
-    print(summary.text()); sys.exit(summary.exit_code)   # 1 when every row this run processed failed
+    print(summary.text()); sys.exit(summary.exit_code)   # 1 when too many rows failed (job_failed)
 
 Ray Data runs the pipeline inside the cluster, so the driver cannot count rows itself. Each model replica
 reports what it finished to one tiny counter actor (fire-and-forget, zero CPUs), and a driver thread
@@ -89,6 +89,14 @@ class ProgressBar:
             self.bar.close()
 
 
+def job_failed(rows: int, failed: int, max_error_fraction: float = 1.0) -> bool:
+    """Whether a run failed as a job: every row it processed failed (it did nothing useful: a wrong model,
+    a bad prompt), or more than `max_error_fraction` of them did (0: any failed row fails the job)."""
+    if rows <= 0:
+        return False
+    return failed == rows or failed > max_error_fraction * rows + 1e-9  # exactly at the fraction passes
+
+
 @dataclass
 class JobSummary:
     job: str
@@ -100,6 +108,7 @@ class JobSummary:
     rows_per_s: float
     padding_fraction: float  # padding share of the prompt tokens this run's batches processed
     first_errors: list[str] = field(default_factory=list)  # a few distinct errors of failed rows
+    max_error_fraction: float = 1.0  # the config's: more failed rows than this share fail the job
 
     @classmethod
     def from_counts(
@@ -110,6 +119,7 @@ class JobSummary:
         skipped: int,
         seconds: float,
         first_errors: list[str] | None = None,
+        max_error_fraction: float = 1.0,
     ) -> JobSummary:
         padded = counts.get("padded_tokens", 0)
         return cls(
@@ -122,6 +132,7 @@ class JobSummary:
             rows_per_s=counts.get("rows", 0) / seconds if seconds > 0 else 0.0,
             padding_fraction=counts.get("padding_tokens", 0) / padded if padded else 0.0,
             first_errors=list(first_errors or []),
+            max_error_fraction=max_error_fraction,
         )
 
     @property
@@ -131,8 +142,8 @@ class JobSummary:
 
     @property
     def exit_code(self) -> int:
-        """The CLI's: 1 when every row failed, so scripts and schedulers see the job as failed; else 0."""
-        return 1 if self.all_failed else 0
+        """The CLI's: 1 when the run failed as a job (`job_failed`), so scripts and schedulers see it; else 0."""
+        return 1 if job_failed(self.rows, self.failed, self.max_error_fraction) else 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -148,7 +159,15 @@ class JobSummary:
         """What went wrong, for stderr: empty unless rows failed."""
         if not self.failed:
             return ""
-        head = f"all {self.rows} rows failed" if self.all_failed else f"{self.failed} rows failed"
+        if self.all_failed:
+            head = f"all {self.rows} rows failed"
+        elif self.exit_code:
+            head = (
+                f"{self.failed} of {self.rows} rows failed ({self.failed / self.rows:.1%} > max_error_fraction "
+                f"{self.max_error_fraction:.1%})"
+            )
+        else:
+            head = f"{self.failed} rows failed"
         return "\n".join(
             [f"raybooth {self.job}: {head}; first errors:"] + [f"  {e}" for e in self.first_errors]
         )

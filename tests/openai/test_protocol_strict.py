@@ -52,6 +52,19 @@ def test_wrong_types_in_an_image_request_are_400s_naming_the_field(field, value)
     assert status == 400 and param == field
 
 
+def test_a_video_url_part_parses_and_a_malformed_one_is_a_400_naming_it():
+    part = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}
+    request = ChatCompletionRequest.model_validate_json(
+        json.dumps({"messages": [{"role": "user", "content": [part, {"type": "text", "text": "?"}]}]})
+    )
+    assert request.messages[0].content[0].video_url.url == "data:video/mp4;base64,AAAA"
+    broken = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": 7}}]}]
+    status, param, _ = _refusal(ChatCompletionRequest, {"messages": broken})
+    assert status == 400 and param.startswith("messages[0].content")
+    unknown = [{"role": "user", "content": [{"type": "audio_url"}]}]
+    assert "'text', 'image_url' or 'video_url'" in _refusal(ChatCompletionRequest, {"messages": unknown})[2]
+
+
 def test_nested_parts_are_strict_too():
     messages = [{"role": "user", "content": [{"type": "text", "text": 42}]}]
     status, param, _ = _refusal(ChatCompletionRequest, {"messages": messages})

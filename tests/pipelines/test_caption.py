@@ -18,7 +18,9 @@ from transformers import Blip2Config
 from raybooth.cli import main
 from raybooth.cluster import storage
 from raybooth.cluster.config import CaptionConfig
+from raybooth.cluster.job_commands import load_job_config, parse_job_args
 from raybooth.pipelines.caption import run_caption
+from raybooth.pipelines.progress import JobSummary, job_failed
 from raybooth.samples import png_bytes, write_sample_images
 
 pytestmark = pytest.mark.slow
@@ -59,7 +61,9 @@ def images_with_bad_ones(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 def test_200_images_with_6_bad_ones(ray_cluster, images_with_bad_ones, tmp_path):
     folder, bad = images_with_bad_ones
     out = tmp_path / "captions"
-    summary = run_caption(CaptionConfig(input=str(folder), output=str(out), replicas="1:2", **FAST))
+    # 6 of 200 (3%) is over a 2% error budget: the job fails, though most rows are fine.
+    cfg = CaptionConfig(input=str(folder), output=str(out), replicas="1:2", max_error_fraction=0.02, **FAST)
+    summary = run_caption(cfg)
 
     table = read_output(str(out))
     rows = table.to_pylist()
@@ -75,6 +79,8 @@ def test_200_images_with_6_bad_ones(ray_cluster, images_with_bad_ones, tmp_path)
     assert all(r["caption"] is None for r in rows if r["error"] is not None)
     assert (summary.rows, summary.failed, summary.skipped) == (200, 6, 0)
     assert summary.rows_per_s > 0 and 0.0 <= summary.padding_fraction < 1.0
+    assert summary.exit_code == 1
+    assert "6 of 200 rows failed (3.0% > max_error_fraction 2.0%); first errors:" in summary.error_text()
 
 
 def test_thin_images_fail_their_own_rows_with_the_limit_named(ray_cluster, tmp_path):
@@ -176,6 +182,34 @@ def test_cli_fails_fast_on_bad_input(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert "model type 'blip-2'" in err and "supported families" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("rows", "failed", "fraction", "fails"),
+    [
+        (10, 0, 0.0, False),
+        (10, 1, 0.0, True),  # 0: any failed row fails the job
+        (10, 9, 1.0, False),  # the default tolerates all but a run where every row failed
+        (10, 10, 1.0, True),
+        (100, 29, 0.29, False),  # "more than" the fraction: exactly at it passes (0.29 * 100 < 29 in floats)
+        (10, 4, 0.3, True),
+        (0, 0, 0.0, False),  # nothing to do (everything was done before) is not a failure
+    ],
+)
+def test_max_error_fraction_decides_the_exit_code(rows, failed, fraction, fails):
+    assert job_failed(rows, failed, fraction) is fails
+    summary = JobSummary("caption", "out", rows, failed, 0, 1.0, 1.0, 0.0, ["e1"], fraction)
+    assert summary.exit_code == int(fails)
+    if failed:
+        assert summary.error_text().splitlines()[1] == "  e1"
+
+
+@pytest.mark.parametrize("job", ["caption", "batch"])
+def test_max_error_fraction_is_a_flag_and_a_config_key(job):
+    args = parse_job_args(job, ["--max-error-fraction", "0.25"])
+    assert load_job_config(job, args).max_error_fraction == 0.25
+    assert load_job_config(job, parse_job_args(job, ["max_error_fraction=0"])).max_error_fraction == 0.0
+    assert load_job_config(job, parse_job_args(job, [])).max_error_fraction == 1.0
 
 
 def test_caption_on_tiny_qwen_vl_has_no_error_rows(ray_cluster, tmp_path):

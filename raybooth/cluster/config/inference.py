@@ -84,6 +84,24 @@ class InferenceJobConfig(JobConfig):
         description="Images the model's processor would resize to more pixels than this are refused, "
         "checked before it resizes.",
     )
+    max_video_frames: int = Field(
+        16,
+        ge=1,
+        description="Frames sampled from one video at most (each is an image to the model); a video that "
+        "samples to more is refused.",
+    )
+    video_fps: float = Field(1.0, gt=0, le=60, description="Frames sampled per second of video.")
+    max_video_bytes: int = Field(
+        64 * 1024 * 1024, ge=1, description="Video files over this size are refused."
+    )
+    max_error_fraction: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="Exit 1 (printing the first errors) when more than this fraction of the rows this run "
+        "processed failed; 0 fails the job on any failed row. A run whose every row failed exits 1 whatever "
+        "the value (the default 1.0 keeps only that rule).",
+    )
     seed: int = Field(0, description="Seed for sampling when a request does not give one.")
     limit: int | None = Field(
         None,

@@ -169,7 +169,16 @@ class LimitsSection(Strict):
         ge=1,
         description="Largest chat image after the model's processor resizes it; checked before it does.",
     )
-    max_images_per_request: int = Field(4, ge=0, description="image_url parts in one chat request.")
+    max_images_per_request: int = Field(
+        4, ge=0, description="Images in one chat request: image_url parts plus the frames of video_url parts."
+    )
+    max_video_frames: int = Field(
+        4, ge=1, description="Frames sampled from one video of a chat request at most; more is refused."
+    )
+    video_fps: float = Field(1.0, gt=0, le=60, description="Frames sampled per second of a chat video.")
+    max_video_bytes: int = Field(
+        10 * 1024 * 1024, ge=1, description="Largest decoded video (data: URL) in a chat request."
+    )
     max_messages: int = Field(64, ge=1, description="Messages in one chat request.")
     max_tokens: int = Field(
         1024, ge=1, description="Largest max_tokens (max_completion_tokens) a request may ask."
