@@ -75,6 +75,7 @@ class Timing:
     peak_memory_mb: float
     setup_s: float
     bare_steps_per_s: float | None = None  # Ray Train: the same steps without any report
+    median_steps_per_s: float | None = None  # 1 / the median step time: robust to a busy machine's spikes
 
 
 def make_data(resolution: int) -> DreamBoothData:
@@ -134,11 +135,16 @@ def timed_loop(setup: Setup, steps: int, warmup: int, report: Any = None, report
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     begin = time.perf_counter()
+    durations = []
     for i in range(warmup, warmup + steps):
+        started_step = time.perf_counter()
         step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return Timing(steps / (time.perf_counter() - begin), peak_memory_mb(device), setup_s)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        durations.append(time.perf_counter() - started_step)
+    total = time.perf_counter() - begin
+    median = sorted(durations)[len(durations) // 2]
+    return Timing(steps / total, peak_memory_mb(device), setup_s, median_steps_per_s=1 / median)
 
 
 def ray_train_func(config: dict) -> None:
@@ -271,7 +277,7 @@ def _row_in_fresh_process(setup: Setup, steps: int, warmup: int) -> Timing:
 def lora_mode(args: argparse.Namespace) -> None:
     print(
         f"train step, {args.preset} LoRA (rank 4) at {args.resolution}px on {args.device}, "
-        f"precision {args.mixed_precision or 'auto'}, batch 1 instance + 1 class, {args.steps} timed steps after "
+        f"precision {args.mixed_precision or 'auto'}, batch 1 instance + 1 class, median of {args.steps} steps after "
         f"{args.warmup} warm-up, {args.threads} thread(s), each row in a fresh process"
     )
     print(
@@ -292,6 +298,7 @@ def lora_mode(args: argparse.Namespace) -> None:
                 cache_text=cache_text,
             )
             t = _row_in_fresh_process(setup, args.steps, args.warmup)
+            t.steps_per_s = t.median_steps_per_s  # the median step: other load on the machine skews the mean
             rows.append((cache_text, checkpointing, t))
             base = rows[0][2]
             print(
