@@ -1,7 +1,16 @@
-"""Benchmark: the DreamBooth train step, plain PyTorch vs inside Ray Train; fp16 memory/speed matrix on a GPU.
+"""Benchmark: the DreamBooth train step: LoRA memory features per family; Ray Train's overhead; SD 1.5's matrix.
 
-    .venv/bin/python benchmarks/train_step.py                                   # tiny-sd, CPU: Ray overhead
-    .venv/bin/python benchmarks/train_step.py --preset sd15-arch --device cuda  # 512 px fp16 matrix
+    .venv/bin/python benchmarks/train_step.py --preset tiny-flux                 # LoRA table, CPU, 32 px
+    .venv/bin/python benchmarks/train_step.py --preset flux-arch --device cuda   # LoRA table, 1024 px bf16
+    .venv/bin/python benchmarks/train_step.py --mode overhead                    # tiny-sd: plain vs Ray Train
+    .venv/bin/python benchmarks/train_step.py --preset sd15-arch --device cuda   # 512 px fp16 matrix
+
+LoRA mode (the default but for sd15-arch): steps/s and peak memory (GPU: max allocated; CPU: the process's
+max RSS) of a LoRA step with text-embedding caching (the frozen text encoders freed after encoding, as
+`cache_text_embeddings` does) off/on x gradient checkpointing off/on, each configuration in a fresh
+process, with each row's ratio to the first: the sdxl-arch/flux-arch rows at 1024 px are the figures to
+set beside those diffusers' READMEs give for train_dreambooth_lora_sdxl.py / _flux.py. Only models/ is
+imported (Ray only in overhead mode).
 
 Overhead mode (the default for tiny-sd): the same model, data, batch and `models.dreambooth.train_step`
 timed (a) in a plain loop in this process and (b) inside a Ray Train `TorchTrainer` with one worker
@@ -20,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import resource
 import sys
 import tempfile
@@ -31,7 +41,7 @@ from typing import Any
 import torch
 
 from raybooth.cluster.workdir import default_models_dir
-from raybooth.models.device import make_grad_scaler, pick_device, resolve_precision
+from raybooth.models.device import make_grad_scaler, pick_device
 from raybooth.models.dreambooth import (
     EncodingCache,
     StepSettings,
@@ -42,6 +52,7 @@ from raybooth.models.dreambooth import (
 )
 from raybooth.models.dreambooth_data import DreamBoothData, load_example
 from raybooth.models.loaders import load_sd_components
+from raybooth.models.train_memory import free_frozen_text_encoders, training_precision
 from raybooth.samples import draw_sample_image, png_bytes
 
 
@@ -50,10 +61,12 @@ class Setup:
     preset: str
     device: str
     resolution: int
-    mixed_precision: str
+    mixed_precision: str | None  # None: the family's training default (bf16 for SD3/Flux on a GPU)
     gradient_checkpointing: bool
     cache_latents: bool
     threads: int
+    train_mode: str = "full"
+    cache_text: bool = False  # frozen text encoders freed after encoding (cache_text_embeddings)
 
 
 @dataclass
@@ -62,6 +75,7 @@ class Timing:
     peak_memory_mb: float
     setup_s: float
     bare_steps_per_s: float | None = None  # Ray Train: the same steps without any report
+    median_steps_per_s: float | None = None  # 1 / the median step time: robust to a busy machine's spikes
 
 
 def make_data(resolution: int) -> DreamBoothData:
@@ -87,22 +101,25 @@ def timed_loop(setup: Setup, steps: int, warmup: int, report: Any = None, report
     started = time.perf_counter()
     torch.set_num_threads(setup.threads)
     device = pick_device(setup.device)
-    plan = resolve_precision(setup.mixed_precision, device)
     components = load_sd_components(setup.preset, device=device, models_dir=default_models_dir())
+    plan = training_precision(setup.mixed_precision, components.family, device)
     models = prepare_for_training(
         components,
-        train_mode="full",
+        train_mode=setup.train_mode,
         train_text_encoder=False,
         plan=plan,
         gradient_checkpointing=setup.gradient_checkpointing,
     )
+    del components  # what the worker does: a freed text encoder must have no other reference
     if report is not None:  # inside Ray Train: the step runs on what prepare_model returns
         import ray.train.torch
 
         models.unet = ray.train.torch.prepare_model(models.unet, move_to_device=False)
     data = make_data(setup.resolution)
+    if setup.cache_text:
+        free_frozen_text_encoders(models, [*data.all_prompts(), ""], plan)
     cache = EncodingCache.build(models, data) if setup.cache_latents else None
-    optimizer = make_optimizer(models, 5e-6)
+    optimizer = make_optimizer(models, 1e-4 if setup.train_mode == "lora" else 5e-6)
     lr_scheduler, scaler = make_lr_scheduler(optimizer, 0), make_grad_scaler(plan)
     settings = StepSettings()
     setup_s = time.perf_counter() - started
@@ -118,11 +135,16 @@ def timed_loop(setup: Setup, steps: int, warmup: int, report: Any = None, report
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     begin = time.perf_counter()
+    durations = []
     for i in range(warmup, warmup + steps):
+        started_step = time.perf_counter()
         step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return Timing(steps / (time.perf_counter() - begin), peak_memory_mb(device), setup_s)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        durations.append(time.perf_counter() - started_step)
+    total = time.perf_counter() - begin
+    median = sorted(durations)[len(durations) // 2]
+    return Timing(steps / total, peak_memory_mb(device), setup_s, median_steps_per_s=1 / median)
 
 
 def ray_train_func(config: dict) -> None:
@@ -245,28 +267,90 @@ def matrix_mode(args: argparse.Namespace) -> None:
     )
 
 
+def _row_in_fresh_process(setup: Setup, steps: int, warmup: int) -> Timing:
+    """One configuration in its own process: its peak memory is its own (ru_maxrss never goes down)."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(timed_loop, (setup, steps, warmup))
+
+
+def lora_mode(args: argparse.Namespace) -> None:
+    print(
+        f"train step, {args.preset} LoRA (rank 4) at {args.resolution}px on {args.device}, "
+        f"precision {args.mixed_precision or 'auto'}, batch 1 instance + 1 class, median of {args.steps} steps after "
+        f"{args.warmup} warm-up, {args.threads} thread(s), each row in a fresh process"
+    )
+    print(
+        f"  {'text cache':<11} {'checkpointing':<14} {'steps/s':>9} {'peak MB':>10} {'speed x':>8} {'memory x':>9}"
+    )
+    rows = []
+    for cache_text in (False, True):
+        for checkpointing in (False, True):
+            setup = Setup(
+                args.preset,
+                args.device,
+                args.resolution,
+                args.mixed_precision,
+                checkpointing,
+                False,
+                args.threads,
+                train_mode="lora",
+                cache_text=cache_text,
+            )
+            t = _row_in_fresh_process(setup, args.steps, args.warmup)
+            t.steps_per_s = t.median_steps_per_s  # the median step: other load on the machine skews the mean
+            rows.append((cache_text, checkpointing, t))
+            base = rows[0][2]
+            print(
+                f"  {'on' if cache_text else 'off':<11} {'on' if checkpointing else 'off':<14} "
+                f"{t.steps_per_s:9.3f} {t.peak_memory_mb:10.0f} {t.steps_per_s / base.steps_per_s:8.3f} "
+                f"{t.peak_memory_mb / base.peak_memory_mb:9.3f}",
+                flush=True,
+            )
+    base, cached, both = rows[0][2], rows[2][2], rows[3][2]
+    print(
+        f"ratio text caching: speed {cached.steps_per_s / base.steps_per_s:.3f}, peak memory "
+        f"{cached.peak_memory_mb / base.peak_memory_mb:.3f}; caching + checkpointing: speed "
+        f"{both.steps_per_s / base.steps_per_s:.3f}, peak memory {both.peak_memory_mb / base.peak_memory_mb:.3f} "
+        "(x: each row over the first)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--preset", default="tiny-sd", help="tiny-sd (overhead mode) or sd15-arch (matrix mode)"
+        "--preset",
+        default="tiny-sd",
+        help="tiny-sd | tiny-sdxl | tiny-sd3 | tiny-flux | sdxl-arch | flux-arch (LoRA mode), sd15-arch (matrix)",
     )
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument(
-        "--mode", choices=["overhead", "matrix"], help="default: overhead for tiny-sd, else matrix"
+        "--mode",
+        choices=["lora", "overhead", "matrix"],
+        help="default: matrix for sd15-arch, else lora; overhead: plain loop vs Ray Train (tiny-sd)",
     )
-    parser.add_argument("--resolution", type=int, help="default: 32 for tiny-sd, 512 otherwise")
-    parser.add_argument("--mixed-precision", help="no | fp16 | bf16 (default: fp16 on cuda, no on cpu)")
+    parser.add_argument("--resolution", type=int, help="default: 32 tiny, 512 sd15-arch, 1024 sdxl/flux-arch")
+    parser.add_argument(
+        "--mixed-precision",
+        help="no | fp16 | bf16 (default on cuda: bf16 for SD3/Flux, fp16 otherwise; on cpu: fp32)",
+    )
     parser.add_argument("--steps", type=int, help="timed steps (default: 50 tiny, 20 otherwise)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, kernels)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, the same for both sides")
     parser.add_argument("--report-every", type=int, default=10, help="Ray Train: a report every N steps")
     args = parser.parse_args(argv)
-    tiny = args.preset == "tiny-sd"
-    args.mode = args.mode or ("overhead" if tiny else "matrix")
-    args.resolution = args.resolution or (32 if tiny else 512)
-    args.mixed_precision = args.mixed_precision or ("fp16" if args.device.startswith("cuda") else "no")
-    args.steps = args.steps or (50 if tiny else 20)
-    (overhead_mode if args.mode == "overhead" else matrix_mode)(args)
+    tiny = args.preset.startswith("tiny-")
+    args.mode = args.mode or ("matrix" if args.preset == "sd15-arch" else "lora")
+    args.resolution = args.resolution or (32 if tiny else 512 if args.preset == "sd15-arch" else 1024)
+    flow = args.preset in ("tiny-sd3", "tiny-flux", "flux-arch")
+    if args.mixed_precision is None and args.device.startswith("cuda") and not flow:
+        args.mixed_precision = (
+            "fp16"  # the SD families' scripts train fp16 on GPUs; flow families: auto (bf16)
+        )
+    if args.mode != "lora":
+        args.mixed_precision = args.mixed_precision or "no"
+    args.steps = args.steps or (30 if tiny else 20)
+    {"lora": lora_mode, "overhead": overhead_mode, "matrix": matrix_mode}[args.mode](args)
     return 0
 
 

@@ -33,6 +33,7 @@ from raybooth.models.diffusion_family import PromptEmbeds, SDFamily
 from raybooth.models.diffusion_loss import diffusion_loss
 from raybooth.models.dreambooth_data import DreamBoothData, View
 from raybooth.models.flow_matching import FlowObjective
+from raybooth.models.train_memory import build_optimizer
 
 # LoRA targets of SD's and SDXL's UNet (each family has its own: `family.lora_targets`), and of every
 # CLIP text encoder, as diffusers' train_dreambooth_lora*.py scripts adapt them.
@@ -236,14 +237,15 @@ def make_optimizer(
     learning_rate: float,
     text_encoder_lr: float | None = None,
     weight_decay: float = 1e-2,
+    optimizer: str = "adamw",
 ) -> torch.optim.Optimizer:
-    """AdamW over the trainable weights: one group for the UNet, one for the text encoder(s) when they train."""
+    """AdamW (or `optimizer="adamw_8bit"`: bitsandbytes' 8-bit AdamW, CUDA only) over the trainable weights:
+    one group for the denoiser, one for the text encoder(s) when they train."""
     groups = [{"params": trainable_parameters(models.denoiser), "lr": learning_rate}]
     if models.train_text_encoder:
         text_params = [p for m in models.trained_text_encoders for p in trainable_parameters(m)]
         groups.append({"params": text_params, "lr": text_encoder_lr or learning_rate})
-    # foreach=False: the per-parameter loop is the same kernel sequence on every run (determinism on CPU).
-    return torch.optim.AdamW(groups, weight_decay=weight_decay, foreach=False)
+    return build_optimizer(groups, optimizer, weight_decay)
 
 
 def make_lr_scheduler(

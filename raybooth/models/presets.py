@@ -15,6 +15,8 @@ diffusers/transformers folder format under the work dir (`raybooth build-models`
     tiny-mllama      Mllama (Llama 3.2 Vision) shaped, tiny: cross-attention to each row's images on a CPU
     tiny-florence2   Florence-2 shaped, tiny: an encoder-decoder with task prompts (`<CAPTION>`) on a CPU
     sd15-arch   SD 1.5's real architecture with random weights: GPU benchmarks only (~4 GB)
+    sdxl-arch   SDXL base's real architecture with random weights: GPU benchmarks only (~14 GB)
+    flux-arch   FLUX.1-dev's real architecture with random bf16 weights: GPU benchmarks only (~34 GB)
 
 `resolve_model` maps a preset name to its built folder, a local folder to itself, and `org/name` to a
 hub id; from there the loaders treat all three the same way. Where presets live is the caller's to say
@@ -76,6 +78,12 @@ PRESETS: dict[str, Preset] = {
         Preset("tiny-mllama", "vlm", "Mllama shaped (tiled vision, cross-attention decoder), random; CPU"),
         Preset(
             "tiny-florence2", "vlm", "Florence-2 shaped (DaViT + BART encoder-decoder, task prompts); CPU"
+        ),
+        Preset("sdxl-arch", "sd", "SDXL base architecture (2.6B UNet) with random weights; GPU benchmarks"),
+        Preset(
+            "flux-arch",
+            "sd",
+            "FLUX.1-dev architecture (11.9B transformer, T5-XXL), random bf16; GPU benchmarks",
         ),
     )
 }
@@ -148,7 +156,7 @@ def _write_preset(preset: Preset, folder: Path, seed: int) -> None:
     with torch.random.fork_rng(devices=[]):
         if preset.name in writers:
             writers[preset.name](folder, seed)
-        elif preset.name == "tiny-sdxl":
+        elif sd_presets.SD_ARCHITECTURES[preset.name].text_encoder_2 is not None:  # SDXL-shaped
             sd_presets.write_sdxl_folder(folder, sd_presets.SD_ARCHITECTURES[preset.name], seed)
         else:
             sd_presets.write_sd_folder(folder, sd_presets.SD_ARCHITECTURES[preset.name], seed)

@@ -1,12 +1,12 @@
-"""Stable Diffusion presets: the component configs of `tiny-sd`, `tiny-sdxl` and `sd15-arch`, and how
-one is written.
+"""Stable Diffusion presets: the component configs of `tiny-sd`, `tiny-sdxl`, `sd15-arch` and `sdxl-arch`,
+and how one is written.
 
 Both are written as a standard diffusers folder (model_index.json + unet/ vae/ text_encoder/ tokenizer/
 scheduler/) by `StableDiffusionPipeline.save_pretrained`, so they load through exactly the
 `from_pretrained` code a real checkpoint goes through. `tiny-sd` keeps SD's shape (CLIP text encoder,
 cross-attention UNet, VAE that downsamples 8x, PNDM scheduler as SD 1.5 ships) at a size that samples a
 64x64 image in well under a second on a CPU; `sd15-arch` is SD 1.5's real architecture with random
-weights, for GPU benchmarks only.
+weights, for GPU benchmarks only, and `sdxl-arch` SDXL base 1.0's (2.6B UNet), likewise.
 """
 
 from __future__ import annotations
@@ -162,7 +162,47 @@ TINY_SDXL = SDArchitecture(
     scheduler=SDXL_SCHEDULER,
 )
 
-SD_ARCHITECTURES: dict[str, SDArchitecture] = {"tiny-sd": TINY_SD, "sd15-arch": SD15, "tiny-sdxl": TINY_SDXL}
+# SDXL base 1.0's real architecture (stabilityai/stable-diffusion-xl-base-1.0's configs), random weights:
+# a 2.6B UNet, CLIP ViT-L and OpenCLIP ViT-bigG text towers, SD's VAE with SDXL's scale. GPU benchmarks.
+SDXL_BASE = SDArchitecture(
+    unet=dict(
+        sample_size=128,  # 1024 px / 8
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        transformer_layers_per_block=(1, 2, 10),
+        projection_class_embeddings_input_dim=2816,  # 6 time ids x 256 + bigG's 1280 projection
+        cross_attention_dim=2048,  # 768 (CLIP-L) + 1280 (bigG) penultimate states
+        norm_num_groups=32,
+    ),
+    vae={**SD15.vae, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
+    text_encoder=dict(SD15.text_encoder),  # CLIP ViT-L/14, as SD 1.5
+    text_encoder_2=dict(  # OpenCLIP ViT-bigG/14's text tower with its projection
+        vocab_size=49408,
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_hidden_layers=32,
+        num_attention_heads=20,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        projection_dim=1280,
+    ),
+    scheduler=SDXL_SCHEDULER,
+)
+
+SD_ARCHITECTURES: dict[str, SDArchitecture] = {
+    "tiny-sd": TINY_SD,
+    "sd15-arch": SD15,
+    "tiny-sdxl": TINY_SDXL,
+    "sdxl-arch": SDXL_BASE,
+}
 
 
 def text_encoder_config(

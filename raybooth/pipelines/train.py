@@ -191,7 +191,13 @@ def check_family(cfg: DreamBoothConfig) -> DreamBoothConfig:
     config with `train_mode` set (the family's default when null). UserError when the family cannot
     train that way."""
     from raybooth.models.loaders import sd_family
+    from raybooth.models.train_memory import optimizer_problem
 
+    # 8-bit Adam needs bitsandbytes and CUDA: a CPU run or a missing package is one line now, not a
+    # traceback from every Ray worker after the cluster started.
+    problem = optimizer_problem(cfg.optimizer, cuda=cfg.gpus_per_worker > 0)
+    if problem:
+        raise UserError(problem)
     family = sd_family(cfg.base_model, models_dir=default_models_dir())
     mode = cfg.train_mode or family.default_train_mode
     if mode == "full" and not family.supports_full_finetune:

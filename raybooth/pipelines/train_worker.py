@@ -30,7 +30,7 @@ from raybooth.cluster import storage, tracking
 from raybooth.cluster.config import DreamBoothConfig, TrackingSection
 from raybooth.cluster.workdir import default_models_dir
 from raybooth.models import checkpoint as ckpt
-from raybooth.models.device import PrecisionPlan, autocast, make_grad_scaler, resolve_precision
+from raybooth.models.device import PrecisionPlan, autocast, make_grad_scaler
 from raybooth.models.dreambooth import (
     EncodingCache,
     StepSettings,
@@ -43,6 +43,12 @@ from raybooth.models.dreambooth import (
 )
 from raybooth.models.dreambooth_data import DreamBoothData, Example, load_example
 from raybooth.models.flow_matching import FlowObjective
+from raybooth.models.train_memory import (
+    free_frozen_text_encoders,
+    reload_freed_text_encoders,
+    training_precision,
+    wants_text_cache,
+)
 
 # MLflow tags on a DreamBooth run: where its checkpoints are, so resume=<run id> can find them.
 TAG_RAY_RUN = "raybooth.ray_run_name"  # the Ray Train run (folder under TAG_STORAGE) holding the checkpoints
@@ -259,7 +265,12 @@ def validation_images(
 
 
 def export_final_model(
-    folder: Path, models: TrainModels, scheduler: Any, cfg: DreamBoothConfig, job: WorkerJob
+    folder: Path,
+    models: TrainModels,
+    scheduler: Any,
+    cfg: DreamBoothConfig,
+    job: WorkerJob,
+    base_path: str | None = None,
 ) -> Path:
     """The trained model as `raybooth generate` and the server load it: diffusers folder or LoRA weights.
 
@@ -280,6 +291,8 @@ def export_final_model(
             family=models.family,
         )
     else:
+        # A full pipeline needs every text encoder's weights: reload those freed after encoding.
+        reload_freed_text_encoders(parts, base_path or cfg.base_model)
         ckpt.save_full_pipeline(folder, parts, scheduler, fp16_variant=cfg.export_fp16)
     info = {
         "base_model": cfg.base_model,
@@ -363,10 +376,12 @@ def train_func(raw_job: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    plan = resolve_precision(cfg.mixed_precision, device)
 
     seed_everything(cfg.seed)
     components = load_sd_components(cfg.base_model, device=device, models_dir=default_models_dir())
+    plan = training_precision(
+        cfg.mixed_precision, components.family, device
+    )  # auto: bf16 for SD3/Flux on GPUs
     models = prepare_for_training(
         components,
         train_mode=cfg.train_mode or components.family.default_train_mode,
@@ -377,9 +392,19 @@ def train_func(raw_job: dict[str, Any]) -> None:
         lora_alpha=cfg.lora_alpha,
         seed=cfg.seed,
     )
+    base_path = components.path
+    del components  # `models` holds every part from here on: a freed text encoder has no other reference
     data = load_training_data(job, cfg)
+    if wants_text_cache(cfg.cache_text_embeddings, models.family):
+        # Every prompt this run encodes; sampling's negative prompt is "" (CFG families).
+        prompts = [*data.all_prompts(), *cfg.validation_prompts, ""]
+        freed = free_frozen_text_encoders(models, prompts, plan)
+        if freed and rank == 0:
+            print(f"raybooth train: text embeddings cached, {', '.join(freed)} freed", flush=True)
     cache = EncodingCache.build(models, data) if cfg.cache_latents else None
-    optimizer = make_optimizer(models, cfg.learning_rate, cfg.text_encoder_lr, cfg.adam_weight_decay)
+    optimizer = make_optimizer(
+        models, cfg.learning_rate, cfg.text_encoder_lr, cfg.adam_weight_decay, optimizer=cfg.optimizer
+    )
     lr_scheduler = make_lr_scheduler(optimizer, cfg.lr_warmup_steps)
     scaler = make_grad_scaler(plan)
     start_step = _restore(job, models, optimizer, lr_scheduler, scaler)
@@ -396,7 +421,7 @@ def train_func(raw_job: dict[str, Any]) -> None:
                 getattr(models, name), move_to_device=False, parallel_strategy_kwargs=unused
             )
             setattr(models, name, module)
-    scheduler = load_inference_scheduler(components.path)
+    scheduler = load_inference_scheduler(base_path)
     nodes = _count_nodes(world_size)
     settings = StepSettings(
         batch_size=cfg.batch_size,
@@ -460,7 +485,7 @@ def train_func(raw_job: dict[str, Any]) -> None:
         if rank == 0:
             log.log_images(validation_images(models, scheduler, cfg, plan), cfg.steps)
             with tempfile.TemporaryDirectory() as tmp:
-                log.log_model(export_final_model(Path(tmp) / "model", models, scheduler, cfg, job))
+                log.log_model(export_final_model(Path(tmp) / "model", models, scheduler, cfg, job, base_path))
 
 
 def _report_checkpoint(step, metrics, models, optimizer, lr_scheduler, scaler, job, cfg, rank, log) -> None:

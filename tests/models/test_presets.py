@@ -37,6 +37,8 @@ def test_presets_are_named_with_kinds():
         "tiny-llava-next": "vlm",
         "tiny-mllama": "vlm",
         "tiny-florence2": "vlm",
+        "sdxl-arch": "sd",
+        "flux-arch": "sd",
     }
     assert all(p.description for p in PRESETS.values())
 
@@ -160,3 +162,29 @@ def test_sd15_architecture_has_sd15_parameter_counts_on_meta():
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964
     assert sum(p.numel() for p in vae.parameters()) == 83_653_863
     assert sum(p.numel() for p in text_encoder.parameters()) == 123_060_480
+
+
+def count(module: torch.nn.Module) -> int:
+    assert {p.device.type for p in module.parameters()} == {"meta"}
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_sdxl_and_flux_architectures_have_the_published_parameter_counts_on_meta():
+    """sdxl-arch and flux-arch are the real architectures: SDXL base's UNet (2.6B) and text towers, FLUX.1-dev's
+    transformer (11.9B), T5-XXL encoder and VAE. On the meta device: no memory for 20B parameters."""
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from raybooth.models import flow_presets
+
+    sdxl, flux = sd_presets.SD_ARCHITECTURES["sdxl-arch"], flow_presets.FLUX_DEV
+    with torch.device("meta"):
+        assert count(UNet2DConditionModel(**sdxl.unet)) == 2_567_463_684
+        assert count(AutoencoderKL(**sdxl.vae)) == 83_653_863
+        assert count(CLIPTextModel(CLIPTextConfig(**sdxl.text_encoder))) == 123_060_480
+        assert count(CLIPTextModelWithProjection(CLIPTextConfig(**sdxl.text_encoder_2))) == 694_659_840
+        assert count(FluxTransformer2DModel(**flux.transformer)) == 11_901_408_320
+        assert count(T5EncoderModel(T5Config(**flux.t5))) == 4_762_310_656
+        assert count(AutoencoderKL(**flux.vae)) == 83_819_683
+        assert count(CLIPTextModel(CLIPTextConfig(**flux.clip))) == 123_060_480
+    assert flow_presets.WRITERS["flux-arch"] and flux.dtype == torch.bfloat16

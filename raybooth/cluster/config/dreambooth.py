@@ -85,7 +85,18 @@ class DreamBoothConfig(JobConfig):
     )
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    mixed_precision: str = Field("no", pattern="^(no|fp16|bf16)$", description="no | fp16 | bf16.")
+    mixed_precision: str | None = Field(
+        None,
+        pattern="^(auto|no|fp16|bf16)$",
+        description="no | fp16 | bf16; null/auto: bf16 for SD3/Flux on CUDA GPUs (fp32 on CPUs, with a note), "
+        "fp32 for SD 1.x/2.x/SDXL.",
+    )
+    optimizer: str = Field(
+        "adamw",
+        pattern="^(adamw|adamw_8bit)$",
+        description="adamw, or adamw_8bit (bitsandbytes' 8-bit AdamW: ~6 bytes less per trained weight; "
+        "needs CUDA GPUs and bitsandbytes installed).",
+    )
     train_mode: str | None = Field(
         None,
         pattern="^(full|lora)$",
@@ -94,7 +105,15 @@ class DreamBoothConfig(JobConfig):
     )
     lora_rank: int = Field(4, ge=1, description="LoRA rank (train_mode: lora).")
     lora_alpha: int = Field(4, ge=1, description="LoRA alpha (train_mode: lora).")
-    gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the UNet.")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Trade compute for memory in the denoiser (UNet or transformer) and trained text encoders.",
+    )
+    cache_text_embeddings: bool | None = Field(
+        None,
+        description="Encode every prompt (instance, class, validation) once and free the text encoders that "
+        "do not train (T5 always; CLIPs when text_encoder_lr is null); null: on for SD3/Flux, off otherwise.",
+    )
     cache_latents: bool = Field(
         False,
         description="Encode images with the VAE once, and prompts once when the text encoder is frozen "
