@@ -12,13 +12,13 @@ process, with each row's ratio to the first: the sdxl-arch/flux-arch rows at 102
 set beside those diffusers' READMEs give for train_dreambooth_lora_sdxl.py / _flux.py. Only models/ is
 imported (Ray only in overhead mode).
 
-Overhead mode (the default for tiny-sd): the same model, data, batch and `models.dreambooth.train_step`
+Overhead mode (`--mode overhead`, tiny-sd): the same model, data, batch and `models.dreambooth.train_step`
 timed (a) in a plain loop in this process and (b) inside a Ray Train `TorchTrainer` with one worker
 (`prepare_model`, a `ray.train.report` every --report-every steps as a training loop between
 checkpoints does), the worker given the same number of threads. Printed: steps/s and peak memory of
 each, and their ratio: Ray Train's overhead on the step itself (startup is reported apart).
 
-Matrix mode (the default for any other preset): steps/s and peak GPU memory of the full UNet fine-tune
+Matrix mode (the default for sd15-arch): steps/s and peak GPU memory of the full UNet fine-tune
 at --resolution (512) in fp16 autocast with fp32 master weights and AdamW, batch 1 instance + 1 class
 image, for latent/text caching off/on x gradient checkpointing off/on. diffusers publishes ~0.9-1.1 it/s
 on a T4 (16 GB) for SD 1.5 DreamBooth with fp16, 8-bit Adam and gradient checkpointing; plain AdamW keeps
