@@ -248,6 +248,11 @@ class Scheduler:
 
         return iterate()
 
+    def load(self) -> tuple[int, int]:
+        """`(waiting requests, running rows)` now: cheap, for metrics."""
+        with self._cond:
+            return len(self._waiting), self._running
+
     def stats(self) -> dict[str, Any]:
         with self._cond:
             return {
