@@ -300,7 +300,7 @@ class Scheduler:
             try:
                 self._iterate(batch, newcomers)
             except Exception as e:  # a shared forward pass failed: every running row ends with it
-                for ticket in batch.tickets:
+                for ticket in [*batch.tickets, *newcomers]:  # (delivering skips rows already done)
                     self._deliver(ticket, error_delta(e))
                 batch = _Batch()
             with self._cond:

@@ -280,3 +280,36 @@ def test_async_stream_does_not_block_the_loop_and_leaving_cancels():
         assert sched.stats()["cancelled_rows"][0] < 300
     finally:
         sched.close()
+
+
+def test_a_failed_forward_pass_fails_only_the_rows_it_served(monkeypatch):
+    engine = engine_for("tiny-llm")
+    sched = Scheduler(engine, max_rows=4)
+    real_prefill, real_step = engine.prefill, engine.decode_step
+    try:
+        long_req = request(engine, "Name three colours.", max_tokens=20, temperature=0.0)
+        running, newcomer = Collector(), Collector()
+        sched.submit(engine.prepare(long_req), running)
+        wait_for_step(sched, 2)
+
+        def failing_prefill(prepared):
+            monkeypatch.setattr(engine, "prefill", real_prefill)  # fails once
+            raise RuntimeError("prefill blew up")
+
+        monkeypatch.setattr(engine, "prefill", failing_prefill)
+        sched.submit(engine.prepare(request(engine, "hi", max_tokens=4)), newcomer)
+        assert newcomer.wait().last.error_type == "server_error"  # the newcomers' prefill failed: theirs only
+        assert running.wait().tokens == engine.generate([long_req])[0].token_ids
+
+        def failing_step(tokens, state):
+            monkeypatch.setattr(engine, "decode_step", real_step)
+            raise RuntimeError("decode step blew up")
+
+        doomed, after = Collector(), Collector()
+        monkeypatch.setattr(engine, "decode_step", failing_step)
+        sched.submit(engine.prepare(long_req), doomed)
+        assert doomed.wait().last.error_type == "server_error"  # the shared step failed: its rows end
+        sched.submit(engine.prepare(long_req), after)  # and the loop serves on
+        assert after.wait().tokens == engine.generate([long_req])[0].token_ids
+    finally:
+        sched.close()
