@@ -27,7 +27,8 @@ from the batch (and the KV cache), so one long answer does not make the others p
 
 The modules: `vlm_requests.py` (requests, results, errors, preparing one row: no model needed),
 `vlm_family.py` (families and their batching rules), `vlm_rows.py` (one row's decode state), and this
-one: the loop, with the batch's model-side state in `BatchState`.
+one: the loop, with the batch's model-side state in `BatchState`. Its pieces (`start_row`, `prefill`,
+`decode_step`, `sample_rows`) also serve `vlm_scheduler.py`, where rows join a running batch mid-flight.
 
 Errors that belong to one row come back as that row's `error` and the other rows run on, token for token
 as they would without it: before decoding (bad params, a prompt over the context window, a schema refused

@@ -162,7 +162,7 @@ class ChatDeployment:
         self.cancelled_rows: deque[int] = deque(maxlen=10_000)  # tokens each cancelled row had decoded
         self._batch_rows = metrics.Histogram(
             "raybooth_chat_batch_rows",
-            description="Requests decoded together in one engine batch.",
+            description="Requests decoded together in one engine batch (continuous: when a request joins).",
             boundaries=[1, 2, 4, 8, 16, 32, 64],
         )
         self._tokens = metrics.Counter("raybooth_chat_completion_tokens", description="Tokens generated.")
@@ -201,8 +201,12 @@ class ChatDeployment:
             return
         self._export_load()
         row = RowFilter(self.policy, Caller(prepared))
+        joined = False
         try:
             async for delta in deltas:
+                if not joined:  # the rows this one decodes with when it joins the running batch
+                    joined = True
+                    self._batch_rows.observe(max(1, self.scheduler.load()[1]))
                 event = row.event(delta)
                 if event is StopIteration:  # ended by the safety filter: nothing more for this caller
                     break
