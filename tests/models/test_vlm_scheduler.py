@@ -9,6 +9,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -97,6 +98,17 @@ class Collector:
         return self.deltas[-1]
 
 
+@contextmanager
+def scheduler_on(name: str, **options) -> Iterator[tuple[VLMEngine, Scheduler]]:
+    """A scheduler over preset `name`'s engine, closed after the block."""
+    engine = engine_for(name)
+    sched = Scheduler(engine, **options)
+    try:
+        yield engine, sched
+    finally:
+        sched.close()
+
+
 def wait_for_step(sched: Scheduler, step: int) -> None:
     deadline = time.monotonic() + 60
     while sched.steps < step:
@@ -172,9 +184,7 @@ def test_cancel_frees_the_row_at_the_next_step_and_the_others_are_unaffected(eng
 
 
 def test_the_queue_bound_refuses_with_queue_full():
-    engine = engine_for("tiny-llm")
-    sched = Scheduler(engine, max_rows=1, max_queue=1)
-    try:
+    with scheduler_on("tiny-llm", max_rows=1, max_queue=1) as (engine, sched):
         running, waiting = Collector(), Collector()
         first = sched.submit(engine.prepare(request(engine, "A long story.", max_tokens=500)), running)
         wait_for_step(sched, 1)  # admitted: the only row
@@ -186,14 +196,10 @@ def test_the_queue_bound_refuses_with_queue_full():
         assert waiting.wait().last.finish_reason == "cancelled" and not waiting.tokens
         sched.cancel(first)
         assert running.wait().last.finish_reason == "cancelled"
-    finally:
-        sched.close()
 
 
 def test_row_errors_and_grammars_stay_per_row_mid_flight():
-    engine = engine_for("tiny-vlm")
-    sched = Scheduler(engine, max_rows=4)
-    try:
+    with scheduler_on("tiny-vlm", max_rows=4) as (engine, sched):
         good = request(engine, "Describe the image.", images=1, max_tokens=16, temperature=0.0)
         constrained = request(engine, "Label it.", max_tokens=40, temperature=0.0, json_schema=SCHEMA)
         bad = request(engine, "hi", max_tokens=4, logit_bias={10**9: 1.0})
@@ -208,14 +214,10 @@ def test_row_errors_and_grammars_stay_per_row_mid_flight():
         assert rows[0].wait().tokens == engine.generate([good])[0].token_ids
         assert rows[1].wait().text == engine.generate([constrained])[0].text
         assert rows[1].text.startswith("{") and rows[1].last.finish_reason == "stop"
-    finally:
-        sched.close()
 
 
 def test_encoder_decoder_rows_are_admitted_between_batches():
-    engine = engine_for("tiny-florence2")
-    sched = Scheduler(engine, max_rows=4)
-    try:
+    with scheduler_on("tiny-florence2", max_rows=4) as (engine, sched):
         assert not sched.merges_mid_flight
         finished: list[Collector] = []
         first, second = Collector(finished), Collector(finished)
@@ -234,8 +236,6 @@ def test_encoder_decoder_rows_are_admitted_between_batches():
             finished == [first, second]
             and first.tokens == second.tokens == engine.generate([req])[0].token_ids
         )
-    finally:
-        sched.close()
 
 
 def test_async_stream_does_not_block_the_loop_and_leaving_cancels():
@@ -283,10 +283,8 @@ def test_async_stream_does_not_block_the_loop_and_leaving_cancels():
 
 
 def test_a_failed_forward_pass_fails_only_the_rows_it_served(monkeypatch):
-    engine = engine_for("tiny-llm")
-    sched = Scheduler(engine, max_rows=4)
-    real_prefill, real_step = engine.prefill, engine.decode_step
-    try:
+    with scheduler_on("tiny-llm", max_rows=4) as (engine, sched):
+        real_prefill, real_step = engine.prefill, engine.decode_step
         long_req = request(engine, "Name three colours.", max_tokens=20, temperature=0.0)
         running, newcomer = Collector(), Collector()
         sched.submit(engine.prepare(long_req), running)
@@ -311,5 +309,3 @@ def test_a_failed_forward_pass_fails_only_the_rows_it_served(monkeypatch):
         assert doomed.wait().last.error_type == "server_error"  # the shared step failed: its rows end
         sched.submit(engine.prepare(long_req), after)  # and the loop serves on
         assert after.wait().tokens == engine.generate([long_req])[0].token_ids
-    finally:
-        sched.close()
