@@ -1,12 +1,17 @@
-"""Load generator for the OpenAI-compatible app: dynamic batching vs `max_batch_size=1`, one run.
+"""Load generator for the OpenAI-compatible app: continuous vs static batching vs `max_batch_size=1`, one run.
 
     .venv/bin/python benchmarks/serve_load.py                       # embedded Ray, tiny models, CPU
     .venv/bin/python benchmarks/serve_load.py --image-model sd15-arch --size 512 --steps 20 --device cuda
+    .venv/bin/python benchmarks/serve_load.py --route chat --concurrency 32 --min-tokens 8 --max-tokens 256
     .venv/bin/python benchmarks/serve_load.py --url http://127.0.0.1:8000 --api-key KEY   # a running server
 
-Without `--url` it starts an embedded Ray, deploys `raybooth.serving.app` with dynamic batching
-(image and chat `max_batch_size` = concurrency), drives both routes at `--concurrency` with an asyncio
-client, redeploys with `max_batch_size=1` and drives them again, then prints both and the ratios.
+Without `--url` it starts an embedded Ray and deploys `raybooth.serving.app` three times: chat with
+continuous batching (`chat.scheduler: continuous`, rows join and leave at every decode step), then
+static batching (`chat.scheduler: static`, `@serve.batch` batches; the image route's dynamic batching),
+both with `max_batch_size` = concurrency, then `max_batch_size=1`. It drives the routes at `--concurrency`
+with an asyncio client each time (the image route has no scheduler, so it runs in the last two only) and
+prints every run and the ratios. With `--min-tokens` each chat request's `max_tokens` is drawn (seeded)
+from `[--min-tokens, --max-tokens]`, the mixed answer lengths under which static batches lose most.
 
 Metrics follow vLLM's serving benchmark: TTFT = request start to the first content chunk; ITL = the
 gaps between successive content chunks of a stream; TPOT = (E2E - TTFT) / (output tokens - 1) per
@@ -21,6 +26,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -93,7 +99,9 @@ async def image_request(
 async def chat_request(
     http: httpx.AsyncClient, model: str, prompt: str, seed: int, args: argparse.Namespace
 ) -> RequestResult:
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": args.max_tokens,
+    low = args.max_tokens if args.min_tokens is None else args.min_tokens
+    max_tokens = random.Random(seed).randint(low, args.max_tokens)  # the same draw for every config
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0.8, "seed": seed, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     start = time.perf_counter()
     result = RequestResult(False, 0.0)
@@ -194,7 +202,14 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def settings_for(args: argparse.Namespace, max_batch_size: int) -> dict[str, Any]:
+CONFIGS = (  # label, max_batch_size (None: the concurrency), chat scheduler
+    ("continuous batching", None, "continuous"),
+    ("static batching", None, "static"),
+    ("max_batch_size=1", 1, "static"),
+)
+
+
+def settings_for(args: argparse.Namespace, max_batch_size: int, scheduler: str) -> dict[str, Any]:
     batching = {
         "max_batch_size": max_batch_size,
         "max_ongoing_requests": max(16, 2 * args.concurrency),
@@ -223,6 +238,7 @@ def settings_for(args: argparse.Namespace, max_batch_size: int) -> dict[str, Any
             "max_concurrent_batches": 1,
             "batch_wait_timeout_s": 0.02,
             "dtype": dtype,
+            "scheduler": scheduler,
         },
         "limits": {
             "max_n": 1,
@@ -252,16 +268,21 @@ def run_embedded(args: argparse.Namespace) -> list[RunResult]:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     runs = []
     try:
-        for label, max_batch in (("dynamic batching", args.concurrency), ("max_batch_size=1", 1)):
+        for label, max_batch, scheduler in CONFIGS:
+            routes = [r for r in ("images", "chat") if args.route in (r, "both")]
+            if scheduler == "continuous":
+                routes = [r for r in routes if r == "chat"]  # the image route does not change
+            if not routes:
+                continue
             t = time.perf_counter()
             serve.run(
-                build_app({"settings": settings_for(args, max_batch)}),
+                build_app({"settings": settings_for(args, max_batch or args.concurrency, scheduler)}),
                 name="raybooth-bench",
                 route_prefix="/",
             )
             print(f"deployed with {label} in {time.perf_counter() - t:.0f}s", flush=True)
             for route, model in (("images", args.image_model), ("chat", args.chat_model)):
-                if args.route in (route, "both"):
+                if route in routes:
                     runs.append(
                         asyncio.run(drive(f"http://127.0.0.1:{port}", None, route, model, label, args))
                     )
@@ -286,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.add_argument("--steps", type=int, default=4, help="num_inference_steps")
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument(
+        "--min-tokens", type=int, default=None, help="draw chat max_tokens from [min, max] (default: all max)"
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument(
         "--no-batch-invariant",
@@ -308,18 +332,37 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     runs = run_embedded(args)
+    tokens = f"{args.max_tokens}" if args.min_tokens is None else f"{args.min_tokens}-{args.max_tokens}"
     print(f"\nserve_load: concurrency {args.concurrency}, {args.requests} requests per route and config, "
           f"images {args.size}x{args.size} x {args.steps} steps ({args.image_model}), chat max_tokens "
-          f"{args.max_tokens} ({args.chat_model}), device {args.device}")  # fmt: skip
+          f"{tokens} ({args.chat_model}), device {args.device}")  # fmt: skip
     print_rows([summarize(r) for r in runs])
-    for route in ("images", "chat"):
-        pair = {r.label: r for r in runs if r.route == route}
-        if len(pair) == 2:
-            batched, single = pair["dynamic batching"], pair["max_batch_size=1"]
-            unit = "images/s" if route == "images" else "output tok/s"
-            ratio = batched.throughput() / single.throughput() if single.throughput() else float("inf")
-            print(f"{route}: {batched.throughput():.2f} vs {single.throughput():.2f} {unit} -> dynamic batching "
-                  f"ratio {ratio:.2f}x")  # fmt: skip
+    print_ratios(runs)
+    return 0
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("inf")
+
+
+def print_ratios(runs: list[RunResult]) -> None:
+    by = {(r.route, r.label): r for r in runs}
+    static, single = by.get(("images", "static batching")), by.get(("images", "max_batch_size=1"))
+    if static and single:
+        print(f"images: {static.throughput():.2f} vs {single.throughput():.2f} images/s -> dynamic batching "
+              f"ratio {ratio(static.throughput(), single.throughput()):.2f}x")  # fmt: skip
+    chat = {label: by[("chat", label)] for label, _, _ in CONFIGS if ("chat", label) in by}
+    cont, static, single = (chat.get(label) for label, _, _ in CONFIGS)
+    if cont and static:
+        p99 = [percentile([x.ttft_s for x in r.ok if x.ttft_s is not None], 99) for r in (cont, static)]
+        print(f"chat: continuous {cont.throughput():.2f} vs static {static.throughput():.2f} output tok/s -> "
+              f"ratio {ratio(cont.throughput(), static.throughput()):.2f}x; TTFT p99 {p99[0] * 1000:.0f} vs "
+              f"{p99[1] * 1000:.0f} ms -> ratio {ratio(p99[0], p99[1]):.2f}x")  # fmt: skip
+    for label, run in (("continuous", cont), ("static", static)):
+        if run and single:
+            print(f"chat: {label} {run.throughput():.2f} vs max_batch_size=1 {single.throughput():.2f} output "
+                  f"tok/s -> ratio {ratio(run.throughput(), single.throughput()):.2f}x")  # fmt: skip
+
     return 0
 
 

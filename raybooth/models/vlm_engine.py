@@ -27,7 +27,8 @@ from the batch (and the KV cache), so one long answer does not make the others p
 
 The modules: `vlm_requests.py` (requests, results, errors, preparing one row: no model needed),
 `vlm_family.py` (families and their batching rules), `vlm_rows.py` (one row's decode state), and this
-one: the loop, with the batch's model-side state in `_BatchState`.
+one: the loop, with the batch's model-side state in `BatchState`. Its pieces (`start_row`, `prefill`,
+`decode_step`, `sample_rows`) also serve `vlm_scheduler.py`, where rows join a running batch mid-flight.
 
 Errors that belong to one row come back as that row's `error` and the other rows run on, token for token
 as they would without it: before decoding (bad params, a prompt over the context window, a schema refused
@@ -112,7 +113,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class _BatchState:
+class BatchState:
     """What the decode steps carry from one forward pass to the next, one entry per running row."""
 
     cache: Any  # transformers DynamicCache
@@ -258,25 +259,20 @@ class VLMEngine:
         cache, so the rest of the batch stops paying for it."""
         rows, first = self._start_rows(requests)
         if rows:
-            logits, state = self._prefill([row.prepared for row in rows])
+            logits, state = self.prefill([row.prepared for row in rows])
         while rows:
             step: list[StreamDelta | None] = first or [None] * len(requests)
             first = None
-            keep: list[int] = []
-            next_tokens: list[int] = []
-            grammar_failed = self._mask_with_grammars(logits, rows)
-            for b, row in enumerate(rows):
+            live = [b for b, row in enumerate(rows) if row.index not in cancelled]
+            for row in rows:
                 if row.index in cancelled:
                     step[row.index] = row.finish("cancelled")
-                    continue
-                try:
-                    if b in grammar_failed:
-                        raise grammar_failed[b]
-                    delta = row.step(logits[b], self.eos_token_ids, self._vocab_bytes)
-                except Exception as e:  # this row's failure only: it leaves, the batch goes on
-                    step[row.index] = row.fail(e)
-                    continue
-                step[row.index] = delta
+            live_logits = logits if len(live) == len(rows) else logits[live]
+            deltas = self.sample_rows(live_logits, [rows[b] for b in live])
+            keep: list[int] = []
+            next_tokens: list[int] = []
+            for b, delta in zip(live, deltas, strict=True):
+                step[rows[b].index] = delta
                 if not delta.done:
                     keep.append(b)
                     next_tokens.append(delta.token_ids[-1])
@@ -298,7 +294,7 @@ class VLMEngine:
                 state.select(torch.tensor(keep, device=self.device))
                 rows = [rows[b] for b in keep]
             tokens = torch.tensor(next_tokens, device=self.device).unsqueeze(1)  # (B, 1)
-            logits = self._decode_step(tokens, state)
+            logits = self.decode_step(tokens, state)
         if first is not None:
             yield first  # every row failed before decoding
 
@@ -313,26 +309,36 @@ class VLMEngine:
         failed = False
         for i, request in enumerate(requests):
             try:
-                prepared = request if isinstance(request, PreparedRequest) else self.prepare(request)
-                # Again here: params may have been changed or rebuilt since they were constructed.
-                prepared.params.validate()
-                check_context(prepared, self.max_context)
-                self._check_token_ids(prepared.params)
-                matcher = self.grammars.matcher(prepared.params) if prepared.params.constrained else None
+                rows.append(self.start_row(i, request))
             except Exception as e:  # this row's failure only (GrammarError, RequestError: its 400)
                 errors[i] = error_delta(e)
                 failed = True
-                continue
-            rows.append(
-                DecodeRow(
-                    i,
-                    prepared,
-                    row_generator(prepared.params),
-                    TextTracker(self.tokenizer, prepared.params.stop),
-                    matcher,
-                )
-            )
         return rows, errors if failed else None
+
+    def start_row(self, index: int, request: GenerationRequest | PreparedRequest) -> DecodeRow:
+        """One request's decode state (`index`: its slot in the caller's list); raises the row's error."""
+        prepared = request if isinstance(request, PreparedRequest) else self.prepare(request)
+        # Again here: params may have been changed or rebuilt since they were constructed.
+        prepared.params.validate()
+        check_context(prepared, self.max_context)
+        self._check_token_ids(prepared.params)
+        matcher = self.grammars.matcher(prepared.params) if prepared.params.constrained else None
+        text = TextTracker(self.tokenizer, prepared.params.stop)
+        return DecodeRow(index, prepared, row_generator(prepared.params), text, matcher)
+
+    def sample_rows(self, logits: torch.Tensor, rows: Sequence[DecodeRow]) -> list[StreamDelta]:
+        """Each row's next token from its logits `(B, V)` (masked by its grammar): one delta per row. A row
+        that raises gets its error delta (it must leave the batch); the others are untouched by it."""
+        deltas: list[StreamDelta] = []
+        grammar_failed = self._mask_with_grammars(logits, rows)
+        for b, row in enumerate(rows):
+            try:
+                if b in grammar_failed:
+                    raise grammar_failed[b]
+                deltas.append(row.step(logits[b], self.eos_token_ids, self._vocab_bytes))
+            except Exception as e:  # this row's failure only: it leaves, the batch goes on
+                deltas.append(row.fail(e))
+        return deltas
 
     def _check_token_ids(self, params: SamplingParams) -> None:
         outside = sorted(t for t in params.logit_bias if not 0 <= t < self.vocab_size)
@@ -350,7 +356,7 @@ class VLMEngine:
             out = self.model(**inputs, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :].float().cpu()
 
-    def _prefill(self, prepared: list[PreparedRequest]) -> tuple[torch.Tensor, _BatchState]:
+    def prefill(self, prepared: Sequence[PreparedRequest]) -> tuple[torch.Tensor, BatchState]:
         """Left-pad the prompts into one batch, batch their processor outputs and run it: `(B, V)` logits
         and the state the decode steps continue from."""
         from transformers import DynamicCache
@@ -377,13 +383,13 @@ class VLMEngine:
                 logits, decode_inputs = seq2seq_prefill(
                     self.model, ids.to(self.device), mask.to(self.device), extra, cache
                 )
-            state = _BatchState(
+            state = BatchState(
                 cache, mask.to(self.device), positions[:, -1:].to(self.device), None, decode_inputs
             )
             return logits.float().cpu(), state
         if self.family.prepare is not None:  # what batching alone cannot express (Mllama's masks)
             extra, decode_inputs = self.family.prepare(self.model, extra, mask.to(self.device))
-        state = _BatchState(
+        state = BatchState(
             cache=DynamicCache(config=self.model.config.get_text_config()),
             mask=mask.to(self.device),
             positions=positions[:, -1:].to(self.device),
@@ -399,7 +405,9 @@ class VLMEngine:
         )
         return logits, state
 
-    def _decode_step(self, tokens: torch.Tensor, state: _BatchState) -> torch.Tensor:
+    _prefill = prefill  # the name the family oracle tests call
+
+    def decode_step(self, tokens: torch.Tensor, state: BatchState) -> torch.Tensor:
         """Feed each running row its next token `(B, 1)`; the `(B, V)` logits after it."""
         state.mask = torch.cat([state.mask, state.mask.new_ones(len(tokens), 1)], dim=1)  # (B, T + 1)
         state.positions = state.positions + 1  # (B, 1): each row's next position counts only real tokens
@@ -431,7 +439,7 @@ class VLMEngine:
 
         return {k: move(v) for k, v in inputs.items()}
 
-    def _mask_with_grammars(self, logits: torch.Tensor, rows: list[DecodeRow]) -> dict[int, Exception]:
+    def _mask_with_grammars(self, logits: torch.Tensor, rows: Sequence[DecodeRow]) -> dict[int, Exception]:
         """Mask every constrained row's logits in place; the rows whose matcher raised, with the error."""
         matchers = [row.matcher for row in rows]
         if any(m is not None for m in matchers):

@@ -3,14 +3,24 @@
     gen = handle.options(stream=True).generate.remote(GenerationRequest(...))
     async for event in gen: ...          # ChatEvent dicts: text deltas, then one final event
 
-Callers that arrive within `batch_wait_timeout_s` of each other are batched by `@serve.batch` into one
-`VLMEngine.generate_stream` call: one forward pass per decode step for every row. The batch function is
-an async generator that yields one list per step (a `ChatEvent` per caller, `StopIteration` for callers
-already finished), so each caller streams its own tokens as they are produced. Before a caller joins a
-batch, its request is prepared (chat template, tokens, images) and checked (context, grammar compile) in
-a worker thread: a slow compile or a refusal never holds a batch that good requests wait for. A row that
-fails ends with an event holding `error` and `error_type` (the engine's contract: "invalid_request_error"
-is the client's 400, "server_error" a 500), and the other rows of its batch go on. Generated text goes
+Two ways to batch, chosen by `chat.scheduler`:
+
+- `continuous` (the default): one `vlm_scheduler.Scheduler` per replica owns the engine. A caller's row
+  joins the running batch at the next decode step and leaves it when done, so a short answer never waits
+  for a long one (iteration-level scheduling, as vLLM and TGI do). `max_batch_size` caps the running rows;
+  a replica with nothing running waits `batch_wait_timeout_s` for company, so a burst prefills together.
+  Its queue is bounded by `max_ongoing_requests`; beyond it the caller gets the OpenAI 503 `overloaded`.
+- `static`: callers that arrive within `batch_wait_timeout_s` of each other are batched by `@serve.batch`
+  into one `VLMEngine.generate_stream` call that decodes to its end; the batch function is an async
+  generator yielding one list per step (a `ChatEvent` per caller, `StopIteration` for callers already
+  finished). Kept to measure the difference (`benchmarks/serve_load.py`).
+
+Either way each caller streams its own tokens as they are produced. Before a caller's row is queued, its
+request is prepared (chat template, tokens, images) and checked (context, grammar compile) in a worker
+thread: a slow compile or a refusal never holds a batch that good requests wait for. A row that fails
+ends with an event holding `error` and `error_type` (the engine's contract: "invalid_request_error" is
+the client's 400, "server_error" a 500, and "overloaded" the scheduler's full queue, a 503), and the
+other rows of its batch go on. Generated text goes
 through the safety policy's streaming filter before it leaves: a match ends that caller's stream with
 `finish_reason: content_filter` and a refusal naming the category and span. A row whose stream ended
 that way, or whose client disconnected, is cancelled in the engine: it leaves the batch (and its KV
@@ -40,6 +50,7 @@ from raybooth.models.vlm_engine import (
     VLMEngine,
     error_delta,
 )
+from raybooth.models.vlm_scheduler import QueueFull, Scheduler
 from raybooth.openai.chat import choice_logprobs
 from raybooth.serving.callers import Caller, attending
 
@@ -54,7 +65,8 @@ class ChatEvent(TypedDict, total=False):
     finish_reason: str | None  # "stop" | "length" | "content_filter" | "error"
     refusal: str | None  # the safety policy's explanation when finish_reason is content_filter
     error: str | None  # the request could not run (context too long, schema does not compile)
-    error_type: str | None  # with `error`: "invalid_request_error" (HTTP 400) | "server_error" (500)
+    # with `error`: "invalid_request_error" (HTTP 400) | "server_error" (500) | "overloaded" (503)
+    error_type: str | None
     prompt_tokens: int
     completion_tokens: int
 
@@ -128,11 +140,21 @@ class ChatDeployment:
         self.engine = VLMEngine.from_pretrained(
             model, device=str(device), dtype=dtype, models_dir=default_models_dir()
         )
-        self.generate_batch = serve.batch(
-            max_batch_size=self.cfg.max_batch_size,
-            batch_wait_timeout_s=self.cfg.batch_wait_timeout_s,
-            max_concurrent_batches=self.cfg.max_concurrent_batches,
-        )(self._generate_batch)
+        self.scheduler: Scheduler | None = None
+        self.generate_batch: Any = None
+        if self.cfg.scheduler == "continuous":
+            self.scheduler = Scheduler(
+                self.engine,
+                max_rows=self.cfg.max_batch_size,
+                max_queue=self.cfg.max_ongoing_requests,  # a replica never holds more callers than this
+                idle_wait_s=self.cfg.batch_wait_timeout_s,
+            )
+        else:
+            self.generate_batch = serve.batch(
+                max_batch_size=self.cfg.max_batch_size,
+                batch_wait_timeout_s=self.cfg.batch_wait_timeout_s,
+                max_concurrent_batches=self.cfg.max_concurrent_batches,
+            )(self._generate_batch)
         # Admission (tokenizing, grammar compiles) has threads of its own: were it to share the default
         # pool, a few slow refusals could take every thread the batches need for their decode steps.
         self._admission = ThreadPoolExecutor(max_workers=4, thread_name_prefix="chat-admission")
@@ -140,10 +162,16 @@ class ChatDeployment:
         self.cancelled_rows: deque[int] = deque(maxlen=10_000)  # tokens each cancelled row had decoded
         self._batch_rows = metrics.Histogram(
             "raybooth_chat_batch_rows",
-            description="Requests decoded together in one engine batch.",
+            description="Requests decoded together in one engine batch (continuous: when a request joins).",
             boundaries=[1, 2, 4, 8, 16, 32, 64],
         )
         self._tokens = metrics.Counter("raybooth_chat_completion_tokens", description="Tokens generated.")
+        self._queue_length = metrics.Gauge(
+            "raybooth_chat_queue_length", description="Requests waiting for a row (continuous batching)."
+        )
+        self._running_rows = metrics.Gauge(
+            "raybooth_chat_running_rows", description="Rows in the running batch (continuous batching)."
+        )
 
     async def generate(self, request: GenerationRequest):
         """Stream `ChatEvent`s for one request (batched with concurrent callers)."""
@@ -154,9 +182,48 @@ class ChatDeployment:
         except Exception as e:  # this request's refusal (a ValueError: its 400) or a bug (500)
             yield final_event(error_delta(e), "")
             return
+        if self.scheduler is not None:
+            async for event in self._generate_continuous(prepared):
+                yield event
+            return
         with attending(prepared) as caller:
             async for event in self.generate_batch(caller):
                 yield event
+
+    async def _generate_continuous(self, prepared: PreparedRequest):
+        """One row through the scheduler; leaving early (a disconnect cancels this call, the safety
+        filter ends the stream) cancels the row, which leaves the batch at the next step."""
+        assert self.scheduler is not None
+        try:
+            deltas = self.scheduler.stream(prepared)
+        except QueueFull as e:
+            yield ChatEvent(text="", finish_reason="error", error=str(e), error_type="overloaded")
+            return
+        self._export_load()
+        row = RowFilter(self.policy, Caller(prepared))
+        joined = False
+        try:
+            async for delta in deltas:
+                if not joined:  # the rows this one decodes with when it joins the running batch
+                    joined = True
+                    self._batch_rows.observe(max(1, self.scheduler.load()[1]))
+                event = row.event(delta)
+                if event is StopIteration:  # ended by the safety filter: nothing more for this caller
+                    break
+                if delta.done and delta.completion_tokens:  # Ray's Counter refuses inc(0)
+                    self._tokens.inc(delta.completion_tokens)
+                yield event
+                if row.finished:
+                    break
+        finally:
+            await deltas.aclose()  # cancels the row unless it finished
+            self._export_load()
+
+    def _export_load(self) -> None:
+        if self.scheduler is not None:
+            waiting, running = self.scheduler.load()
+            self._queue_length.set(waiting)
+            self._running_rows.set(running)
 
     def admit(self, request: GenerationRequest) -> PreparedRequest:
         """Tokenize and check one request (in a worker thread), compiling its grammar into the cache:
@@ -190,17 +257,43 @@ class ChatDeployment:
         steps.close()
 
     def stats(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "time": time.time(),
             "pid": os.getpid(),  # the replica's process (tests kill it to check failure handling)
             "rss_bytes": rss_bytes(),
-            "batch_sizes": list(self.batch_sizes),
+            "scheduler": self.cfg.scheduler,
+            "batch_sizes": list(self.batch_sizes),  # rows per batch (static) or per admission (continuous)
             "cancelled_rows": list(self.cancelled_rows),
+            "queue_length": 0,
+            "running_rows": 0,
         }
+        if self.scheduler is not None:
+            sched = self.scheduler.stats()
+            out.update(
+                batch_sizes=sched["admissions"],
+                cancelled_rows=sched["cancelled_rows"],
+                queue_length=sched["queue_length"],
+                running_rows=sched["running_rows"],
+                admitted_tokens=sched["admitted_tokens"],
+                decode_steps=sched["steps"],
+            )
+        return out
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """`user_config` in the Serve YAML may retune batching without a restart."""
         if "max_batch_size" in user_config:
-            self.generate_batch.set_max_batch_size(int(user_config["max_batch_size"]))
+            rows = int(user_config["max_batch_size"])
+            if self.scheduler is not None:
+                self.scheduler.max_rows = rows
+            else:
+                self.generate_batch.set_max_batch_size(rows)
         if "batch_wait_timeout_s" in user_config:
-            self.generate_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+            wait_s = float(user_config["batch_wait_timeout_s"])
+            if self.scheduler is not None:
+                self.scheduler.idle_wait_s = wait_s
+            else:
+                self.generate_batch.set_batch_wait_timeout_s(wait_s)
+
+    def __del__(self) -> None:
+        if getattr(self, "scheduler", None) is not None:
+            self.scheduler.close(timeout_s=1)

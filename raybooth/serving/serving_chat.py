@@ -58,7 +58,7 @@ from raybooth.openai.protocol import (
     Usage,
     new_completion_id,
 )
-from raybooth.serving.upstream import next_item
+from raybooth.serving.upstream import next_item, overloaded
 
 logger = logging.getLogger("ray.serve")
 
@@ -79,8 +79,11 @@ def prompt_texts(req: ChatCompletionRequest) -> list[str]:
 
 
 def row_error(event: dict[str, Any]) -> APIError:
-    """The APIError of a row the engine failed: its request's fault (400) or the server's (500). Raised
-    before the HTTP response starts it is that status; after, `_sse_lines` sends it as an error event."""
+    """The APIError of a row the engine failed: its request's fault (400), the server's (500), or a full
+    scheduler queue (503, retry). Raised before the HTTP response starts it is that status; after,
+    `_sse_lines` sends it as an error event."""
+    if event.get("error_type") == "overloaded":
+        return overloaded("chat generation")
     if event.get("error_type") == "server_error":
         return APIError(500, event["error"], code="server_error")
     return bad_request(event["error"], code="invalid_request")

@@ -125,6 +125,15 @@ class ImageServeSection(DeploymentSection, BatchingMixin):
 class ChatServeSection(DeploymentSection, BatchingMixin):
     """The chat deployment (`ChatDeployment`)."""
 
+    scheduler: Literal["continuous", "static"] = Field(
+        "continuous",
+        description=(
+            "continuous: rows join and leave the running batch at every decode step (models/vlm_scheduler.py; "
+            "max_batch_size caps the running rows, batch_wait_timeout_s is how long an idle replica waits "
+            "for company). static: `@serve.batch` batches that decode to their end (kept for comparison)."
+        ),
+    )
+
     max_concurrent_batches: int = Field(
         2, ge=1, description="Batches decoding at once (a new batch need not wait)."
     )

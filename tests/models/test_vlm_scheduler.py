@@ -1,0 +1,311 @@
+"""Continuous batching (`models/vlm_scheduler.py`): rows join and leave mid-flight without changing a row.
+
+.venv/bin/python -m pytest tests/models/test_vlm_scheduler.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from raybooth.cluster.workdir import default_models_dir
+from raybooth.models.decoding import SamplingParams
+from raybooth.models.presets import resolve_model
+from raybooth.models.vlm_engine import GenerationRequest, StreamDelta, VLMEngine
+from raybooth.models.vlm_scheduler import QueueFull, Scheduler
+from raybooth.samples import draw_sample_image
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"label": {"enum": ["cat", "dog"]}, "ok": {"type": "boolean"}},
+    "required": ["label", "ok"],
+    "additionalProperties": False,
+}
+_ENGINES: dict[str, VLMEngine] = {}
+
+
+def engine_for(name: str) -> VLMEngine:
+    """Each preset loads once for the module, whichever test asks for it."""
+    if name not in _ENGINES:
+        path = resolve_model(name, kind="vlm", models_dir=default_models_dir())
+        _ENGINES[name] = VLMEngine.from_pretrained(path, device="cpu")
+    return _ENGINES[name]
+
+
+@pytest.fixture(scope="module", params=["tiny-vlm", "tiny-llm", "tiny-qwen2.5-vl"])
+def engine(request) -> VLMEngine:
+    return engine_for(request.param)
+
+
+@pytest.fixture
+def scheduler(engine) -> Iterator[Scheduler]:
+    sched = Scheduler(engine, max_rows=4, max_queue=4)
+    yield sched
+    sched.close()
+
+
+def request(engine: VLMEngine, text: str, images: int = 0, **params) -> GenerationRequest:
+    """A request whose row never says EOS (banned), so its length is its `max_tokens` on any model."""
+    parts = [
+        {"type": "image", "image": draw_sample_image(i)}
+        for i in range(images if engine.family.takes_images else 0)
+    ]
+    parts.append({"type": "text", "text": text})
+    bias = {t: -100.0 for t in engine.eos_token_ids} | params.pop("logit_bias", {})
+    return GenerationRequest(
+        messages=[{"role": "user", "content": parts}], params=SamplingParams(logit_bias=bias, **params)
+    )  # fmt: skip
+
+
+class Collector:
+    """A row's deltas as the loop delivers them; `finished` records the order rows ended in."""
+
+    def __init__(
+        self, finished: list[Collector] | None = None, on_token: Callable[[Collector], None] | None = None
+    ):
+        self.deltas: list[StreamDelta] = []
+        self.done = threading.Event()
+        self.finished = finished if finished is not None else []
+        self.on_token = on_token
+
+    def __call__(self, delta: StreamDelta) -> None:
+        self.deltas.append(delta)
+        if delta.done:
+            self.finished.append(self)
+            self.done.set()
+        elif self.on_token is not None:
+            self.on_token(self)
+
+    def wait(self) -> Collector:
+        assert self.done.wait(60), "the row never finished"
+        return self
+
+    @property
+    def tokens(self) -> list[int]:
+        return [t for d in self.deltas for t in d.token_ids]
+
+    @property
+    def text(self) -> str:
+        return "".join(d.text for d in self.deltas)
+
+    @property
+    def last(self) -> StreamDelta:
+        return self.deltas[-1]
+
+
+@contextmanager
+def scheduler_on(name: str, **options) -> Iterator[tuple[VLMEngine, Scheduler]]:
+    """A scheduler over preset `name`'s engine, closed after the block."""
+    engine = engine_for(name)
+    sched = Scheduler(engine, **options)
+    try:
+        yield engine, sched
+    finally:
+        sched.close()
+
+
+def wait_for_step(sched: Scheduler, step: int) -> None:
+    deadline = time.monotonic() + 60
+    while sched.steps < step:
+        assert time.monotonic() < deadline, f"the scheduler never reached step {step}"
+        time.sleep(0.0005)
+
+
+def test_rows_admitted_mid_flight_decode_as_they_do_alone(engine, scheduler):
+    requests = [
+        request(engine, "a photo of a dog and a cat on the beach " * 6, images=1, max_tokens=12, temperature=0.0),
+        request(engine, "hi", max_tokens=24, temperature=0.0, stop=["zzz"]),
+        request(engine, "What color is it?", images=1, max_tokens=16, temperature=0.9, seed=7, logprobs=2),
+    ]  # fmt: skip
+    alone = [engine.generate([r])[0] for r in requests]
+    rows = [Collector() for _ in requests]
+    for i, (req, row) in enumerate(zip(requests, rows, strict=True)):
+        wait_for_step(scheduler, 3 * i)  # row 1 joins at step 3, row 2 at step 6, while row 0 decodes
+        scheduler.submit(engine.prepare(req), row)
+    for row, result in zip(rows, alone, strict=True):
+        row.wait()
+        assert row.tokens == result.token_ids and row.text == result.text
+        assert row.last.finish_reason == result.finish_reason == "length"
+        # Same tokens; logprobs agree to float32 rounding (batched matmuls may sum in another order).
+        streamed = [e for d in row.deltas for e in d.logprobs]
+        assert [e.token for e in streamed] == [e.token for e in result.logprobs or []]
+        assert [e.logprob for e in streamed] == pytest.approx(
+            [e.logprob for e in result.logprobs or []], abs=1e-4
+        )
+    stats = scheduler.stats()
+    assert stats["admissions"] == [1, 1, 1] and stats["merges_mid_flight"], stats  # three separate joins
+    # Row 0 (the longest prompt) left first: the pad columns it left behind were cut off the cache.
+    assert stats["trimmed_columns"] > 0 and stats["queue_length"] == 0
+
+
+def test_a_short_request_finishes_while_a_long_one_decodes(engine, scheduler):
+    finished: list[Collector] = []
+    long_row, short_row = Collector(finished), Collector(finished)
+    scheduler.submit(
+        engine.prepare(request(engine, "Tell me a long story.", max_tokens=48, temperature=0.0)), long_row
+    )
+    wait_for_step(scheduler, 2)
+    short = request(engine, "hi", max_tokens=4, temperature=0.0)
+    scheduler.submit(engine.prepare(short), short_row)
+    short_row.wait()
+    assert not long_row.done.is_set()  # it did not wait for the long row's batch to end
+    long_row.wait()
+    assert finished == [short_row, long_row]
+    assert short_row.tokens == engine.generate([short])[0].token_ids
+
+
+def test_cancel_frees_the_row_at_the_next_step_and_the_others_are_unaffected(engine, scheduler):
+    keep = [request(engine, "Name three colours.", max_tokens=12, temperature=0.0),
+            request(engine, "hi", max_tokens=10, temperature=1.0, seed=3)]  # fmt: skip
+    tickets = {}
+
+    def cancel_after_three(row: Collector) -> None:  # runs in the loop thread: exact, not timing-based
+        if len(row.tokens) == 3:
+            scheduler.cancel(tickets["gone"])
+
+    gone = Collector(on_token=cancel_after_three)
+    rows = [Collector() for _ in keep]
+    tickets["gone"] = scheduler.submit(
+        engine.prepare(request(engine, "A very long story.", max_tokens=200)), gone
+    )
+    for req, row in zip(keep, rows, strict=True):
+        scheduler.submit(engine.prepare(req), row)
+    gone.wait()
+    assert gone.last.finish_reason == "cancelled" and gone.last.completion_tokens == 3
+    assert len(gone.tokens) == 3  # nothing sampled for it after the cancel
+    for req, row in zip(keep, rows, strict=True):
+        assert row.wait().tokens == engine.generate([req])[0].token_ids
+    assert scheduler.stats()["cancelled_rows"] == [3]
+
+
+def test_the_queue_bound_refuses_with_queue_full():
+    with scheduler_on("tiny-llm", max_rows=1, max_queue=1) as (engine, sched):
+        running, waiting = Collector(), Collector()
+        first = sched.submit(engine.prepare(request(engine, "A long story.", max_tokens=500)), running)
+        wait_for_step(sched, 1)  # admitted: the only row
+        second = sched.submit(engine.prepare(request(engine, "hi", max_tokens=2)), waiting)
+        assert sched.stats()["queue_length"] == 1
+        with pytest.raises(QueueFull, match=r"queue is full \(1 requests waiting\); retry"):
+            sched.submit(engine.prepare(request(engine, "hi", max_tokens=2)), Collector())
+        sched.cancel(second)  # a waiting row is dropped at once
+        assert waiting.wait().last.finish_reason == "cancelled" and not waiting.tokens
+        sched.cancel(first)
+        assert running.wait().last.finish_reason == "cancelled"
+
+
+def test_row_errors_and_grammars_stay_per_row_mid_flight():
+    with scheduler_on("tiny-vlm", max_rows=4) as (engine, sched):
+        good = request(engine, "Describe the image.", images=1, max_tokens=16, temperature=0.0)
+        constrained = request(engine, "Label it.", max_tokens=40, temperature=0.0, json_schema=SCHEMA)
+        bad = request(engine, "hi", max_tokens=4, logit_bias={10**9: 1.0})
+        rows = [Collector() for _ in range(3)]
+        sched.submit(engine.prepare(good), rows[0])
+        wait_for_step(sched, 2)
+        sched.submit(engine.prepare(constrained), rows[1])
+        sched.submit(engine.prepare(bad), rows[2])
+        assert (
+            rows[2].wait().last.error_type == "invalid_request_error" and "logit_bias" in rows[2].last.error
+        )
+        assert rows[0].wait().tokens == engine.generate([good])[0].token_ids
+        assert rows[1].wait().text == engine.generate([constrained])[0].text
+        assert rows[1].text.startswith("{") and rows[1].last.finish_reason == "stop"
+
+
+def test_encoder_decoder_rows_are_admitted_between_batches():
+    with scheduler_on("tiny-florence2", max_rows=4) as (engine, sched):
+        assert not sched.merges_mid_flight
+        finished: list[Collector] = []
+        first, second = Collector(finished), Collector(finished)
+        req = GenerationRequest(
+            messages=[{"role": "user", "content": [{"type": "image", "image": draw_sample_image(0)},
+                                                    {"type": "text", "text": "<CAPTION>"}]}],
+            params=SamplingParams(max_tokens=12, temperature=0.0, logit_bias={t: -100.0 for t in engine.eos_token_ids}),
+        )  # fmt: skip
+        sched.submit(engine.prepare(req), first)
+        wait_for_step(sched, 1)
+        sched.submit(engine.prepare(req), second)
+        assert sched.stats()["queue_length"] == 1  # it waits for the running batch to drain
+        first.wait(), second.wait()
+        assert sched.stats()["admissions"] == [1, 1]
+        assert (
+            finished == [first, second]
+            and first.tokens == second.tokens == engine.generate([req])[0].token_ids
+        )
+
+
+def test_async_stream_does_not_block_the_loop_and_leaving_cancels():
+    engine = engine_for("tiny-llm")
+    sched = Scheduler(engine, max_rows=4)
+    full = request(engine, "Name three colours.", max_tokens=16, temperature=0.0)
+
+    async def main() -> tuple[list[int], int, int]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.001)
+
+        tick_task = asyncio.create_task(ticker())
+
+        async def read_all() -> list[int]:
+            return [t async for d in sched.stream(engine.prepare(full)) for t in d.token_ids]
+
+        async def leave_after_two() -> int:
+            seen = 0
+            async for _ in sched.stream(engine.prepare(request(engine, "A long story.", max_tokens=300))):
+                seen += 1
+                if seen == 2:
+                    break  # the client left
+            return seen
+
+        tokens, seen = await asyncio.gather(read_all(), leave_after_two())
+        tick_task.cancel()
+        return tokens, seen, ticks
+
+    try:
+        tokens, seen, ticks = asyncio.run(main())
+        assert tokens == engine.generate([full])[0].token_ids and seen == 2
+        assert ticks > 5  # the event loop ran while the rows decoded
+        deadline = time.monotonic() + 30
+        while not sched.stats()["cancelled_rows"]:
+            assert time.monotonic() < deadline, "the row of the stream that was left was never cancelled"
+            time.sleep(0.01)
+        assert sched.stats()["cancelled_rows"][0] < 300
+    finally:
+        sched.close()
+
+
+def test_a_failed_forward_pass_fails_only_the_rows_it_served(monkeypatch):
+    with scheduler_on("tiny-llm", max_rows=4) as (engine, sched):
+        real_prefill, real_step = engine.prefill, engine.decode_step
+        long_req = request(engine, "Name three colours.", max_tokens=20, temperature=0.0)
+        running, newcomer = Collector(), Collector()
+        sched.submit(engine.prepare(long_req), running)
+        wait_for_step(sched, 2)
+
+        def failing_prefill(prepared):
+            monkeypatch.setattr(engine, "prefill", real_prefill)  # fails once
+            raise RuntimeError("prefill blew up")
+
+        monkeypatch.setattr(engine, "prefill", failing_prefill)
+        sched.submit(engine.prepare(request(engine, "hi", max_tokens=4)), newcomer)
+        assert newcomer.wait().last.error_type == "server_error"  # the newcomers' prefill failed: theirs only
+        assert running.wait().tokens == engine.generate([long_req])[0].token_ids
+
+        def failing_step(tokens, state):
+            monkeypatch.setattr(engine, "decode_step", real_step)
+            raise RuntimeError("decode step blew up")
+
+        doomed, after = Collector(), Collector()
+        monkeypatch.setattr(engine, "decode_step", failing_step)
+        sched.submit(engine.prepare(long_req), doomed)
+        assert doomed.wait().last.error_type == "server_error"  # the shared step failed: its rows end
+        sched.submit(engine.prepare(long_req), after)  # and the loop serves on
+        assert after.wait().tokens == engine.generate([long_req])[0].token_ids
