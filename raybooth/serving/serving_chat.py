@@ -56,6 +56,7 @@ from raybooth.openai.protocol import (
     ImageContentPart,
     TextContentPart,
     Usage,
+    VideoContentPart,
     new_completion_id,
 )
 from raybooth.serving.upstream import next_item, overloaded
@@ -114,9 +115,10 @@ class ChatService:
             raise limit_exceeded("limits.max_n", req.n, limits.max_n, "n")
         check_prompt_size(req, self.limits)  # before anything tokenizes it (and in the batch job too)
         max_tokens_for(req, self.limits)  # the batch job's check too; here before any image is decoded
-        images = 0
+        images = videos = 0  # videos: their frames are checked with the images by ChatLimits.for_serving
         for m, message in enumerate(req.messages):
             for p, part in enumerate(message.content if isinstance(message.content, list) else []):
+                videos += isinstance(part, VideoContentPart)
                 if isinstance(part, ImageContentPart):
                     images += 1
                     if not part.image_url.url.startswith("data:"):
@@ -129,8 +131,8 @@ class ChatService:
             raise limit_exceeded(
                 "limits.max_images_per_request", images, limits.max_images_per_request, "messages"
             )
-        if not any(text.strip() for text in prompt_texts(req)) and images == 0:
-            raise bad_request("messages hold no text and no image; send at least one", param="messages")
+        if not any(text.strip() for text in prompt_texts(req)) and images == videos == 0:
+            raise bad_request("messages hold no text, image or video; send at least one", param="messages")
         fmt = req.response_format
         if fmt is not None and fmt.json_schema is not None:
             _check_schema(

@@ -251,3 +251,31 @@ def test_slow_deployment_call_is_cancelled_and_becomes_504():
     with pytest.raises(APIError) as info:
         asyncio.run(call_deployment(response, timeout_s=0.05, what="image generation"))
     assert info.value.status == 504 and "0.05s" in info.value.message and response.cancelled
+
+
+class _Handle:
+    """Stands in for the chat deployment's handle: check_request never calls the deployment."""
+
+    def options(self, **_: object) -> _Handle:
+        return self
+
+
+def test_a_video_alone_is_a_request_and_nothing_at_all_is_a_400_naming_all_three():
+    from raybooth.cluster.config import ServeConfig
+    from raybooth.models.safety import SafetyPolicy
+    from raybooth.openai.errors import APIError
+    from raybooth.openai.protocol import ChatCompletionRequest
+    from raybooth.serving.serving_chat import ChatService
+
+    cfg = ServeConfig.model_validate({})
+    service = ChatService(_Handle(), cfg, SafetyPolicy.from_settings(cfg.safety.model_dump()), cfg.chat_model)
+
+    def ask(content: object) -> ChatCompletionRequest:
+        return ChatCompletionRequest.model_validate(
+            {"model": cfg.chat_model, "messages": [{"role": "user", "content": content}]}
+        )
+
+    video = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}
+    service.check_request(ask([video]))  # the frames are decoded and checked later, per row
+    with pytest.raises(APIError, match="no text, image or video"):
+        service.check_request(ask([{"type": "text", "text": "  "}]))
