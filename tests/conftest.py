@@ -38,8 +38,8 @@ _SERVER_START_TIMEOUT_S = 120.0  # mlflow server on a busy 2-core CI box takes ~
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """`gpu` tests are deselected (not skipped) where torch sees no CUDA device, as on CI here. On several
-    workers (`make test` runs `-n 2`), the files holding `slow` tests run first, so the long ones do not
-    start last and leave one worker idle at the end."""
+    workers (`make test` runs `-n 2`), the shared units (the serving folder, the longest) start first, then
+    the files holding `slow` tests, so no long one starts last and leaves the other worker idle."""
     import torch
 
     if not torch.cuda.is_available():
@@ -48,8 +48,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             config.hook.pytest_deselected(items=gpu)
             items[:] = [item for item in items if not item.get_closest_marker("gpu")]
     if getattr(config.option, "numprocesses", None):
-        slow_files = {work_unit(item.nodeid) for item in items if item.get_closest_marker("slow")}
-        items.sort(key=lambda item: work_unit(item.nodeid) not in slow_files)  # stable: order kept within
+        slow_units = {work_unit(item.nodeid) for item in items if item.get_closest_marker("slow")}
+
+        def start_order(item: pytest.Item) -> int:
+            unit = work_unit(item.nodeid)
+            return 0 if unit in _SHARED_WORK_UNITS else 1 if unit in slow_units else 2
+
+        items.sort(key=start_order)  # stable: the order within each group is kept
 
 
 # Test files that share one session fixture too costly to build twice run on one worker: the serving

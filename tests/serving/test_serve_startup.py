@@ -97,6 +97,11 @@ def test_committed_serve_yaml_comes_up_on_a_two_cpu_embedded_ray_and_answers(
         assert answer.status_code == 200, answer.text
         choice = answer.json()["choices"][0]
         assert choice["message"]["role"] == "assistant" and answer.json()["usage"]["completion_tokens"] >= 1
+        # The replicas may answer a moment before `serve.run` returns in the CLI, which then prints where
+        # it serves: wait for that line rather than stop the server before it was written.
+        deadline = time.monotonic() + 120
+        while "Ctrl-C stops the server." not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
     finally:
         stop_process_group(proc, grace_s=60)  # SIGTERM shuts Serve and its Ray down: give it time
     assert "raybooth is serving at" in log.read_text()
