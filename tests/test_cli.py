@@ -94,12 +94,21 @@ def test_doctor_on_embedded_cluster(tmp_path):
     assert "sqlite:///" in out and "tiny-sd" in out and "tiny-vlm" in out
 
 
+def on_the_session_cluster(ray_cluster) -> list[str]:
+    """Doctor overrides that connect to the session's running Ray (as to a remote cluster) instead of
+    starting an embedded one: the checks below are about storage and MLflow, not Ray."""
+    import ray
+
+    return [f"cluster.address={ray.get_runtime_context().gcs_address}", "cluster.ship_project=false"]
+
+
 @pytest.mark.slow
-def test_doctor_reports_a_dead_mlflow_uri_as_broken(tmp_path):
+def test_doctor_reports_a_dead_mlflow_uri_as_broken(tmp_path, ray_cluster):
     dead = "http://127.0.0.1:9"  # discard port: nothing listens there
     result = run_cli(
-        "doctor", "cluster.num_cpus=1", f"tracking.tracking_uri={dead}", env={"RAYBOOTH_HOME": str(tmp_path)}
-    )
+        "doctor", *on_the_session_cluster(ray_cluster), f"tracking.tracking_uri={dead}",
+        env={"RAYBOOTH_HOME": str(tmp_path)},
+    )  # fmt: skip
     assert result.returncode == 2
     bad = [line for line in result.stdout.splitlines() if line.startswith("BAD")]
     assert len(bad) == 1 and "mlflow" in bad[0] and dead in bad[0]
@@ -107,7 +116,7 @@ def test_doctor_reports_a_dead_mlflow_uri_as_broken(tmp_path):
 
 
 @pytest.mark.slow
-def test_doctor_reports_an_unreachable_s3_endpoint_as_broken(tmp_path):
+def test_doctor_reports_an_unreachable_s3_endpoint_as_broken(tmp_path, ray_cluster):
     dead = "http://127.0.0.1:9"  # nothing listens on the discard port
     env = {
         "RAYBOOTH_HOME": str(tmp_path),
@@ -117,7 +126,7 @@ def test_doctor_reports_an_unreachable_s3_endpoint_as_broken(tmp_path):
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
     }
-    result = run_cli("doctor", "cluster.num_cpus=1", "storage.root=s3://raybooth-bucket/prefix", env=env)
+    result = run_cli("doctor", *on_the_session_cluster(ray_cluster), "storage.root=s3://raybooth-bucket/prefix", env=env)
     assert result.returncode == 2
     bad = [line for line in result.stdout.splitlines() if line.startswith("BAD")]
     assert len(bad) == 1 and "storage" in bad[0] and "s3://raybooth-bucket/prefix" in bad[0]
