@@ -18,16 +18,19 @@ What is quantised, and why:
 - Not the output projection (`lm_head`) nor the input embeddings: transformers leaves them out by default
   and so do we. `lm_head` writes the logits directly, so its rounding error is the one that flips greedy
   picks most, and where it is tied to the input embeddings quantising it would change both. In a real
-  checkpoint it is a few percent of the weights (Llama-3-8B: 0.5 of 8 B), in a tiny preset a large share,
-  which is why `WeightBytes` reports the quantised linears and the whole model apart.
+  checkpoint the two are a small share of the weights (Llama-3-8B: 1.05 of 8.0 B), in a tiny preset a
+  large one, which is why `WeightBytes` reports the quantised linears and the whole model apart.
 
 Devices: torchao's int8 weight-only path is plain PyTorch ops (an int8 → activation-dtype cast and a
 matmul), which run on CPU (fp32, fp16, bf16) and CUDA. Other devices (MPS) are refused with one line, as
 is an unknown value. bitsandbytes is not a dependency: one library covers CPU and CUDA.
 
-Speed: weight-only int8 saves memory and memory bandwidth; it is faster only where decoding is memory
-bound (a large model on a GPU). On a CPU running a tiny model the cast costs more than it saves;
-`benchmarks/generation.py` measures both.
+Speed: what this buys is resident weight memory; tokens/s stays about the same. torchao's eager int8
+weight-only matmul casts each int8 weight to the activation dtype and then multiplies (two ops; the cast
+writes a full-precision copy each call), so it reads a quarter of the weight bytes but does not cut the
+traffic to a quarter, and without `torch.compile` to fuse the two (the engine does not compile) it is
+no faster kernel. Measured on a shared 2-core CPU (`benchmarks/generation.py`, 8 rows): tiny-llm 1.02x
+tokens/s, a ~90M-parameter Llama 1.09x tokens/s and 0.88x TTFT. CUDA runs the same two ops.
 
 Importing torchao prints lines no CPU user can act on (its CUDA extensions failing to load, torch's
 pytree deprecation notes about torchao's enums); `quiet_torchao_import_noise` filters exactly those
