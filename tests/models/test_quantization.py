@@ -175,3 +175,14 @@ def test_torchao_import_noise_is_filtered_and_other_records_pass():
     )
     assert passes("torchao", "something else went wrong")
     assert passes("torch.utils._pytree", enum_note, logging.Formatter)  # not torchao's: kept
+
+
+def test_the_batch_jobs_replica_loads_the_configs_quantization():
+    """`quantization=int8` on the job's command line reaches the replica's engine (no Ray started: the
+    worker class is built as the actor pool builds it, from `worker_kwargs`)."""
+    from raybooth.pipelines.batch import BatchWorker
+    from raybooth.pipelines.inference import worker_kwargs
+
+    cfg = load_config(BatchConfig, None, ["model=tiny-llm", "device=cpu", "quantization=int8"])
+    worker = BatchWorker(**worker_kwargs(cfg, counter=None))
+    assert weight_bytes(worker.engine.model).quantized_linears >= 14
