@@ -19,6 +19,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from raybooth.models.quantization import quiet_torchao_import_noise
+
+# diffusers and transformers import torchao whenever it is installed, and its import logs lines no user can
+# act on; filtered before either is imported (stdlib only, so this stays cheap).
+quiet_torchao_import_noise()
+
 _EXPORTS: dict[str, str] = {
     # presets.py: names, building, resolving (stdlib only)
     "PRESETS": "presets",

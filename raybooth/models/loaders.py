@@ -38,6 +38,7 @@ from raybooth.models.device import as_dtype, pick_device
 from raybooth.models.diffusion_family import SDFamily
 from raybooth.models.diffusion_family import detect_family as detect_diffusion_family
 from raybooth.models.presets import KIND_NAMES, PRESETS, resolve_model
+from raybooth.models.quantization import quantization_config
 from raybooth.models.vlm_family import TEXT, Family, image_only_processor_class
 from raybooth.models.vlm_family import detect_family as detect_vlm_family
 
@@ -127,18 +128,26 @@ def load_sd_components(
 
 
 def load_vlm(
-    name_or_path: str, device: DeviceLike = None, dtype: DtypeLike = None, *, models_dir: Path | None = None
+    name_or_path: str,
+    device: DeviceLike = None,
+    dtype: DtypeLike = None,
+    *,
+    models_dir: Path | None = None,
+    quantization: str | None = None,
 ) -> tuple[PreTrainedModel, ProcessorMixin | PreTrainedTokenizerBase]:
     """`(model, processor)` in eval mode: a vision-language model with its processor, or a text-only LLM
     (`AutoModelForCausalLM`) with its tokenizer as the processor. A family the engine cannot run is
-    refused from its config, before any weights load (`FamilyError`, naming the supported families)."""
+    refused from its config, before any weights load (`FamilyError`, naming the supported families).
+    `quantization="int8"`: linear weights quantised as they load (`quantization.py`)."""
     path = resolve_model(name_or_path, kind="vlm", models_dir=models_dir)
+    target = _device(device)
+    quantized = quantization_config(quantization, target)  # refused here, before anything loads
     with _explain_load_errors(name_or_path, path, "vlm") as options:
         family = detect_vlm_family(AutoConfig.from_pretrained(path, **options))
         processor = _load_processor(path, family, options)
         auto_model = AutoModelForCausalLM if family is TEXT else AutoModelForImageTextToText
-        model = auto_model.from_pretrained(path, **options, **_dtype_option(dtype))
-    return model.to(_device(device)).eval(), processor
+        model = auto_model.from_pretrained(path, **options, **_dtype_option(dtype), **quantized)
+    return model.to(target).eval(), processor
 
 
 def load_vlm_processor(

@@ -165,12 +165,15 @@ class VLMEngine:
         dtype: torch.dtype | str | None = None,
         *,
         models_dir: Path | None = None,
+        quantization: str | None = None,
     ) -> VLMEngine:
         """A preset name (`tiny-vlm`, built under `models_dir`), a local path or a hub id; device "auto"
-        picks CUDA when present."""
+        picks CUDA when present; `quantization="int8"` stores the linear weights in int8 (quantization.py)."""
         from raybooth.models.loaders import load_vlm
 
-        model, processor = load_vlm(name_or_path, device=device, dtype=dtype, models_dir=models_dir)
+        model, processor = load_vlm(
+            name_or_path, device=device, dtype=dtype, models_dir=models_dir, quantization=quantization
+        )
         return cls(model, processor)
 
     def _eos_ids(self) -> set[int]:

@@ -183,9 +183,10 @@ class GenerationWorker:
         packing: str,
         counter: Any,
         model_label: str,
+        quantization: str | None = None,
     ):
         self.engine = VLMEngine.from_pretrained(
-            model, device=device, dtype=dtype, models_dir=default_models_dir()
+            model, device=device, dtype=dtype, models_dir=default_models_dir(), quantization=quantization
         )
         self.max_rows = max_rows
         self.max_batch_tokens = max_batch_tokens
@@ -250,6 +251,7 @@ def worker_kwargs(cfg: InferenceJobConfig, counter: Any) -> dict[str, Any]:
         "model": cfg.model,
         "device": cfg.device,
         "dtype": cfg.dtype,
+        "quantization": cfg.quantization,
         "max_rows": cfg.batch_size,
         "max_batch_tokens": cfg.max_batch_tokens,
         "packing": cfg.packing,

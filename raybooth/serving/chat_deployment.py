@@ -138,7 +138,11 @@ class ChatDeployment:
         device = pick_device(self.cfg.device or "auto")
         dtype = None if self.cfg.dtype == "auto" else self.cfg.dtype
         self.engine = VLMEngine.from_pretrained(
-            model, device=str(device), dtype=dtype, models_dir=default_models_dir()
+            model,
+            device=str(device),
+            dtype=dtype,
+            models_dir=default_models_dir(),
+            quantization=self.cfg.quantization,
         )
         self.scheduler: Scheduler | None = None
         self.generate_batch: Any = None

@@ -35,6 +35,11 @@ class InferenceJobConfig(JobConfig):
     dtype: str | None = Field(
         None, description="Weights dtype (fp32, fp16, bf16); empty: the checkpoint's own."
     )
+    quantization: Literal["int8"] | None = Field(
+        None,
+        description="int8: linear weights stored in int8 with per-channel scales (torchao, weight-only; "
+        "about a quarter of their fp32 memory, on CPU and CUDA); empty: weights as loaded.",
+    )
     batch_size: int = Field(
         8, ge=1, description="Max rows per model batch (the token budget caps it further)."
     )

@@ -142,6 +142,11 @@ class ChatServeSection(DeploymentSection, BatchingMixin):
     dtype: str = Field(
         "auto", pattern="^(auto|float32|float16|bfloat16)$", description="auto: bf16/fp16 on GPU."
     )
+    quantization: Literal["int8"] | None = Field(
+        None,
+        description="int8: the model's linear weights stored in int8 with per-channel scales (torchao, "
+        "weight-only; about a quarter of their fp32 memory, on CPU and CUDA); empty: weights as loaded.",
+    )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request does not give one.")
 
 
