@@ -126,7 +126,9 @@ def test_doctor_reports_an_unreachable_s3_endpoint_as_broken(tmp_path, ray_clust
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
     }
-    result = run_cli("doctor", *on_the_session_cluster(ray_cluster), "storage.root=s3://raybooth-bucket/prefix", env=env)
+    result = run_cli(
+        "doctor", *on_the_session_cluster(ray_cluster), "storage.root=s3://raybooth-bucket/prefix", env=env
+    )
     assert result.returncode == 2
     bad = [line for line in result.stdout.splitlines() if line.startswith("BAD")]
     assert len(bad) == 1 and "storage" in bad[0] and "s3://raybooth-bucket/prefix" in bad[0]

@@ -125,3 +125,24 @@ def test_the_rule_allows_imports_within_a_layer_and_downwards():
     assert not violations("from raybooth.models.decoding import SamplingParams\n", "raybooth.models.chat")
     assert not violations("from raybooth.cluster import storage\n", "raybooth.pipelines.caption")
     assert not violations("import torch\nfrom raybooth.errors import UserError\n", "raybooth.models.loaders")
+
+
+# Processes that start often import only what they use: the ingress replica (one per app, restarted by every
+# redeploy) answers HTTP and never runs a model, and a VLM replica never draws an image.
+LIGHT_IMPORTS = {
+    "raybooth.serving.ingress": ("diffusers", "xgrammar"),
+    "raybooth.serving.chat_deployment": ("diffusers", "mlflow"),
+    "raybooth.pipelines.inference": ("diffusers", "mlflow"),
+}
+
+
+@pytest.mark.parametrize("module", sorted(LIGHT_IMPORTS))
+def test_often_started_processes_import_no_heavy_library_they_do_not_use(module):
+    import subprocess
+    import sys
+
+    heavy = LIGHT_IMPORTS[module]
+    code = f"import sys, {module}; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", f"importing {module} loads {out.stdout.strip()}"

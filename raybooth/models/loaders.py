@@ -15,12 +15,11 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import huggingface_hub
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -41,6 +40,9 @@ from raybooth.models.presets import KIND_NAMES, PRESETS, resolve_model
 from raybooth.models.quantization import quantization_config
 from raybooth.models.vlm_family import TEXT, Family, image_only_processor_class
 from raybooth.models.vlm_family import detect_family as detect_vlm_family
+
+if TYPE_CHECKING:  # the families import diffusers when they load: a VLM process never pays for it
+    from diffusers import AutoencoderKL, DiffusionPipeline
 
 DeviceLike = str | torch.device | None
 DtypeLike = str | torch.dtype | None

@@ -29,7 +29,7 @@ from raybooth.cluster.config import BatchConfig, ServeConfig
 from raybooth.models.decoding import SamplingParams
 from raybooth.models.images import ImageError, ImageLimits, load_image
 from raybooth.models.video import VideoLimits, load_video
-from raybooth.models.vlm_engine import GenerationRequest, GenerationResult, TokenLogprob
+from raybooth.models.vlm_requests import GenerationRequest, GenerationResult, TokenLogprob
 from raybooth.openai.errors import bad_request, limit_exceeded
 from raybooth.openai.protocol import (
     AssistantMessage,

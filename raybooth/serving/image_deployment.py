@@ -23,7 +23,6 @@ import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
@@ -34,27 +33,15 @@ from raybooth.cluster.config import ImageServeSection, TrackingSection
 from raybooth.models.sampling import SamplingStopped, guidance_on
 from raybooth.samples import png_bytes
 from raybooth.serving.callers import Caller, attending
+from raybooth.serving.image_job import ImageJob
 from raybooth.serving.image_models import ImageModelStore, LoadedImageModel
 
 logger = logging.getLogger("ray.serve")
 
 
-@dataclass(frozen=True)
-class ImageJob:
-    """One validated images request: `n` images from seeds `seed, seed+1, ...`."""
-
-    prompt: str
-    negative_prompt: str
-    n: int
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    seed: int
-
-    def group_key(self) -> tuple[int, int, int, bool]:
-        """Jobs with equal keys can share one UNet pass per step."""
-        return (self.width, self.height, self.steps, guidance_on(self.guidance_scale))
+def group_key(job: ImageJob) -> tuple[int, int, int, bool]:
+    """Jobs with equal keys can share one UNet pass per step."""
+    return (job.width, job.height, job.steps, guidance_on(job.guidance_scale))
 
 
 def images_in(callers: list[Caller[ImageJob]]) -> int:
@@ -174,7 +161,7 @@ class ImageDeployment:
         results: list[list[bytes]] = [[] for _ in callers]  # stays empty for a caller that left
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, caller in enumerate(callers):
-            groups[caller.item.group_key()].append(i)
+            groups[group_key(caller.item)].append(i)
         self.requests_per_batch.append(len(callers))
         with slot.use() as model:
             running = (model_id, model.located.version)

@@ -30,9 +30,9 @@ import jsonschema
 from ray.serve.handle import DeploymentHandle
 
 from raybooth.cluster.config import ServeConfig
-from raybooth.models.constrained import GrammarError, check_schema
 from raybooth.models.safety import SafetyPolicy
-from raybooth.models.vlm_engine import GenerationRequest
+from raybooth.models.schema_checks import GrammarError, check_schema
+from raybooth.models.vlm_requests import GenerationRequest
 from raybooth.openai.chat import (
     ChatLimits,
     ToolCallFormat,

@@ -22,7 +22,7 @@ from raybooth.errors import TrackingError
 from raybooth.models.safety import SafetyPolicy
 from raybooth.openai.errors import APIError, bad_request, limit_exceeded
 from raybooth.openai.protocol import ImageData, ImageGenerationRequest, ImageGenerationResponse
-from raybooth.serving.image_deployment import ImageJob
+from raybooth.serving.image_job import ImageJob
 from raybooth.serving.upstream import call_deployment
 
 # ASCII digits, at most 5 each: bounded before int() (a 5,000-digit side would hit Python's int-string

@@ -12,17 +12,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from raybooth.models.constrained import (
+from raybooth.models.constrained import GrammarError, JSONGrammars, check_schema, user_reason
+from raybooth.models.decoding import NoTokenError, SamplingError, SamplingParams, sample_token
+from raybooth.models.schema_checks import (
     MAX_OPTIONAL_PROPERTIES,
     MAX_SCHEMA_DEPTH,
     MAX_STRING_BOUND,
     MAX_TOTAL_STRING_BOUND,
-    GrammarError,
-    JSONGrammars,
-    check_schema,
-    user_reason,
 )
-from raybooth.models.decoding import NoTokenError, SamplingError, SamplingParams, sample_token
 
 
 @pytest.fixture(scope="module")
