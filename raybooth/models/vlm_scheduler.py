@@ -37,7 +37,9 @@ Families whose decode state does not merge by padding are admitted only between 
 this scheduler, with the same queue, caps and cancel): an encoder-decoder (Florence-2: encoder outputs
 and a cross-attention cache per row), Mllama (cross-attention states and masks built by `prepare` for
 the whole batch), any family with decode-step inputs, and caches with sliding-window layers (their
-length is not the mask's). New rows then wait until the running batch has drained. Plain PyTorch: no Ray.
+length is not the mask's). New rows then wait until the running batch has drained. An engine with a
+draft model (`speculative.py`) is refused: its decode state is two caches and a lag per row, which the
+merge does not carry yet (`VLMEngine.generate_stream` runs it). Plain PyTorch: no Ray.
 """
 
 from __future__ import annotations
@@ -177,6 +179,11 @@ class Scheduler:
             raise ValueError(
                 f"Scheduler needs max_rows >= 1, max_queue >= 0, prefill_token_budget >= 1, idle_wait_s >= 0 "
                 f"(got {max_rows}, {max_queue}, {prefill_token_budget}, {idle_wait_s})"
+            )
+        if engine.speculative is not None:  # its step keeps a draft cache the merge does not know
+            raise ValueError(
+                "the continuous-batching scheduler does not run speculative decoding yet; set "
+                "chat.scheduler: static to serve with chat.speculative, or remove chat.speculative"
             )
         self.engine = engine
         self.max_rows = max_rows
