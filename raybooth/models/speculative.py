@@ -1,6 +1,7 @@
 """Speculative decoding for the generation engine: a small draft model proposes, the served model checks.
 
-    engine = VLMEngine.from_pretrained("tiny-llm", speculative=SpeculativeOptions("tiny-llm", num_tokens=4))
+    engine = VLMEngine.from_pretrained("tiny-llm", models_dir=default_models_dir(),
+                                       speculative=SpeculativeOptions("tiny-llm", num_tokens=4))
     [result] = engine.generate([request])          # same API, same outputs' distribution, fewer served passes
     engine.speculative.counters.rate               # accepted / proposed drafted tokens
 
@@ -34,16 +35,19 @@ just a KV cache (Qwen-VL's M-RoPE, the encoder-decoder Florence-2, Mllama's cros
 with per-step inputs, caches with sliding-window layers such as Gemma 2/3 and Mistral's), and a draft
 whose tokenizer (vocabulary and ids) differs from the served model's. A text-only draft of a
 vision-language model reads the prompt's image placeholder tokens as text; only the served model sees
-the pixels, which the rule makes safe (a worse draft only lowers the acceptance rate).
-The continuous-batching scheduler (`vlm_scheduler.py`) does not run it yet; `generate_stream` (the batch
-jobs and the chat route's static batching) does. Plain PyTorch + transformers: no Ray.
+the pixels, which the rule makes safe (a worse draft only lowers the acceptance rate). A row that fails
+while it is judged (its 400 or 500) ends with its error; tokens it took earlier in that step are not sent.
+
+Both decode loops run it through `SpeculativeSteps`: `VLMEngine.generate_stream` (the batch jobs, the
+chat route's static batching) and the continuous-batching scheduler (the chat route's default), where a
+newcomer's draft cache is merged like its served cache. Plain PyTorch + transformers: no Ray.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -304,34 +308,50 @@ def _mask_one(grammars: Any, logits: torch.Tensor, matcher: Any) -> None:
 
 @dataclass
 class SpeculativeSteps:
-    """The decode-step state `VLMEngine.generate_stream` drives when the engine is speculative (the plain
-    counterpart: `vlm_steps.PlainSteps`). The first tokens come from the prefill's logits, as in plain
-    decoding; every later step is one `SpeculativeDecoder.step`."""
+    """The decode-step state `VLMEngine.generate_stream` and the scheduler drive when the engine is
+    speculative (the plain counterpart: `vlm_steps.PlainSteps`). A row's first token comes from the
+    prefill's logits, as in plain decoding; every later one from a `SpeculativeDecoder.step`."""
 
     decoder: SpeculativeDecoder
-    logits: torch.Tensor | None  # (B, V) prefill logits until the first step samples them
+    logits: torch.Tensor  # (B, V): the rows whose `deltas` entry is None sample from these (prefill)
     state: BatchState
     draft_state: BatchState
-    lag: list[int | None] = field(default_factory=list)
-    deltas: list[StreamDelta] = field(default_factory=list)
+    lag: list[int | None]
+    deltas: list[StreamDelta | None]  # each row's next delta, computed by the last step
 
     @classmethod
     def start(cls, decoder: SpeculativeDecoder, prepared: Sequence[PreparedRequest]) -> SpeculativeSteps:
         logits, state = decoder.target.prefill(prepared)
         draft_state = decoder.prefill(prepared)
-        return cls(decoder, logits, state, draft_state, [None] * len(prepared))
+        return cls(decoder, logits, state, draft_state, [None] * len(prepared), [None] * len(prepared))
+
+    @property
+    def states(self) -> list[BatchState]:
+        return [self.state, self.draft_state]
 
     def sample(self, live: list[int], rows: Sequence[DecodeRow]) -> list[StreamDelta]:
-        if self.logits is not None:
-            logits, self.logits = self.logits, None
-            return self.decoder.target.sample_rows(logits[live] if len(live) < len(logits) else logits, rows)
-        return [self.deltas[b] for b in live]
+        fresh = [i for i, b in enumerate(live) if self.deltas[b] is None]
+        sampled = iter(
+            self.decoder.target.sample_rows(self.logits[[live[i] for i in fresh]], [rows[i] for i in fresh])
+            if fresh
+            else []
+        )
+        return [self.deltas[b] or next(sampled) for b in live]
 
     def select(self, keep: list[int]) -> None:
         index = torch.tensor(keep, device=self.decoder.target.device)
         self.state.select(index)
         self.draft_state.select(index)
         self.lag = [self.lag[b] for b in keep]
+        self.deltas = [self.deltas[b] for b in keep]
+        self.logits = self.logits[keep]
 
     def advance(self, rows: Sequence[DecodeRow], next_tokens: list[int]) -> None:
-        self.deltas, self.lag = self.decoder.step(rows, next_tokens, self.state, self.draft_state, self.lag)
+        deltas, self.lag = self.decoder.step(rows, next_tokens, self.state, self.draft_state, self.lag)
+        self.deltas = list(deltas)
+
+    def absorb(self, newcomers: SpeculativeSteps) -> None:
+        """Take `newcomers`' per-row state (their caches were merged into `states` already)."""
+        self.lag += newcomers.lag
+        self.deltas += newcomers.deltas
+        self.logits = torch.cat([self.logits, newcomers.logits])

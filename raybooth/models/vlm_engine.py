@@ -29,6 +29,7 @@ The modules: `vlm_requests.py` (requests, results, errors, preparing one row: no
 `vlm_family.py` (families and their batching rules), `vlm_rows.py` (one row's decode state), and this
 one: the loop, with the batch's model-side state in `BatchState`. Its pieces (`start_row`, `prefill`,
 `decode_step`, `sample_rows`) also serve `vlm_scheduler.py`, where rows join a running batch mid-flight.
+With `speculative=` a draft model proposes tokens that one pass checks (`speculative.py`, `vlm_steps.py`).
 
 Errors that belong to one row come back as that row's `error` and the other rows run on, token for token
 as they would without it: before decoding (bad params, a prompt over the context window, a schema refused
@@ -269,7 +270,7 @@ class VLMEngine:
         cache, so the rest of the batch stops paying for it."""
         rows, first = self._start_rows(requests)
         if rows:
-            steps = self._start_steps([row.prepared for row in rows])
+            steps = self.start_steps([row.prepared for row in rows])
         while rows:
             step: list[StreamDelta | None] = first or [None] * len(requests)
             first = None
@@ -307,8 +308,8 @@ class VLMEngine:
 
     # -- decode loop pieces -------------------------------------------------------------------------
 
-    def _start_steps(self, prepared: Sequence[PreparedRequest]) -> PlainSteps | SpeculativeSteps:
-        """Prefill the batch: the step state plain or speculative decoding continues from."""
+    def start_steps(self, prepared: Sequence[PreparedRequest]) -> PlainSteps | SpeculativeSteps:
+        """Prefill the batch: the step state plain or speculative decoding continues from (`vlm_steps.py`)."""
         if self.speculative is not None:
             return SpeculativeSteps.start(self.speculative, prepared)
         return PlainSteps.start(self, prepared)

@@ -10,6 +10,8 @@ The distribution test builds a 16-token vocabulary pair of models with sharp, di
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import jsonschema
@@ -22,7 +24,7 @@ from raybooth.errors import ModelError
 from raybooth.models.decoding import SamplingParams
 from raybooth.models.presets import resolve_model
 from raybooth.models.speculative import SpeculativeOptions
-from raybooth.models.vlm_engine import GenerationRequest, PreparedRequest, VLMEngine
+from raybooth.models.vlm_engine import GenerationRequest, PreparedRequest, StreamDelta, VLMEngine
 from raybooth.models.vlm_scheduler import Scheduler
 
 SCHEMA = {
@@ -287,8 +289,42 @@ def test_refused_where_it_cannot_run(plain, served_path):
         speculative(qwen, served_path, 2)
     with pytest.raises(ValueError, match=r"num_tokens must be an integer in \[1, 16\], got 0"):
         SpeculativeOptions(served_path, 0)
-    engine = speculative(served_path, served_path, 2)
-    with pytest.raises(
-        ValueError, match="scheduler does not run speculative decoding yet; set chat.scheduler"
-    ):
-        Scheduler(engine)
+
+
+def test_scheduler_admits_rows_mid_flight_between_speculative_steps(plain, served_path, noisy_draft_path):
+    """Continuous batching with a draft: rows join a running batch (both caches merged) and leave it, and
+    each row still gives its own tokens (greedy: plain decoding's; sampled: its seeded output alone)."""
+    engine = speculative(served_path, noisy_draft_path, 3)
+    requests = [
+        request("a long prompt about a dog on a beach " * 5, max_tokens=24, temperature=0.0),
+        request("hi", max_tokens=14, temperature=0.0),
+        request("sampled", max_tokens=12, temperature=0.9, seed=3),
+    ]
+    expected = [r.token_ids for r in plain.generate(requests[:2])]
+    expected += [engine.generate([requests[2]])[0].token_ids]
+    rows: list[list[StreamDelta]] = [[] for _ in requests]
+    finished = [threading.Event() for _ in requests]
+
+    def collect(i: int):
+        def on_delta(delta: StreamDelta) -> None:
+            rows[i].append(delta)
+            if delta.done:
+                finished[i].set()
+
+        return on_delta
+
+    sched = Scheduler(engine, max_rows=4, max_queue=4)
+    try:
+        for i, req in enumerate(requests):
+            deadline = time.monotonic() + 60
+            while sched.steps < 2 * i:  # row 1 joins at step 2, row 2 at step 4, while row 0 decodes
+                assert time.monotonic() < deadline
+                time.sleep(0.0005)
+            sched.submit(engine.prepare(req), collect(i))
+        assert all(event.wait(60) for event in finished)
+        stats = sched.stats()
+    finally:
+        sched.close()
+    assert [[t for d in row for t in d.token_ids] for row in rows] == expected
+    assert len(stats["admissions"]) == 3 and stats["merges_mid_flight"]
+    assert any(len(d.token_ids) > 1 for row in rows for d in row)  # speculative steps ran in the loop
