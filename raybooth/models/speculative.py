@@ -53,8 +53,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from raybooth.errors import ModelError
-from raybooth.models.decoding import NoTokenError, SamplingError, adjust_logits
-from raybooth.models.speculative_sampling import AcceptanceCounters, sampling_probs, verify_row
+from raybooth.models.decoding import adjust_logits
+from raybooth.models.speculative_sampling import AcceptanceCounters, batch_sampling_probs, verify_row
 from raybooth.models.vlm_requests import PreparedRequest, StreamDelta
 from raybooth.models.vlm_rows import DecodeRow
 
@@ -212,19 +212,19 @@ class SpeculativeDecoder:
             failed = self.target.grammars.mask_logits(
                 logits, [None if stopped[b] else row.matcher for b, row in enumerate(rows)]
             ) if any(row.matcher is not None for row in rows) else {}  # fmt: skip
+            adjusted = torch.stack(
+                [adjust_logits(logits[b], row.params, counts[b]) for b, row in enumerate(rows)]
+            )
+            q_all, problems = batch_sampling_probs(adjusted, [row.params for row in rows])  # (B, V)
             for b, row in enumerate(rows):
                 token, q = pad, one_hot_pad  # a placeholder the served model judges like any proposal
-                if not stopped[b] and b not in failed:
-                    try:
-                        q = sampling_probs(adjust_logits(logits[b], row.params, counts[b]), row.params)
-                        greedy = row.params.greedy
-                        token = (
-                            int(q.argmax())
-                            if greedy
-                            else int(torch.multinomial(q, 1, generator=row.generator))
-                        )
-                    except (NoTokenError, SamplingError):  # the draft's own trouble: the row is judged anyway
-                        token, q = pad, one_hot_pad
+                # The draft's own trouble (no token, NaN) leaves the placeholder: the row is judged anyway.
+                if not stopped[b] and b not in failed and problems[b] is None:
+                    q = q_all[b]
+                    greedy = row.params.greedy
+                    token = (
+                        int(q.argmax()) if greedy else int(torch.multinomial(q, 1, generator=row.generator))
+                    )
                 stopped[b] = stopped[b] or b in failed or token in self.target.eos_token_ids
                 if row.matcher is not None and not stopped[b]:
                     if row.matcher.accept_token(token):
