@@ -144,7 +144,7 @@ class VLMEngine:
         processor: Any,
         device: str | torch.device | None = None,
         family: Family | None = None,
-        speculative: SpeculativeDecoder | None = None,
+        speculative: tuple[VLMEngine, int] | None = None,
     ):
         self.model = model.eval()
         self.processor = processor
@@ -160,8 +160,11 @@ class VLMEngine:
         self.eos_token_ids = self._eos_ids()
         self._grammars: JSONGrammars | None = None  # built on the first constrained request
         self._grammars_lock = threading.Lock()
-        # A draft model and k (speculative.py), or None: generate_stream then decodes one token per pass.
-        self.speculative = speculative
+        # `speculative`: (a draft engine, k), checked against this model (speculative.py); None: one token
+        # per forward pass. from_pretrained loads the draft by name.
+        self.speculative: SpeculativeDecoder | None = None
+        if speculative is not None:
+            self.speculative = SpeculativeDecoder(self, *speculative)
 
     @classmethod
     def from_pretrained(

@@ -243,8 +243,11 @@ def test_json_rows_stay_valid_and_greedy_ones_equal_plain(plain, served_path, no
     assert engine.speculative.counters.accepted < engine.speculative.counters.proposed
 
 
-def test_cancel_frees_the_row(plain, served_path, noisy_draft_path):
-    engine = speculative(served_path, noisy_draft_path, 2)
+def test_cancel_frees_the_row(plain, noisy_draft_path):
+    # Built through the constructor this time: the served model's weights shared with `plain`.
+    engine = VLMEngine(
+        plain.model, plain.processor, speculative=(VLMEngine.from_pretrained(noisy_draft_path), 2)
+    )
     batch_sizes: list[int] = []
     step = engine.speculative.step
 
