@@ -29,6 +29,7 @@ The modules: `vlm_requests.py` (requests, results, errors, preparing one row: no
 `vlm_family.py` (families and their batching rules), `vlm_rows.py` (one row's decode state), and this
 one: the loop, with the batch's model-side state in `BatchState`. Its pieces (`start_row`, `prefill`,
 `decode_step`, `sample_rows`) also serve `vlm_scheduler.py`, where rows join a running batch mid-flight.
+With `speculative=` a draft model proposes tokens that one pass checks (`speculative.py`, `vlm_steps.py`).
 
 Errors that belong to one row come back as that row's `error` and the other rows run on, token for token
 as they would without it: before decoding (bad params, a prompt over the context window, a schema refused
@@ -61,6 +62,7 @@ from raybooth.models.decoding import (
     TextTracker,
     row_generator,
 )
+from raybooth.models.speculative import SpeculativeDecoder, SpeculativeOptions, SpeculativeSteps
 from raybooth.models.vlm_family import (
     Family,
     collate_inputs,
@@ -87,6 +89,7 @@ from raybooth.models.vlm_requests import (
 )
 from raybooth.models.vlm_rows import DecodeRow
 from raybooth.models.vlm_seq2seq import new_seq2seq_cache, seq2seq_prefill, seq2seq_step
+from raybooth.models.vlm_steps import PlainSteps
 
 __all__ = [
     "INVALID_REQUEST",
@@ -141,6 +144,7 @@ class VLMEngine:
         processor: Any,
         device: str | torch.device | None = None,
         family: Family | None = None,
+        speculative: tuple[VLMEngine, int] | None = None,
     ):
         self.model = model.eval()
         self.processor = processor
@@ -156,6 +160,11 @@ class VLMEngine:
         self.eos_token_ids = self._eos_ids()
         self._grammars: JSONGrammars | None = None  # built on the first constrained request
         self._grammars_lock = threading.Lock()
+        # `speculative`: (a draft engine, k), checked against this model (speculative.py); None: one token
+        # per forward pass. from_pretrained loads the draft by name.
+        self.speculative: SpeculativeDecoder | None = None
+        if speculative is not None:
+            self.speculative = SpeculativeDecoder(self, *speculative)
 
     @classmethod
     def from_pretrained(
@@ -166,15 +175,21 @@ class VLMEngine:
         *,
         models_dir: Path | None = None,
         quantization: str | None = None,
+        speculative: SpeculativeOptions | None = None,
     ) -> VLMEngine:
         """A preset name (`tiny-vlm`, built under `models_dir`), a local path or a hub id; device "auto"
-        picks CUDA when present; `quantization="int8"` stores the linear weights in int8 (quantization.py)."""
+        picks CUDA when present; `quantization="int8"` stores the linear weights in int8 (quantization.py).
+        `speculative`: a draft model (loaded the same way, on the same device and dtype, not quantised) and
+        k, checked against this model (speculative.py)."""
         from raybooth.models.loaders import load_vlm
 
         model, processor = load_vlm(
             name_or_path, device=device, dtype=dtype, models_dir=models_dir, quantization=quantization
         )
-        return cls(model, processor)
+        engine = cls(model, processor)
+        if speculative is not None:
+            engine.speculative = SpeculativeDecoder.load(engine, speculative, dtype, models_dir)
+        return engine
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -262,7 +277,7 @@ class VLMEngine:
         cache, so the rest of the batch stops paying for it."""
         rows, first = self._start_rows(requests)
         if rows:
-            logits, state = self.prefill([row.prepared for row in rows])
+            steps = self.start_steps([row.prepared for row in rows])
         while rows:
             step: list[StreamDelta | None] = first or [None] * len(requests)
             first = None
@@ -270,8 +285,7 @@ class VLMEngine:
             for row in rows:
                 if row.index in cancelled:
                     step[row.index] = row.finish("cancelled")
-            live_logits = logits if len(live) == len(rows) else logits[live]
-            deltas = self.sample_rows(live_logits, [rows[b] for b in live])
+            deltas = steps.sample(live, [rows[b] for b in live])
             keep: list[int] = []
             next_tokens: list[int] = []
             for b, delta in zip(live, deltas, strict=True):
@@ -293,15 +307,19 @@ class VLMEngine:
                     yield first
                 return
             if len(keep) < len(rows):
-                # Drop finished rows from every per-row tensor and from the KV cache.
-                state.select(torch.tensor(keep, device=self.device))
+                steps.select(keep)  # finished rows leave every per-row tensor and the KV cache
                 rows = [rows[b] for b in keep]
-            tokens = torch.tensor(next_tokens, device=self.device).unsqueeze(1)  # (B, 1)
-            logits = self.decode_step(tokens, state)
+            steps.advance(rows, next_tokens)
         if first is not None:
             yield first  # every row failed before decoding
 
     # -- decode loop pieces -------------------------------------------------------------------------
+
+    def start_steps(self, prepared: Sequence[PreparedRequest]) -> PlainSteps | SpeculativeSteps:
+        """Prefill the batch: the step state plain or speculative decoding continues from (`vlm_steps.py`)."""
+        if self.speculative is not None:
+            return SpeculativeSteps.start(self.speculative, prepared)
+        return PlainSteps.start(self, prepared)
 
     def _start_rows(
         self, requests: Sequence[GenerationRequest | PreparedRequest]

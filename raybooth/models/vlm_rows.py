@@ -58,6 +58,18 @@ class DecodeRow:
         gives each token id's exact bytes, asked for only when the row wants logprobs."""
         row_logits = adjust_logits(logits, self.params, self.counts)
         token = sample_token(row_logits, self.params, self.generator)
+        return self.emit(token, row_logits, eos_token_ids, vocab)
+
+    def emit(
+        self,
+        token: int,
+        row_logits: torch.Tensor,
+        eos_token_ids: set[int],
+        vocab: Callable[[], Sequence[bytes]],
+    ) -> StreamDelta:
+        """Feed `token`, chosen from `row_logits` `(V,)` (masked and adjusted: what its logprobs come
+        from), to the row: its delta. `step` samples then emits; speculative decoding emits the tokens its
+        acceptance rule chose (`speculative_sampling.py`)."""
         delta = self._advance(token, eos_token_ids)
         delta.token_ids.append(token)
         self.counts[token] += 1

@@ -37,7 +37,12 @@ Families whose decode state does not merge by padding are admitted only between 
 this scheduler, with the same queue, caps and cancel): an encoder-decoder (Florence-2: encoder outputs
 and a cross-attention cache per row), Mllama (cross-attention states and masks built by `prepare` for
 the whole batch), any family with decode-step inputs, and caches with sliding-window layers (their
-length is not the mask's). New rows then wait until the running batch has drained. Plain PyTorch: no Ray.
+length is not the mask's). New rows then wait until the running batch has drained.
+
+With a draft model (`speculative.py`) a step is one speculative step (a row may take several tokens);
+the draft's cache merges and trims like the served model's, and a newcomer's first token comes from its
+prefill's logits, sampled in the next iteration beside the running rows' speculative deltas. Plain
+PyTorch: no Ray.
 """
 
 from __future__ import annotations
@@ -53,9 +58,11 @@ from typing import Any
 
 import torch
 
+from raybooth.models.speculative import SpeculativeSteps
 from raybooth.models.vlm_engine import BatchState, VLMEngine
 from raybooth.models.vlm_requests import GenerationRequest, PreparedRequest, StreamDelta, error_delta
 from raybooth.models.vlm_rows import DecodeRow
+from raybooth.models.vlm_steps import PlainSteps
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +147,12 @@ def trim_leading_pads(state: BatchState) -> int:
 
 @dataclass
 class _Batch:
-    """The running rows, their tickets (same order), the model-side state and each row's pending logits."""
+    """The running rows, their tickets (same order) and the decode-step state: the KV cache(s) and what
+    each row takes next (its logits, or a speculative step's delta; `vlm_steps.py`)."""
 
     rows: list[DecodeRow] = field(default_factory=list)
     tickets: list[Ticket] = field(default_factory=list)
-    state: BatchState | None = None
-    logits: torch.Tensor | None = None  # (B, V): row b samples its next token from logits[b]
+    steps: PlainSteps | SpeculativeSteps | None = None
 
     def keep(self, index: list[int]) -> None:
         if len(index) == len(self.rows):
@@ -153,12 +160,10 @@ class _Batch:
         self.rows = [self.rows[b] for b in index]
         self.tickets = [self.tickets[b] for b in index]
         if not index:
-            self.state = self.logits = None
+            self.steps = None
             return
-        assert self.state is not None and self.logits is not None
-        at = torch.tensor(index, device=self.state.mask.device)
-        self.state.select(at)
-        self.logits = self.logits[torch.tensor(index)]
+        assert self.steps is not None
+        self.steps.select(index)
 
 
 class Scheduler:
@@ -323,7 +328,7 @@ class Scheduler:
                     if left <= 0:
                         break
                     self._cond.wait(left)
-            if batch.rows and not self._merges(batch.state):
+            if batch.rows and not self._merges(batch.steps):
                 return []  # this family admits between batches only
             taken: list[Ticket] = []
             tokens = 0
@@ -335,8 +340,8 @@ class Scheduler:
                 tokens += cost
             return taken
 
-    def _merges(self, state: BatchState | None) -> bool:
-        return self.merges_mid_flight and state is not None and mergeable(state)
+    def _merges(self, steps: PlainSteps | SpeculativeSteps | None) -> bool:
+        return self.merges_mid_flight and steps is not None and all(mergeable(s) for s in steps.states)
 
     def _iterate(self, batch: _Batch, newcomers: list[Ticket]) -> None:
         """One step: cancelled rows leave, every row samples, finished rows leave, the rest decode one
@@ -352,8 +357,8 @@ class Scheduler:
                     live.append(b)
             batch.keep(live)
         if batch.rows:
-            assert batch.logits is not None and batch.state is not None
-            deltas = self.engine.sample_rows(batch.logits, batch.rows)
+            assert batch.steps is not None
+            deltas = batch.steps.sample(list(range(len(batch.rows))), batch.rows)
             keep, next_tokens = [], []
             for b, delta in enumerate(deltas):
                 self._deliver(batch.tickets[b], delta)
@@ -361,11 +366,10 @@ class Scheduler:
                     keep.append(b)
                     next_tokens.append(delta.token_ids[-1])
             batch.keep(keep)
-            if batch.state is not None:
-                if len(keep) < len(deltas) and self._merges(batch.state):
-                    self.trimmed_columns += trim_leading_pads(batch.state)
-                tokens = torch.tensor(next_tokens, device=self.engine.device).unsqueeze(1)  # (B, 1)
-                batch.logits = self.engine.decode_step(tokens, batch.state)
+            if batch.steps is not None:
+                if len(keep) < len(deltas) and self._merges(batch.steps):
+                    self.trimmed_columns += sum(trim_leading_pads(s) for s in batch.steps.states)
+                batch.steps.advance(batch.rows, next_tokens)
         if newcomers:
             self._admit(batch, newcomers)
 
@@ -387,20 +391,20 @@ class Scheduler:
         if not rows:
             return
         try:
-            logits, state = self.engine.prefill([row.prepared for row in rows])
+            steps = self.engine.start_steps([row.prepared for row in rows])
         except Exception as e:  # the newcomers' prefill failed: they end with it, the running rows go on
             for ticket in started:
                 self._deliver(ticket, error_delta(e))
             return
         self.admissions.append(len(rows))
         self.admitted_tokens.append(sum(row.prepared.prompt_tokens for row in rows))
-        if batch.state is None:
-            batch.state, batch.logits = state, logits
+        if batch.steps is None:
+            batch.steps = steps
         else:
-            assert batch.logits is not None
             began = time.perf_counter()
-            merge_states(batch.state, state)
-            batch.logits = torch.cat([batch.logits, logits])
+            for running, joining in zip(batch.steps.states, steps.states, strict=True):
+                merge_states(running, joining)  # the served model's cache, and the draft's if any
+            batch.steps.absorb(steps)  # type: ignore[arg-type]  # one engine: both are the same kind
             self.merge_s += time.perf_counter() - began
         batch.rows += rows
         batch.tickets += started
