@@ -38,6 +38,7 @@ from raybooth.cluster.workdir import default_models_dir
 from raybooth.errors import UserError
 from raybooth.models.decoding import SamplingParams
 from raybooth.models.packing import PackedBatch, PackItem, pack_by_token_budget, pack_fifo
+from raybooth.models.speculative import SpeculativeOptions
 from raybooth.models.vlm_engine import SERVER_ERROR, GenerationResult, PreparedRequest, VLMEngine
 from raybooth.pipelines.parts import SUMMARY_COLUMNS, list_parts, read_parts, run_counts
 
@@ -184,9 +185,15 @@ class GenerationWorker:
         counter: Any,
         model_label: str,
         quantization: str | None = None,
+        speculative: dict[str, Any] | None = None,
     ):
         self.engine = VLMEngine.from_pretrained(
-            model, device=device, dtype=dtype, models_dir=default_models_dir(), quantization=quantization
+            model,
+            device=device,
+            dtype=dtype,
+            models_dir=default_models_dir(),
+            quantization=quantization,
+            speculative=SpeculativeOptions(**speculative) if speculative else None,
         )
         self.max_rows = max_rows
         self.max_batch_tokens = max_batch_tokens
@@ -252,6 +259,7 @@ def worker_kwargs(cfg: InferenceJobConfig, counter: Any) -> dict[str, Any]:
         "device": cfg.device,
         "dtype": cfg.dtype,
         "quantization": cfg.quantization,
+        "speculative": cfg.speculative.model_dump() if cfg.speculative else None,
         "max_rows": cfg.batch_size,
         "max_batch_tokens": cfg.max_batch_tokens,
         "packing": cfg.packing,

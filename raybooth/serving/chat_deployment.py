@@ -43,6 +43,7 @@ from raybooth.cluster.config import ChatServeSection, SafetySection
 from raybooth.cluster.workdir import default_models_dir
 from raybooth.models.device import pick_device
 from raybooth.models.safety import SafetyPolicy, StreamingSafetyFilter
+from raybooth.models.speculative import SpeculativeOptions
 from raybooth.models.vlm_engine import (
     GenerationRequest,
     PreparedRequest,
@@ -143,6 +144,9 @@ class ChatDeployment:
             dtype=dtype,
             models_dir=default_models_dir(),
             quantization=self.cfg.quantization,
+            speculative=SpeculativeOptions(**self.cfg.speculative.model_dump())
+            if self.cfg.speculative
+            else None,
         )
         self.scheduler: Scheduler | None = None
         self.generate_batch: Any = None

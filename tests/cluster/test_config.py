@@ -11,6 +11,8 @@ import yaml
 from raybooth.cluster.config import (
     CONFIG_KINDS,
     PATH_KINDS,
+    BatchConfig,
+    CaptionConfig,
     DreamBoothConfig,
     ServeConfig,
     field_path_kind,
@@ -216,3 +218,19 @@ def test_the_config_package_keeps_every_name_importable():
     for name in config.__all__:
         assert getattr(config, name) is not None
     assert config.IngressSection.__module__ == "raybooth.cluster.config.serve"
+
+
+@pytest.mark.parametrize("schema, file, prefix", [
+    (BatchConfig, "batch.yaml", ""), (CaptionConfig, "caption.yaml", ""), (ServeConfig, "serve.yaml", "chat."),
+])  # fmt: skip
+def test_speculative_is_set_from_the_command_line_and_bounded(schema, file, prefix):
+    overrides = [f"{prefix}speculative.draft_model=tiny-llm", f"{prefix}speculative.num_tokens=3"]
+    cfg = load_config(schema, str(REPO / "configs" / file), overrides)
+    section = cfg.chat if prefix else cfg
+    assert (section.speculative.draft_model, section.speculative.num_tokens) == ("tiny-llm", 3)
+    with pytest.raises(ConfigError, match="speculative.num_tokens"):
+        load_config(
+            schema, str(REPO / "configs" / file), [*overrides[:1], f"{prefix}speculative.num_tokens=0"]
+        )
+    with pytest.raises(ConfigError, match="draft_model"):
+        load_config(schema, str(REPO / "configs" / file), [f"{prefix}speculative.num_tokens=2"])

@@ -233,7 +233,8 @@ def test_a_row_the_engine_failed_is_its_own_error_with_the_engines_status(error_
 @pytest.mark.parametrize("model", ["tiny-llm", "tiny-qwen2.5-vl"])
 def test_batch_on_a_text_llm_and_qwen_vl(ray_cluster, tmp_path, model):
     """Text lines (one JSON-constrained, one with logprobs) and an image line: a text-only LLM answers the
-    text and refuses the image with a 400 naming itself; Qwen-VL answers all three."""
+    text and refuses the image with a 400 naming itself; Qwen-VL answers all three. The LLM runs with
+    `quantization: int8` and `speculative` (itself as the draft): its answer is int8's own greedy answer."""
     lines = [
         request_line("plain", "Write a short caption for this photo.", max_tokens=5, temperature=0.0),
         request_line(
@@ -249,13 +250,28 @@ def test_batch_on_a_text_llm_and_qwen_vl(ray_cluster, tmp_path, model):
     ]
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("\n".join(lines) + "\n")
-    summary = run_batch(BatchConfig(input=str(src), output=str(out), model=model, **FAST))
+    options = {}
+    if model == "tiny-llm":
+        options = {"quantization": "int8", "speculative": {"draft_model": "tiny-llm", "num_tokens": 2}}
+    summary = run_batch(BatchConfig(input=str(src), output=str(out), model=model, **FAST, **options))
     by_id = {line["custom_id"]: line["response"] for line in read_lines(str(out))}
     assert by_id["plain"]["status_code"] == 200
     answer = by_id["json"]["body"]["choices"][0]
     jsonschema.validate(json.loads(answer["message"]["content"]), SCHEMA)
     assert answer["logprobs"]["content"]
     if model == "tiny-llm":
+        from raybooth.cluster.workdir import default_models_dir
+        from raybooth.models.decoding import SamplingParams
+        from raybooth.models.vlm_engine import GenerationRequest, VLMEngine
+
+        alone = VLMEngine.from_pretrained(
+            "tiny-llm", device="cpu", models_dir=default_models_dir(), quantization="int8"
+        )
+        messages = [{"role": "user", "content": "Write a short caption for this photo."}]
+        [expected] = alone.generate(
+            [GenerationRequest(messages, SamplingParams(max_tokens=5, temperature=0))]
+        )
+        assert by_id["plain"]["body"]["choices"][0]["message"]["content"] == expected.text
         assert by_id["image"]["status_code"] == 400
         assert "model tiny-llm takes no images" in by_id["image"]["body"]["error"]["message"]
         assert (summary.rows, summary.failed) == (3, 1)

@@ -124,6 +124,18 @@ class TrackingSection(Strict):
     experiment: str = Field("raybooth", description="MLflow experiment that runs are logged to.")
 
 
+class SpeculativeSection(Strict):
+    """Speculative decoding (`models/speculative.py`): a small draft model proposes `num_tokens` tokens per
+    row, the served model checks them in one forward pass; greedy output is unchanged, sampled output keeps
+    the served model's distribution. The draft must share the served model's tokenizer."""
+
+    draft_model: str = Field(
+        description="Draft causal LM: a preset name, a local path or a hub id, with the served model's tokenizer.",
+        json_schema_extra=path_mark("model"),
+    )
+    num_tokens: int = Field(4, ge=1, le=16, description="Tokens the draft proposes per row per step (k).")
+
+
 class JobConfig(Strict):
     """Every job config carries where to run, where to store and where to track."""
 

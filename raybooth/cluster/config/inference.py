@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from raybooth.cluster.config.base import JobConfig, path_mark
+from raybooth.cluster.config.base import JobConfig, SpeculativeSection, path_mark
 
 
 class InferenceJobConfig(JobConfig):
@@ -39,6 +39,9 @@ class InferenceJobConfig(JobConfig):
         None,
         description="int8: linear weights stored in int8 with per-channel scales (torchao, weight-only; "
         "about a quarter of their fp32 memory, on CPU and CUDA); empty: weights as loaded.",
+    )
+    speculative: SpeculativeSection | None = Field(
+        None, description="Speculative decoding: {draft_model, num_tokens}; empty: off."
     )
     batch_size: int = Field(
         8, ge=1, description="Max rows per model batch (the token budget caps it further)."

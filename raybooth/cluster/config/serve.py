@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from raybooth.cluster.config.base import JobConfig, Strict, path_mark
+from raybooth.cluster.config.base import JobConfig, SpeculativeSection, Strict, path_mark
 
 
 class AutoscalingSection(Strict):
@@ -146,6 +146,9 @@ class ChatServeSection(DeploymentSection, BatchingMixin):
         None,
         description="int8: the model's linear weights stored in int8 with per-channel scales (torchao, "
         "weight-only; about a quarter of their fp32 memory, on CPU and CUDA); empty: weights as loaded.",
+    )
+    speculative: SpeculativeSection | None = Field(
+        None, description="Speculative decoding: {draft_model, num_tokens}; empty: off."
     )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request does not give one.")
 
