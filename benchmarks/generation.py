@@ -168,14 +168,33 @@ def compare_quantization(model: str, args: argparse.Namespace) -> None:
     )
 
 
-# Speculative decoding (plain vs draft) joins here as `compare_speculative(model, args)`.
-COMPARISONS: dict[str, Callable[[str, argparse.Namespace], None]] = {"quantization": compare_quantization}
+def compare_speculative(model: str, args: argparse.Namespace) -> None:
+    """Plain decoding vs a draft ~10x smaller vs the served model as its own draft (the acceptance ceiling),
+    both models built from configs with tiny-llm's tokenizer: `speculative.py` (also runnable alone)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "speculative_bench", Path(__file__).with_name("speculative.py")
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    print(
+        f"\nspeculative decoding (models built by speculative.py; --model is not used here), k = {args.num_tokens}"
+    )
+    bench.run(args.device, args.rows, args.max_tokens, args.num_tokens, args.repeats)
+
+
+COMPARISONS: dict[str, Callable[[str, argparse.Namespace], None]] = {
+    "quantization": compare_quantization,
+    "speculative": compare_speculative,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny-llm", help="preset, folder, hub id, or bench-llm")
-    parser.add_argument("--compare", choices=sorted(COMPARISONS), nargs="+", default=["quantization"])
+    parser.add_argument("--compare", choices=sorted(COMPARISONS), nargs="+", default=sorted(COMPARISONS))
+    parser.add_argument("--num-tokens", type=int, default=4, help="speculative: tokens the draft proposes")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", default=None, help="fp32 | fp16 | bf16 (default: the checkpoint's)")
     parser.add_argument("--rows", type=int, default=8, help="requests decoded as one batch")

@@ -21,6 +21,7 @@ RUNS: dict[str, list[list[str]]] = {
         *(["--preset", p] for p in ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux")),
         ["--mode", "overhead"],
     ],
+    "speculative": [],  # generation.py runs it next to int8 (`--compare speculative`)
 }
 
 
