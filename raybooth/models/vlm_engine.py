@@ -369,7 +369,7 @@ class VLMEngine:
                 f"(0..{self.vocab_size - 1}); use ids of its tokenizer"
             )
 
-    def _forward(self, **inputs: Any) -> torch.Tensor:
+    def forward(self, **inputs: Any) -> torch.Tensor:
         """One model call; the last position's logits as float32 on the CPU, `(B, V)`."""
         with torch.inference_mode():
             if self.family.forward is not None:  # a family that calls its model its own way (Mllama)
@@ -417,7 +417,7 @@ class VLMEngine:
             rope_deltas=rope_deltas,
             decode_inputs=decode_inputs,
         )
-        logits = self._forward(
+        logits = self.forward(
             input_ids=ids.to(self.device),
             attention_mask=state.mask,
             position_ids=position_ids.to(self.device),
@@ -438,7 +438,7 @@ class VLMEngine:
         if self.family.encoder_decoder:
             with torch.inference_mode():
                 return seq2seq_step(self.model, tokens, state.cache, state.decode_inputs).float().cpu()
-        return self._forward(
+        return self.forward(
             input_ids=tokens,
             attention_mask=state.mask,
             position_ids=position_ids,

@@ -30,8 +30,13 @@ cached tokens, one 20-token newcomer; a 2-core box shared with other jobs, load 
 figures are inflated alike): a decode step 247 ms, the merge 21 ms, i.e. ~1/12 of one step, paid once
 per admission and not per step (a larger model spends more of each step on its weights, which the merge
 does not touch). A large model on a GPU with long contexts would want paged blocks (vLLM) instead: a new
-cache class behind the same loop. Not done yet: chunked prefill, so a long newcomer's prefill delays the
-running rows' next token by its whole length (the per-iteration token budget bounds how much of it).
+cache class behind the same loop.
+
+Chunked prefill (`prefill_chunk_tokens`, `chunked_prefill.py`): a newcomer whose prompt is longer than
+one chunk is prefilled alone, one chunk per iteration between the running rows' decode steps, so their
+next token waits for one chunk's forward pass rather than the whole prompt's; it joins the batch after
+its last chunk. Chunking rows count against `max_rows`. Prompts that cannot chunk (images, M-RoPE, a
+draft model: see that module) are prefilled whole.
 
 Families whose decode state does not merge by padding are admitted only between batches (still through
 this scheduler, with the same queue, caps and cancel): an encoder-decoder (Florence-2: encoder outputs
@@ -58,6 +63,7 @@ from typing import Any
 
 import torch
 
+from raybooth.models.chunked_prefill import ChunkedPrefill
 from raybooth.models.speculative import SpeculativeSteps
 from raybooth.models.vlm_engine import BatchState, VLMEngine
 from raybooth.models.vlm_requests import GenerationRequest, PreparedRequest, StreamDelta, error_delta
@@ -176,17 +182,20 @@ class Scheduler:
         max_rows: int = 8,
         max_queue: int = 64,
         prefill_token_budget: int = 4096,
+        prefill_chunk_tokens: int = 0,
         idle_wait_s: float = 0.0,
     ):
-        if max_rows < 1 or max_queue < 0 or prefill_token_budget < 1 or idle_wait_s < 0:
+        if min(max_rows, prefill_token_budget) < 1 or min(max_queue, prefill_chunk_tokens, idle_wait_s) < 0:
             raise ValueError(
-                f"Scheduler needs max_rows >= 1, max_queue >= 0, prefill_token_budget >= 1, idle_wait_s >= 0 "
-                f"(got {max_rows}, {max_queue}, {prefill_token_budget}, {idle_wait_s})"
+                "Scheduler needs max_rows >= 1, max_queue >= 0, prefill_token_budget >= 1, "
+                f"prefill_chunk_tokens >= 0, idle_wait_s >= 0 (got {max_rows}, {max_queue}, "
+                f"{prefill_token_budget}, {prefill_chunk_tokens}, {idle_wait_s})"
             )
         self.engine = engine
         self.max_rows = max_rows
         self.max_queue = max_queue
         self.prefill_token_budget = prefill_token_budget
+        self.prefill_chunk_tokens = prefill_chunk_tokens  # 0: every prompt is prefilled whole
         # Only when nothing runs: how long the first arrival waits for company, so a burst is prefilled
         # as one batch rather than one row per step (while rows run, admission never waits).
         self.idle_wait_s = idle_wait_s
@@ -195,6 +204,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._waiting: deque[Ticket] = deque()
         self._running = 0
+        self._chunking: deque[tuple[DecodeRow, Ticket, ChunkedPrefill]] = deque()  # loop thread only
         self._closed = False
         self.steps = 0
         self.admissions: deque[int] = deque(maxlen=10_000)  # rows admitted (prefilled) together
@@ -202,6 +212,7 @@ class Scheduler:
         self.cancelled_rows: deque[int] = deque(maxlen=10_000)  # tokens each cancelled row had decoded
         self.merge_s = 0.0  # time spent merging caches
         self.trimmed_columns = 0  # pad columns cut off the cache after rows left
+        self.prefill_chunks = 0  # chunks run for chunked prefills
         self._thread = threading.Thread(target=self._run, name="vlm-scheduler", daemon=True)
         self._thread.start()
 
@@ -272,6 +283,7 @@ class Scheduler:
                 "cancelled_rows": list(self.cancelled_rows),
                 "merge_s": self.merge_s,
                 "trimmed_columns": self.trimmed_columns,
+                "prefill_chunks": self.prefill_chunks,
                 "merges_mid_flight": self.merges_mid_flight,
             }
 
@@ -299,7 +311,7 @@ class Scheduler:
         while True:
             newcomers = self._wait_and_take(batch)
             if newcomers is None:  # closed
-                for ticket in batch.tickets:
+                for ticket in [*batch.tickets, *(ticket for _, ticket, _ in self._chunking)]:
                     self._deliver(ticket, StreamDelta(finish_reason="cancelled"))
                 return
             try:
@@ -309,12 +321,12 @@ class Scheduler:
                     self._deliver(ticket, error_delta(e))
                 batch = _Batch()
             with self._cond:
-                self._running = len(batch.rows)
+                self._running = len(batch.rows) + len(self._chunking)
 
     def _wait_and_take(self, batch: _Batch) -> list[Ticket] | None:
         """Block while there is nothing to do; then the waiting tickets this iteration admits."""
         with self._cond:
-            while not batch.rows and not self._waiting and not self._closed:
+            while not batch.rows and not self._chunking and not self._waiting and not self._closed:
                 self._cond.wait()
             if self._closed:
                 for ticket in self._waiting:
@@ -332,7 +344,7 @@ class Scheduler:
                 return []  # this family admits between batches only
             taken: list[Ticket] = []
             tokens = 0
-            while self._waiting and len(batch.rows) + len(taken) < self.max_rows:
+            while self._waiting and len(batch.rows) + len(self._chunking) + len(taken) < self.max_rows:
                 cost = self._waiting[0].prompt_tokens
                 if taken and tokens + cost > self.prefill_token_budget:
                     break
@@ -345,7 +357,7 @@ class Scheduler:
 
     def _iterate(self, batch: _Batch, newcomers: list[Ticket]) -> None:
         """One step: cancelled rows leave, every row samples, finished rows leave, the rest decode one
-        token, then the newcomers are prefilled and merged."""
+        token, then the newcomers are prefilled and merged, and one chunk of a long prompt runs."""
         if batch.rows:
             self.steps += 1
             live = []
@@ -372,6 +384,8 @@ class Scheduler:
                 batch.steps.advance(batch.rows, next_tokens)
         if newcomers:
             self._admit(batch, newcomers)
+        if self._chunking:
+            self._prefill_one_chunk(batch)
 
     def _admit(self, batch: _Batch, tickets: list[Ticket]) -> None:
         rows: list[DecodeRow] = []
@@ -388,6 +402,15 @@ class Scheduler:
                 started.append(ticket)
             except Exception as e:  # this request's refusal (its 400) or a bug (500): the others go on
                 self._deliver(ticket, error_delta(e))
+        if self.prefill_chunk_tokens:  # long prompts wait in `_chunking`, a chunk per iteration
+            whole = []
+            for row, ticket in zip(rows, started, strict=True):
+                chunked = ChunkedPrefill.begin(self.engine, row.prepared, self.prefill_chunk_tokens)
+                if chunked is None:
+                    whole.append((row, ticket))
+                else:
+                    self._chunking.append((row, ticket, chunked))
+            rows, started = [row for row, _ in whole], [ticket for _, ticket in whole]
         if not rows:
             return
         try:
@@ -396,6 +419,35 @@ class Scheduler:
             for ticket in started:
                 self._deliver(ticket, error_delta(e))
             return
+        self._join(batch, rows, started, steps)
+
+    def _prefill_one_chunk(self, batch: _Batch) -> None:
+        """The next chunk of the oldest chunked prefill; the row joins the batch after its last one."""
+        row, ticket, chunked = self._chunking[0]
+        if ticket.cancelled:
+            self._chunking.popleft()
+            self.cancelled_rows.append(0)
+            self._deliver(ticket, StreamDelta(finish_reason="cancelled", prompt_tokens=ticket.prompt_tokens))
+            return
+        try:
+            steps = chunked.step()
+        except Exception as e:  # this prompt's forward pass failed: it ends with it, the others go on
+            self._chunking.popleft()
+            self._deliver(ticket, error_delta(e))
+            return
+        self.prefill_chunks += 1
+        if steps is not None:
+            self._chunking.popleft()
+            self._join(batch, [row], [ticket], steps)
+
+    def _join(
+        self,
+        batch: _Batch,
+        rows: list[DecodeRow],
+        tickets: list[Ticket],
+        steps: PlainSteps | SpeculativeSteps,
+    ) -> None:
+        """Merge prefilled newcomers (their rows, tickets and step state) into the running batch."""
         self.admissions.append(len(rows))
         self.admitted_tokens.append(sum(row.prepared.prompt_tokens for row in rows))
         if batch.steps is None:
@@ -407,4 +459,4 @@ class Scheduler:
             batch.steps.absorb(steps)  # type: ignore[arg-type]  # one engine: both are the same kind
             self.merge_s += time.perf_counter() - began
         batch.rows += rows
-        batch.tickets += started
+        batch.tickets += tickets

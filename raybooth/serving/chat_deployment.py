@@ -155,6 +155,7 @@ class ChatDeployment:
                 self.engine,
                 max_rows=self.cfg.max_batch_size,
                 max_queue=self.cfg.max_ongoing_requests,  # a replica never holds more callers than this
+                prefill_chunk_tokens=self.cfg.prefill_chunk_tokens,
                 idle_wait_s=self.cfg.batch_wait_timeout_s,
             )
         else:

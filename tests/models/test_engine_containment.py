@@ -145,7 +145,7 @@ def test_a_row_that_raises_mid_decode_ends_alone_in_the_stream(engine, failing_g
 
 
 def test_nan_logits_in_one_row_fail_only_that_row(engine, monkeypatch):
-    real_forward = engine._forward
+    real_forward = engine.forward
     calls = []
 
     def forward(**inputs):
@@ -155,10 +155,10 @@ def test_nan_logits_in_one_row_fail_only_that_row(engine, monkeypatch):
         calls.append(1)
         return logits
 
-    monkeypatch.setattr(engine, "_forward", forward)
+    monkeypatch.setattr(engine, "forward", forward)
     goods = good_requests()
     results = engine.generate([request("nan", max_tokens=8, temperature=0.5, seed=1)] + goods)
-    monkeypatch.setattr(engine, "_forward", real_forward)
+    monkeypatch.setattr(engine, "forward", real_forward)
     assert results[0].finish_reason == "error" and results[0].error_type == SERVER_ERROR
     assert_good_rows_unchanged(engine, goods, results[1:])
 

@@ -165,13 +165,13 @@ def test_a_cancelled_row_stops_decoding_and_leaves_the_batch(engine):
     alone = engine.generate([requests[1]])[0]
     assert alone.finish_reason == "length"  # the neighbour runs to its budget: the test sees the whole run
     batch_rows: list[int] = []
-    real_forward = engine._forward
+    real_forward = engine.forward
 
     def counting_forward(**inputs):
         batch_rows.append(int(inputs["input_ids"].shape[0]))
         return real_forward(**inputs)
 
-    engine._forward = counting_forward
+    engine.forward = counting_forward
     cancelled: set[int] = set()
     finals: dict[int, object] = {}
     tokens = [0, 0]
@@ -185,7 +185,7 @@ def test_a_cancelled_row_stops_decoding_and_leaves_the_batch(engine):
             if step_no == 2:
                 cancelled.add(0)  # e.g. the client went away after three tokens
     finally:
-        engine._forward = real_forward
+        engine.forward = real_forward
     assert finals[0].finish_reason == "cancelled" and finals[0].completion_tokens == 3 == tokens[0]
     assert finals[0].token_ids == []  # nothing sampled for it after the cancel
     # The neighbour is untouched, and decodes alone from the cancel on: prefill + 2 steps of 2 rows.

@@ -309,3 +309,41 @@ def test_a_failed_forward_pass_fails_only_the_rows_it_served(monkeypatch):
         assert doomed.wait().last.error_type == "server_error"  # the shared step failed: its rows end
         sched.submit(engine.prepare(long_req), after)  # and the loop serves on
         assert after.wait().tokens == engine.generate([long_req])[0].token_ids
+
+
+@pytest.mark.parametrize("name", ["tiny-llm", "tiny-vlm"])
+def test_a_long_prompt_prefills_in_chunks_between_the_running_rows_steps(name):
+    """Chunked prefill: the long prompt's tokens equal its unchunked ones, and the running row keeps
+    taking tokens while the long prompt's chunks run (it does not wait for the whole prefill)."""
+    with scheduler_on(name, max_rows=4, max_queue=4, prefill_chunk_tokens=8) as (engine, sched):
+        running = request(engine, "hi", max_tokens=40, temperature=0.0)
+        long = request(engine, "a photo of a dog and a cat on the beach " * 8, max_tokens=6, temperature=0.0)
+        prepared_long = engine.prepare(long)
+        assert prepared_long.prompt_tokens > 5 * 8  # several chunks
+        chunks_seen: list[int] = []
+        running_row = Collector(on_token=lambda row: chunks_seen.append(sched.prefill_chunks))
+        prepared_running = engine.prepare(running)
+        before = -(-prepared_running.prompt_tokens // 8) if prepared_running.prompt_tokens > 8 else 0
+        sched.submit(prepared_running, running_row)
+        wait_for_step(sched, 2)
+        long_row = Collector()
+        sched.submit(prepared_long, long_row)
+        long_row.wait()
+        running_row.wait()
+        expected_chunks = before + -(-prepared_long.prompt_tokens // 8)
+        assert sched.stats()["prefill_chunks"] == expected_chunks
+        assert long_row.tokens == engine.generate([long])[0].token_ids
+        assert running_row.tokens == engine.generate([running])[0].token_ids
+        # Tokens of the running row arrived between chunks, one chunk apart at most.
+        during = [c for c in chunks_seen if before < c < expected_chunks]
+        assert len(set(during)) >= expected_chunks - before - 2, chunks_seen
+
+
+def test_prompts_with_images_are_prefilled_whole():
+    with scheduler_on("tiny-vlm", max_rows=4, max_queue=4, prefill_chunk_tokens=8) as (engine, sched):
+        with_image = request(engine, "What is in the photo? " * 6, images=1, max_tokens=4, temperature=0.0)
+        row = Collector()
+        sched.submit(engine.prepare(with_image), row)
+        row.wait()
+        assert sched.stats()["prefill_chunks"] == 0
+        assert row.tokens == engine.generate([with_image])[0].token_ids

@@ -135,7 +135,13 @@ class ChatServeSection(DeploymentSection, BatchingMixin):
     )
 
     max_concurrent_batches: int = Field(
-        2, ge=1, description="Batches decoding at once (a new batch need not wait)."
+        2, ge=1, description="static only: batches decoding at once (a new batch need not wait)."
+    )
+    prefill_chunk_tokens: int = Field(
+        512,
+        ge=0,
+        description="continuous only: a text prompt longer than this is prefilled this many tokens per "
+        "decode step of the running rows, so they keep streaming (models/chunked_prefill.py); 0: whole.",
     )
     batch_wait_timeout_s: float = Field(0.02, ge=0, description="How long a batch waits for more callers.")
     device: str | None = Field(None, description="cpu | cuda | mps (default: the best one available).")
