@@ -1,6 +1,6 @@
 """`raybooth demo` (what `make demo` runs): the main job end to end on the embedded defaults.
 
-    raybooth demo [images=8]
+    raybooth demo [images=8] [base_model=tiny-flux]   # any tiny family: tiny-sd, tiny-sdxl, tiny-sd3, tiny-flux
 
 Steps: build the tiny model presets → start an embedded Ray → draw sample images on the cluster and
 write them to storage → caption them (Ray Data) → track the run in MLflow → DreamBooth a tiny subject
@@ -139,6 +139,7 @@ def train_demo_subject(cfg: DemoConfig, root: str) -> TrainResult:
         )
     train_cfg = DreamBoothConfig(
         cluster=cfg.cluster, storage=cfg.storage, tracking=cfg.tracking, seed=cfg.seed,
+        base_model=cfg.base_model,  # the family's default train_mode (full for SD/SDXL, LoRA for SD3/Flux)
         concepts=[{"instance_data": subject, "class_name": "dog", "num_class_images": 4}],
         steps=10, checkpoint_every=5, learning_rate=1e-4,  # a few steps show every part; the subject stays random
         sample_steps=4, num_workers=2 if cluster_info().cpus >= 2 else 1, model_name="raybooth-demo-subject",
@@ -150,6 +151,7 @@ def train_demo_subject(cfg: DemoConfig, root: str) -> TrainResult:
 def run_demo(config: str | None, overrides: list[str], verbose: bool = False) -> int:
     from raybooth.cluster import storage, tracking
     from raybooth.cluster.runtime import ray_session
+    from raybooth.models.loaders import sd_family
     from raybooth.models.presets import resolve_model
 
     cfg = load_config(DemoConfig, config, overrides)
@@ -157,8 +159,10 @@ def run_demo(config: str | None, overrides: list[str], verbose: bool = False) ->
     report = DemoReport()
 
     step("1/7 model presets (tiny, seeded, saved in diffusers/transformers format)")
-    for preset in ("tiny-sd", "tiny-vlm"):
+    family = sd_family(cfg.base_model, models_dir=default_models_dir())  # one line, exit 2, before Ray
+    for preset in (cfg.base_model, "tiny-vlm"):
         report.add(f"model {preset}", resolve_model(preset, models_dir=default_models_dir()))
+    report.add("family", family.name)
 
     step("2/7 Ray")
     with ray_session(cfg.cluster, verbose=verbose) as info:

@@ -39,3 +39,15 @@ def test_demo_runs_every_stage_and_prints_where_everything_went(tmp_path):
     assert "models:/raybooth-demo-subject/1" in summary
     assert (tmp_path / "mlflow" / "mlflow.db").is_file()
     assert "64x64 PNG" in summary and "tokens)" in summary
+
+
+def test_the_demo_refuses_a_base_model_that_is_no_diffusion_pipeline_before_starting_ray(capsys):
+    import ray
+
+    from raybooth.cli import main
+
+    was_up = ray.is_initialized()
+    assert main(["demo", "--config", str(REPO / "configs/demo.yaml"), "base_model=tiny-vlm"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "tiny-vlm" in err, err
+    assert ray.is_initialized() == was_up  # refused before the demo's Ray step

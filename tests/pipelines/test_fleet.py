@@ -2,9 +2,10 @@
 
     .venv/bin/python -m pytest tests/pipelines/test_fleet.py
 
-The fleet trains three subjects as Ray tasks, two at a time: `straight` (4 steps), `stopped` (the same
-training stopped after 2 steps) and `broken` (a corrupt photo). Two registered models and one clear
-failure come out. The two trainings then serve the resume test: `stopped` continues with
+The fleet trains five subjects as Ray tasks, two at a time: `straight` (4 steps), `stopped` (the same
+training stopped after 2 steps), `broken` (a corrupt photo), and `sd3` and `flux` (the fleet mixing
+families: LoRA with prior preservation on 2 Ray Train workers each, on tiny-sd3 and tiny-flux). Four
+registered models and one clear failure come out. The two trainings then serve the resume test: `stopped` continues with
 resume=<checkpoint URI> to step 3, then resume=<run id> to step 4, and must land bit-identically on
 `straight` (one CPU worker, LoRA on UNet and text encoder). The fleet runs them side by side, which
 keeps this module fast.
@@ -43,9 +44,20 @@ DEFAULTS = dict(
 )
 
 
-def concept(folder: Path) -> list[dict]:
+def concept(folder: Path, class_images: int = 4) -> list[dict]:
     # The class images of test_dreambooth.py (same class, count and sampler): cached when it ran first.
-    return [{"instance_data": str(folder), "class_name": "dog", "num_class_images": 4}]
+    return [{"instance_data": str(folder), "class_name": "dog", "num_class_images": class_images}]
+
+
+def flow_subject(name: str, base_model: str, folder: Path) -> dict:
+    """A subject of another family (LoRA, its default there) on 2 workers, 2 steps, 2 class images."""
+    return {
+        "name": name,
+        "overrides": {
+            "base_model": base_model, "num_workers": 2, "steps": 2, "text_encoder_lr": None,
+            "concepts": concept(folder, class_images=2),
+        },
+    }  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +81,8 @@ def fleet(folders) -> FleetConfig:
                 {"name": "straight"},
                 {"name": "stopped", "overrides": {"steps": 2}},
                 {"name": "broken", "overrides": {"concepts": concept(folders["broken"])}},
+                flow_subject("sd3", "tiny-sd3", folders["good"]),
+                flow_subject("flux", "tiny-flux", folders["good"]),
             ],
         }
     )
@@ -110,16 +124,21 @@ def test_fleet_registers_the_good_subjects_and_reports_the_broken_one(outcomes):
     assert outcomes["straight"].ok and outcomes["stopped"].ok
     assert outcomes["straight"].model_uri == "models:/fleet-straight/1"
     assert outcomes["stopped"].model_uri == "models:/fleet-stopped/1"
+    for family in ("sd3", "flux"):  # the other families, side by side with tiny-sd's subjects
+        assert outcomes[family].ok, outcomes[family].error
+        assert outcomes[family].model_uri == f"models:/fleet-{family}/1"
+        run = tracking.get_run(outcomes[family].run_id)
+        assert run.data.params["world_size"] == "2"
     broken = outcomes["broken"]
     assert not broken.ok and "img_00002.png: corrupt image" in broken.error
 
     tracking.configure(TrackingSection())
     exp = MlflowClient().get_experiment_by_name(EXPERIMENT)
     runs = MlflowClient().search_runs([exp.experiment_id])
-    assert sorted(r.info.run_name for r in runs) == ["stopped", "straight"]  # the broken one wrote nothing
+    assert sorted(r.info.run_name for r in runs) == ["flux", "sd3", "stopped", "straight"]  # broken: nothing
 
     table = summary_table(list(outcomes.values()))
-    assert "2/3 subjects registered" in table
+    assert "4/5 subjects registered" in table
     broken_line = next(line for line in table.splitlines() if line.startswith("broken"))
     assert "FAILED" in broken_line and "img_00002.png" in broken_line
 

@@ -149,6 +149,12 @@ class DemoConfig(JobConfig):
 
     images: int = Field(8, ge=1, le=1000, description="How many sample images the demo draws and captions.")
     seed: int = Field(0, description="Seed for the sample images and every model built on the way.")
+    base_model: str = Field(
+        "tiny-sd",
+        description="Diffusion model the demo subject is trained on and served from: tiny-sd, tiny-sdxl, "
+        "tiny-sd3, tiny-flux, or a folder / hub id of one of those families.",
+        json_schema_extra=path_mark("model"),
+    )
 
 
 T = TypeVar("T", bound=JobConfig)
