@@ -136,6 +136,19 @@ class SpeculativeSection(Strict):
     num_tokens: int = Field(4, ge=1, le=16, description="Tokens the draft proposes per row per step (k).")
 
 
+class EngineOptions(Strict):
+    """How the generation engine loads and decodes: the same keys in the batch jobs and the chat route."""
+
+    quantization: Literal["int8"] | None = Field(
+        None,
+        description="int8: the model's linear weights stored in int8 with per-channel scales (torchao, "
+        "weight-only; about a quarter of their fp32 memory, on CPU and CUDA); empty: weights as loaded.",
+    )
+    speculative: SpeculativeSection | None = Field(
+        None, description="Speculative decoding: {draft_model, num_tokens}; empty: off."
+    )
+
+
 class JobConfig(Strict):
     """Every job config carries where to run, where to store and where to track."""
 

@@ -10,10 +10,10 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from raybooth.cluster.config.base import JobConfig, SpeculativeSection, path_mark
+from raybooth.cluster.config.base import EngineOptions, JobConfig, path_mark
 
 
-class InferenceJobConfig(JobConfig):
+class InferenceJobConfig(JobConfig, EngineOptions):
     """What `raybooth caption` and `raybooth batch` share: input/output, model, packing and replicas."""
 
     input: str | None = Field(
@@ -34,14 +34,6 @@ class InferenceJobConfig(JobConfig):
     )
     dtype: str | None = Field(
         None, description="Weights dtype (fp32, fp16, bf16); empty: the checkpoint's own."
-    )
-    quantization: Literal["int8"] | None = Field(
-        None,
-        description="int8: linear weights stored in int8 with per-channel scales (torchao, weight-only; "
-        "about a quarter of their fp32 memory, on CPU and CUDA); empty: weights as loaded.",
-    )
-    speculative: SpeculativeSection | None = Field(
-        None, description="Speculative decoding: {draft_model, num_tokens}; empty: off."
     )
     batch_size: int = Field(
         8, ge=1, description="Max rows per model batch (the token budget caps it further)."

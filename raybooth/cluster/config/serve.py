@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from raybooth.cluster.config.base import JobConfig, SpeculativeSection, Strict, path_mark
+from raybooth.cluster.config.base import EngineOptions, JobConfig, Strict, path_mark
 
 
 class AutoscalingSection(Strict):
@@ -122,7 +122,7 @@ class ImageServeSection(DeploymentSection, BatchingMixin):
     )
 
 
-class ChatServeSection(DeploymentSection, BatchingMixin):
+class ChatServeSection(DeploymentSection, BatchingMixin, EngineOptions):
     """The chat deployment (`ChatDeployment`)."""
 
     scheduler: Literal["continuous", "static"] = Field(
@@ -147,14 +147,6 @@ class ChatServeSection(DeploymentSection, BatchingMixin):
     device: str | None = Field(None, description="cpu | cuda | mps (default: the best one available).")
     dtype: str = Field(
         "auto", pattern="^(auto|float32|float16|bfloat16)$", description="auto: bf16/fp16 on GPU."
-    )
-    quantization: Literal["int8"] | None = Field(
-        None,
-        description="int8: the model's linear weights stored in int8 with per-channel scales (torchao, "
-        "weight-only; about a quarter of their fp32 memory, on CPU and CUDA); empty: weights as loaded.",
-    )
-    speculative: SpeculativeSection | None = Field(
-        None, description="Speculative decoding: {draft_model, num_tokens}; empty: off."
     )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request does not give one.")
 
