@@ -34,11 +34,10 @@ if TYPE_CHECKING:
 
 def chunkable(engine: VLMEngine, prepared: PreparedRequest) -> bool:
     """Whether `prepared` may be prefilled in chunks on `engine` (see the module docstring)."""
-    family = engine.family
-    plain_family = not (
-        family.encoder_decoder or family.prepare or family.forward or family.positions == "mrope"
-    )
-    return plain_family and engine.speculative is None and not prepared.inputs
+    from raybooth.models.vlm_scheduler import family_merges
+
+    one_d = engine.family.positions != "mrope"
+    return family_merges(engine.family) and one_d and engine.speculative is None and not prepared.inputs
 
 
 @dataclass

@@ -98,6 +98,13 @@ class Ticket:
 # --------------------------------------------------------------------------------------------------
 
 
+def family_merges(family: Any) -> bool:
+    """Whether a family's decode state can take rows mid-flight at all (its cache must also be `mergeable`):
+    not an encoder-decoder, nor a family that builds batch-wide inputs (`prepare`) or calls its model its
+    own way (`forward`)."""
+    return not (family.encoder_decoder or family.prepare or family.forward)
+
+
 def mergeable(state: BatchState) -> bool:
     """Whether rows can join `state` mid-flight by re-padding (see the module docstring)."""
     from transformers.cache_utils import DynamicLayer
@@ -200,7 +207,7 @@ class Scheduler:
         # as one batch rather than one row per step (while rows run, admission never waits).
         self.idle_wait_s = idle_wait_s
         family = engine.family
-        self.merges_mid_flight = not (family.encoder_decoder or family.prepare or family.forward)
+        self.merges_mid_flight = family_merges(family)
         self._cond = threading.Condition()
         self._waiting: deque[Ticket] = deque()
         self._running = 0
