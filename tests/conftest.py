@@ -47,6 +47,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if gpu:
             config.hook.pytest_deselected(items=gpu)
             items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+    items.sort(key=variants_last)  # stable: every other file keeps its place
     if getattr(config.option, "numprocesses", None):
         slow_units = {work_unit(item.nodeid) for item in items if item.get_closest_marker("slow")}
 
@@ -55,6 +56,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             return 0 if unit in _SHARED_WORK_UNITS else 1 if unit in slow_units else 2
 
         items.sort(key=start_order)  # stable: the order within each group is kept
+
+
+# The serving files that run the shared app with other settings, last and in this order: the shared settings
+# come back lazily (tests/serving/conftest.py), so chat variants that follow each other restart the chat
+# replica once each and the last one restores nothing.
+_VARIANTS_LAST = (
+    "tests/serving/test_thin_images.py",
+    "tests/serving/test_failures.py",
+    "tests/serving/test_chat_llm.py",
+    "tests/serving/test_chat_qwen.py",
+)
+
+
+def variants_last(item: pytest.Item) -> int:
+    path = item.nodeid.split("::", 1)[0]
+    return 1 + _VARIANTS_LAST.index(path) if path in _VARIANTS_LAST else 0
 
 
 # Test files that share one session fixture too costly to build twice run on one worker: the serving

@@ -6,7 +6,9 @@
 UNet weights, alias `prod` -> version 1) and two LoRA subjects in diffusers' LoRA format on tiny-sd.
 `serve_app` is `raybooth.serving.app` on the session's embedded Ray, HTTP on 127.0.0.1, API keys on: one
 app for the whole session (`SharedServe`); a module that needs other settings redeploys it for its tests
-with `serve_app.redeployed(...)`, which puts the shared settings back.
+with `serve_app.redeployed(...)`. The shared settings come back lazily, before the next test that wants
+them, so variants that follow each other (tests/conftest.py runs the variant modules last) cost one deploy
+each and the last one none.
 """
 
 from __future__ import annotations
@@ -166,6 +168,7 @@ def leak_pattern(greedy_answer: str) -> str:
 class ServeApp:
     base_url: str  # http://127.0.0.1:PORT
     settings: dict[str, Any]
+    shared: SharedServe | None = None  # who deploys variants of it
     api_key: str = API_KEY
     leak_prompt: str = LEAK_PROMPT  # whose greedy answer the output safety category blocks
 
@@ -199,23 +202,25 @@ class ServeApp:
         return resp.json()
 
     @contextmanager
-    def redeployed(self, settings: dict[str, Any]) -> Iterator[None]:
-        """Run the app with other settings (Serve restarts only the deployments whose arguments changed),
-        then put the module's settings back."""
-        deploy_app(settings)
-        try:
+    def redeployed(self, settings: dict[str, Any], api_keys: bool = True) -> Iterator[None]:
+        """Run the app with other settings (or without API keys) for the block: Serve restarts only the
+        deployments whose arguments changed. The shared settings come back before the next test that
+        wants them (`_shared_settings_back`), not on leaving, so a variant that follows costs one deploy."""
+        assert self.shared is not None, "redeployed needs the session's SharedServe"
+        with self.shared.variant(settings, api_keys):
             yield
-        finally:
-            deploy_app(self.settings)
 
 
-def deploy_app(settings: dict[str, Any]) -> None:
+def deploy_app(settings: dict[str, Any], api_keys: bool = True) -> None:
     from ray import serve
 
     from raybooth.serving.app import build_app
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAYBOOTH_API_KEYS", f"{API_KEY}, test-key-2")
+        if api_keys:
+            mp.setenv("RAYBOOTH_API_KEYS", f"{API_KEY}, test-key-2")
+        else:
+            mp.delenv("RAYBOOTH_API_KEYS", raising=False)
         application = build_app({"settings": settings})
     serve.run(application, name="raybooth", route_prefix="/")
 
@@ -264,12 +269,36 @@ class SharedServe:
         self.settings, self._port_picker = settings, port_picker
         self._app: ServeApp | None = None
         self._stack = ExitStack()
+        self._deployed: tuple[dict[str, Any], bool] | None = None  # settings and api_keys now running
+        self._in_variant = False
 
     def app(self) -> ServeApp:
         if self._app is None or not self._answers(self._app):
             self.close()
             self._app = self._stack.enter_context(running_app(self.settings, self._port_picker()))
+            self._app.shared = self
+            self._deployed = (self.settings, True)
         return self._app
+
+    def _deploy(self, settings: dict[str, Any], api_keys: bool) -> None:
+        if self._deployed != (settings, api_keys):
+            deploy_app(settings, api_keys)
+            self._deployed = (settings, api_keys)
+
+    @contextmanager
+    def variant(self, settings: dict[str, Any], api_keys: bool) -> Iterator[None]:
+        assert not self._in_variant, "one variant at a time"
+        self._deploy(settings, api_keys)
+        self._in_variant = True
+        try:
+            yield
+        finally:
+            self._in_variant = False
+
+    def shared_settings_back(self) -> None:
+        """Deploy the shared settings again if a variant left others running (no-op inside a variant)."""
+        if self._app is not None and not self._in_variant:
+            self._deploy(self.settings, True)
 
     @staticmethod
     def _answers(app: ServeApp, timeout_s: float = 60) -> bool:
@@ -315,3 +344,11 @@ def shared_serve(
 def serve_app(shared_serve: SharedServe) -> ServeApp:
     """The session's app (see `SharedServe`), checked ready for this module."""
     return shared_serve.app()
+
+
+@pytest.fixture(autouse=True)
+def _shared_settings_back(request: pytest.FixtureRequest) -> None:
+    """A test on the shared app gets the shared settings, whatever variant ran before it. Module-scoped
+    variant fixtures are set up before this one, so their tests keep the variant."""
+    if "serve_app" in request.fixturenames:
+        request.getfixturevalue("shared_serve").shared_settings_back()

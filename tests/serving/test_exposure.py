@@ -112,22 +112,9 @@ def _refs(node) -> Iterator[str]:
 
 @pytest.fixture
 def keyless_app(serve_app) -> Iterator[str]:
-    """The module's app redeployed with no API keys (only the ingress restarts), then put back."""
-    from ray import serve
-
-    from raybooth.serving.app import build_app
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("RAYBOOTH_API_KEYS", raising=False)
-        application = build_app({"settings": serve_app.settings})
-    serve.run(application, name="raybooth", route_prefix="/")
-    try:
+    """The module's app redeployed with no API keys (only the ingress restarts)."""
+    with serve_app.redeployed(serve_app.settings, api_keys=False):
         yield serve_app.base_url
-    finally:  # the keyed app back, as conftest's deploy_app runs it (one deploy, not redeployed's two)
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("RAYBOOTH_API_KEYS", f"{serve_app.api_key}, test-key-2")
-            application = build_app({"settings": serve_app.settings})
-        serve.run(application, name="raybooth", route_prefix="/")
 
 
 @pytest.mark.slow
