@@ -25,7 +25,14 @@ from raybooth.models.decoding import SamplingParams
 from raybooth.models.loaders import load_vlm
 from raybooth.models.presets import resolve_model
 from raybooth.models.vlm_engine import GenerationRequest, VLMEngine
-from raybooth.models.vlm_family import LLAVA, TEXT, InputRule, collate_inputs, detect_family, replace_rule
+from raybooth.models.vlm_family import (
+    LLAVA,
+    PALIGEMMA,
+    InputRule,
+    collate_inputs,
+    detect_family,
+    replace_rule,
+)
 from raybooth.models.vlm_requests import takes_task_prompts
 from raybooth.pipelines.inference import prepared_columns, prepared_from_row
 from raybooth.samples import draw_sample_image
@@ -35,7 +42,17 @@ MAX_TOKENS = 8
 LOGITS_ATOL = 1e-5
 
 
-VISION_PRESETS = ["tiny-qwen2.5-vl", "tiny-smolvlm", "tiny-llava-next", "tiny-mllama", "tiny-florence2"]
+VISION_PRESETS = [
+    "tiny-qwen2.5-vl",
+    "tiny-qwen3-vl",
+    "tiny-smolvlm",
+    "tiny-idefics2",
+    "tiny-llava-next",
+    "tiny-llava-onevision",
+    "tiny-mllama",
+    "tiny-florence2",
+    "tiny-paligemma",
+]
 
 
 @functools.cache
@@ -78,12 +95,20 @@ def images_request(engine: VLMEngine) -> tuple[GenerationRequest, int]:
     return chat(image(1, (64, 48)), text("What color is the cat?"), image(2, (32, 32))), 2
 
 
+def text_row(engine: VLMEngine, prompt: str, **params) -> GenerationRequest:
+    """A text-only row; PaliGemma reads every prompt after an image (its processor refuses none), so its
+    "text" rows carry one."""
+    if engine.family is PALIGEMMA:
+        return chat(image(3, (48, 40)), text(prompt), **params)
+    return chat(text(prompt), **params)
+
+
 def mixed_batch(engine: VLMEngine) -> list[GenerationRequest]:
     """Text only (short and long), one image, and `images_request`."""
     # The first row's budget ends it early: it leaves the batch (and the KV cache) while the others run on.
     rows = [
-        chat(text("hi"), max_tokens=3),
-        chat(text("What is in the image? Describe the dog and the cat. " * 3)),
+        text_row(engine, "hi", max_tokens=3),
+        text_row(engine, "What is in the image? Describe the dog and the cat. " * 3),
     ]
     if engine.family.takes_images:
         task = takes_task_prompts(engine.processor)
@@ -99,9 +124,9 @@ def hf_alone(engine: VLMEngine, request: GenerationRequest) -> tuple[list[int], 
     count in them), and its forward's last-position logits, for the request alone."""
     prepared = engine.prepare(request)
     ids = torch.tensor([prepared.input_ids])
-    inputs = {
-        k: v for k, v in prepared.inputs.items() if not (engine.family is TEXT and k == "token_type_ids")
-    }
+    # What the family drops is no model input (a text LLM's token_type_ids, PaliGemma's training labels).
+    rules = engine.family.rules
+    inputs = {k: v for k, v in prepared.inputs.items() if k not in rules or rules[k].batching != "drop"}
     if engine.family.encoder_decoder:  # the decoder's first input: its start token
         inputs["decoder_input_ids"] = torch.tensor([[engine.model.generation_config.decoder_start_token_id]])
     with torch.inference_mode():
@@ -149,7 +174,9 @@ def test_last_prefill_logits_match_hf_forward(engine):
 
 
 def test_seeded_sampling_gives_a_row_the_same_tokens_whatever_its_batch(engine):
-    sampled = chat(text("Write a short caption for this photo."), temperature=0.9, seed=7, max_tokens=12)
+    sampled = text_row(
+        engine, "Write a short caption for this photo.", temperature=0.9, seed=7, max_tokens=12
+    )
     alone = engine.generate([sampled])[0].token_ids
     in_batch = engine.generate([*mixed_batch(engine), sampled])[-1].token_ids
     assert in_batch == alone and len(alone) > 1
