@@ -144,20 +144,15 @@ MISTRAL3 = Family(
 )
 
 
-def _paligemma_forward(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
-    """PaliGemma counts positions from 1 (what its `generate` feeds); the engine counts from 0."""
-    out = model(**{**inputs, "position_ids": inputs["position_ids"] + 1}, logits_to_keep=1)
-    return out.logits[:, -1, :]
-
-
 # PaliGemma: a prefix prompt after one image (no chat template: the task-prompt path), attended
-# bidirectionally in the prefill (`token_type_ids` 0, left-padded with the prompt; the pads stay masked).
-# Its processor also returns training `labels`, which are no model input here.
+# bidirectionally in the prefill (`token_type_ids` 0, left-padded with the prompt; the pads stay masked;
+# decode steps are causal, so they need none). Its processor also returns training `labels`, no model
+# input here. HF counts its positions from 1, the engine from 0: rotary attention reads only position
+# differences, so both give the same logits (the oracle tests check it to 1e-5).
 PALIGEMMA = Family(
     "PaliGemma",
     ("paligemma",),
     rules={"token_type_ids": InputRule("token"), "labels": InputRule("drop")},
-    forward=_paligemma_forward,
 )
 # Mllama: images reach the text through cross-attention, per row: pixel values, aspect ratios and their
 # masks stack to one slot per row (a text-only row's slot is zeros), and the per-token mask is left-padded
@@ -215,7 +210,8 @@ def detect_family(config: Any) -> Family:
             if missing:
                 raise FamilyError(
                     f"model type {model_type!r} ({family.name}) needs the {', '.join(missing)} package, "
-                    f"which is not installed here; install it, or use another family: {supported_families()}"
+                    f"which is not installed here; install it, or use another of the supported families: "
+                    f"{supported_families()}"
                 )
             return family
     architectures = list(getattr(config, "architectures", None) or [])

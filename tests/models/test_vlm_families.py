@@ -1,6 +1,8 @@
-"""The engine on each family preset, against HF: tiny-qwen2.5-vl (M-RoPE, per-image patch grids),
-tiny-smolvlm (per-request tile counts), tiny-llava-next (per-image crop counts), tiny-mllama
-(cross-attention to each row's own images), tiny-florence2 (encoder-decoder, task prompts), tiny-llm.
+"""The engine on each family preset, against HF: tiny-qwen2.5-vl and tiny-qwen3-vl (M-RoPE, per-image
+patch grids; Qwen3's deepstack), tiny-smolvlm (per-request tile counts), tiny-idefics2 (images of their
+own pixel size), tiny-llava-next and tiny-llava-onevision (per-image crop counts; OneVision's base-only
+multi-image rows), tiny-mllama (cross-attention to each row's own images), tiny-florence2
+(encoder-decoder, task prompts), tiny-paligemma (prefix prompt, bidirectional prefix), tiny-llm.
 
 .venv/bin/python -m pytest tests/models/test_vlm_families.py
 
@@ -13,10 +15,11 @@ image inputs and dropping finished rows all have to be right per row.
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import pytest
 import torch
-from transformers import Blip2Config
+from transformers import Blip2Config, Mistral3Config
 
 from raybooth.cluster.workdir import default_models_dir
 from raybooth.errors import ModelError
@@ -226,6 +229,19 @@ def test_unsupported_family_is_refused_at_load_in_one_line(tmp_path):
         detect_family(Blip2Config())
 
 
+def test_family_whose_processor_needs_torchvision_is_refused_at_load_naming_it(tmp_path):
+    # transformers' PixtralProcessor (Mistral3) requires torchvision, which is no dependency here.
+    Mistral3Config().save_pretrained(tmp_path)
+    if importlib.util.find_spec("torchvision") is not None:  # where it is installed the family is run
+        assert detect_family(Mistral3Config()).name == "Mistral3 / Pixtral"
+        return
+    with pytest.raises(ModelError) as info:
+        load_vlm(str(tmp_path), device="cpu")
+    message = str(info.value)
+    assert "\n" not in message and "'mistral3'" in message and "needs the torchvision package" in message
+    assert "supported families" in message and "paligemma" in message
+
+
 def test_collate_rules_left_pad_token_outputs_concat_images_and_pad_per_request_axes():
     rows = [
         {"token_type_ids": torch.tensor([[0, 1]]), "pixel_values": torch.ones(1, 2, 3)},
@@ -287,9 +303,32 @@ def test_task_prompt_model_refuses_two_images_and_a_conversation_per_row():
     assert bad_task.error_type == "invalid_request_error" and "<CAPTION>" in bad_task.error
 
 
+def test_prefix_prompt_model_reads_one_image_then_its_prompt_and_refuses_the_rest():
+    engine = load_engine("tiny-paligemma")
+    conversation = chat(image(0, (40, 40)), text("caption en"))
+    conversation.messages.append({"role": "assistant", "content": "a cat"})
+    fine = engine.prepare(chat(image(0, (40, 40)), text("caption en")))
+    tokenizer = engine.tokenizer
+    # PaliGemma's layout: the image tokens, BOS, the prefix and a newline, all in the bidirectional prefix.
+    assert fine.input_ids[:17] == [engine.model.config.image_token_index] * 16 + [tokenizer.bos_token_id]
+    assert tokenizer.decode(fine.input_ids[17:]) == "caption en\n"
+    assert fine.inputs["token_type_ids"].tolist() == [[0] * fine.prompt_tokens] and "labels" in fine.inputs
+    text_only, two, talk = engine.generate(
+        [chat(text("caption en")), chat(image(0, (40, 40)), text("hi"), image(1, (32, 32))), conversation]
+    )
+    assert text_only.error_type == "invalid_request_error" and "images" in text_only.error
+    assert two.error_type == "invalid_request_error" and "one image per request, got 2" in two.error
+    assert talk.error_type == "invalid_request_error" and "single user message" in talk.error
+
+
 def test_processor_built_without_its_video_part_keeps_its_own_settings():
     # The fallback for processors whose video part needs torchvision (SmolVLM2, Qwen-VL) must keep what
     # processor_config.json sets, e.g. image tokens per tile; the default (169) would break every prompt.
     path = resolve_model("tiny-smolvlm", kind="vlm", models_dir=default_models_dir())
     processor = loaders._image_only_processor(path, {})
     assert processor.image_seq_len == 4 and type(processor).__name__ == "Idefics3Processor"
+    # A processor written without its video part saves its own settings too (LLaVA-OneVision's image
+    # tokens per crop, without which it cannot count an image's tokens).
+    path = resolve_model("tiny-llava-onevision", kind="vlm", models_dir=default_models_dir())
+    processor = loaders._image_only_processor(path, {})
+    assert processor.num_image_tokens == 4 and processor.vision_feature_select_strategy == "full"
