@@ -4,8 +4,8 @@
     family.takes_images, family.positions                       # False for a text-only LLM; "mrope" for Qwen-VL
     batched = collate_inputs(family, [row.inputs for row in rows], lengths, longest)
 
-A processor returns more than `input_ids`: pixel values, image grids (Qwen-VL), token type ids (Gemma 3),
-image sizes, masks. Every output a row's processor call returned travels with the row
+A processor returns more than `input_ids`: pixel values, image grids (Qwen-VL), token type ids (Gemma 3,
+PaliGemma), image sizes and images per request (LLaVA-OneVision), masks. Every output a row's processor call returned travels with the row
 (`PreparedRequest.inputs`), and one rule per output says how the rows' tensors become one batch:
 
 - `token`:  aligned with the prompt, `(1, T, ...)`: left-padded with the prompt to `(B, T_max, ...)`, any
@@ -23,7 +23,8 @@ The generic rule (`token` when the tensor is `(1, T)` for a T-token prompt, else
 families; a family names its exceptions. `decode=True` marks what the model also needs at every decode
 step (the rest is prefill only, as Hugging Face `generate` passes it). A family whose model call needs
 more than batching (Mllama's cross-attention masks) adds a `prepare` step on the batched inputs and its
-own `forward` (see `vlm_cross_attention.py`). Plain PyTorch: no Ray.
+own `forward` (see `vlm_cross_attention.py`). A family whose transformers processor needs a package that
+is not installed (`requires`: Mistral3's torchvision) is refused at load, naming it. Plain PyTorch: no Ray.
 """
 
 from __future__ import annotations
