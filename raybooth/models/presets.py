@@ -14,6 +14,10 @@ diffusers/transformers folder format under the work dir (`raybooth build-models`
     tiny-llava-next  LLaVA-NeXT shaped, tiny: per-image crop counts (AnyRes) on a CPU
     tiny-mllama      Mllama (Llama 3.2 Vision) shaped, tiny: cross-attention to each row's images on a CPU
     tiny-florence2   Florence-2 shaped, tiny: an encoder-decoder with task prompts (`<CAPTION>`) on a CPU
+    tiny-qwen3-vl    Qwen3-VL shaped, tiny: deepstack vision features, interleaved M-RoPE on a CPU
+    tiny-idefics2    Idefics2 shaped, tiny: perceiver-resampled images of their own size on a CPU
+    tiny-llava-onevision  LLaVA-OneVision shaped, tiny: AnyRes for one image, base images for several
+    tiny-paligemma   PaliGemma shaped, tiny: a prefix prompt + one image, bidirectional prefix, on a CPU
     sd15-arch   SD 1.5's real architecture with random weights: GPU benchmarks only (~4 GB)
     sdxl-arch   SDXL base's real architecture with random weights: GPU benchmarks only (~14 GB)
     flux-arch   FLUX.1-dev's real architecture with random bf16 weights: GPU benchmarks only (~34 GB)
@@ -79,6 +83,10 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "tiny-florence2", "vlm", "Florence-2 shaped (DaViT + BART encoder-decoder, task prompts); CPU"
         ),
+        Preset("tiny-qwen3-vl", "vlm", "Qwen3-VL shaped (deepstack ViT, interleaved M-RoPE), random; CPU"),
+        Preset("tiny-idefics2", "vlm", "Idefics2 shaped (SigLIP + perceiver resampler), random; CPU"),
+        Preset("tiny-llava-onevision", "vlm", "LLaVA-OneVision shaped (SigLIP, AnyRes, Qwen2), random; CPU"),
+        Preset("tiny-paligemma", "vlm", "PaliGemma shaped (SigLIP + Gemma, prefix prompts), random; CPU"),
         Preset("sdxl-arch", "sd", "SDXL base architecture (2.6B UNet) with random weights; GPU benchmarks"),
         Preset(
             "flux-arch",
@@ -149,9 +157,14 @@ def _write_preset(preset: Preset, folder: Path, seed: int) -> None:
     # `resolve_model` on an already built preset need neither.
     import torch
 
-    from raybooth.models import flow_presets, sd_presets, vlm_presets, vlm_presets_more
+    from raybooth.models import flow_presets, sd_presets, vlm_presets, vlm_presets_extra, vlm_presets_more
 
-    writers = {**flow_presets.WRITERS, **vlm_presets.WRITERS, **vlm_presets_more.WRITERS}
+    writers = {
+        **flow_presets.WRITERS,
+        **vlm_presets.WRITERS,
+        **vlm_presets_more.WRITERS,
+        **vlm_presets_extra.WRITERS,
+    }
     # Building reseeds torch before each component; fork_rng keeps the caller's random stream intact.
     with torch.random.fork_rng(devices=[]):
         if preset.name in writers:

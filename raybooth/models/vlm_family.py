@@ -4,8 +4,8 @@
     family.takes_images, family.positions                       # False for a text-only LLM; "mrope" for Qwen-VL
     batched = collate_inputs(family, [row.inputs for row in rows], lengths, longest)
 
-A processor returns more than `input_ids`: pixel values, image grids (Qwen-VL), token type ids (Gemma 3),
-image sizes, masks. Every output a row's processor call returned travels with the row
+A processor returns more than `input_ids`: pixel values, image grids (Qwen-VL), token type ids (Gemma 3,
+PaliGemma), image sizes and images per request (LLaVA-OneVision), masks. Every output a row's processor call returned travels with the row
 (`PreparedRequest.inputs`), and one rule per output says how the rows' tensors become one batch:
 
 - `token`:  aligned with the prompt, `(1, T, ...)`: left-padded with the prompt to `(B, T_max, ...)`, any
@@ -23,12 +23,14 @@ The generic rule (`token` when the tensor is `(1, T)` for a T-token prompt, else
 families; a family names its exceptions. `decode=True` marks what the model also needs at every decode
 step (the rest is prefill only, as Hugging Face `generate` passes it). A family whose model call needs
 more than batching (Mllama's cross-attention masks) adds a `prepare` step on the batched inputs and its
-own `forward` (see `vlm_cross_attention.py`). Plain PyTorch: no Ray.
+own `forward` (see `vlm_cross_attention.py`). A family whose transformers processor needs a package that
+is not installed (`requires`: Mistral3's torchvision) is refused at load, naming it. Plain PyTorch: no Ray.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +74,7 @@ class Family:
     rules: dict[str, InputRule] = field(default_factory=dict)  # overrides of the generic rule
     prepare: PrepareBatch | None = None  # for what batching alone cannot express (Mllama); None for most
     forward: ForwardBatch | None = None  # in place of `model(**inputs)` (Mllama); None for most families
+    requires: tuple[str, ...] = ()  # packages its transformers processor cannot run without
 
     def rule(self, name: str, tensor: torch.Tensor, prompt_tokens: int) -> InputRule:
         if name in self.rules:
@@ -87,9 +90,11 @@ LLAVA = Family(
     "LLaVA-1.5 / Gemma 3 / InternVL / Aya Vision / Llama 4",
     ("llava", "gemma3", "internvl", "aya_vision", "llama4"),
 )
+# Qwen3-VL batches the same way; its deepstack features are placed by the image tokens of the padded batch
+# itself, and its `get_rope_index` reads the same inputs (videos carry timestamps in the text instead).
 QWEN_VL = Family(
-    "Qwen2-VL / Qwen2.5-VL",
-    ("qwen2_vl", "qwen2_5_vl"),
+    "Qwen2-VL / Qwen2.5-VL / Qwen3-VL",
+    ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"),
     positions="mrope",
     rules={
         # Qwen flattens all patches of all images into one (N_patches, C) tensor; the grid says whose.
@@ -102,9 +107,10 @@ QWEN_VL = Family(
 # N_img differing per request; the batch is (B, N_max, C, H, W) with all-zero tiles as padding (which the
 # model drops) and the pixel mask padded with 0 alongside. Rows without images are simply absent.
 # (SmolVLM2's `smolvlm` processor also needs the `num2words` package.)
+# Idefics2 batches the same way (its images keep their own size, so H and W pad too).
 IDEFICS3 = Family(
-    "SmolVLM / Idefics3",
-    ("idefics3", "smolvlm"),
+    "SmolVLM / Idefics3 / Idefics2",
+    ("idefics3", "smolvlm", "idefics2"),
     rules={"pixel_values": InputRule("pad"), "pixel_attention_mask": InputRule("pad")},
 )
 # LLaVA-NeXT (AnyRes): each image is (N_patches, C, H, W) crops, N_patches following its size; the processor
@@ -114,6 +120,40 @@ LLAVA_NEXT = Family(
     "LLaVA-NeXT",
     ("llava_next",),
     rules={"pixel_values": InputRule("pad"), "image_sizes": InputRule("concat")},
+)
+# LLaVA-OneVision: LLaVA-NeXT's crops, but only for a request with one image; a request with several sends
+# each as its base image only. `batch_num_images` (one entry per request with images) says which, so it
+# concatenates in the same row order as the images.
+LLAVA_ONEVISION = Family(
+    "LLaVA-OneVision",
+    ("llava_onevision",),
+    rules={
+        "pixel_values": InputRule("pad"),
+        "image_sizes": InputRule("concat"),
+        "batch_num_images": InputRule("concat"),
+    },
+)
+# Mistral3 (Pixtral vision): each image keeps its aspect ratio, so a row's images are (N_img, C, H, W)
+# padded to the row's largest; the batch pads H and W to its largest, and the tower cuts each image back
+# to its `image_sizes` entry. transformers marks `PixtralProcessor` as needing torchvision (though a PIL
+# image processor exists), so without torchvision the family is refused at load, naming it.
+MISTRAL3 = Family(
+    "Mistral3 / Pixtral",
+    ("mistral3",),
+    rules={"pixel_values": InputRule("pad"), "image_sizes": InputRule("concat")},
+    requires=("torchvision",),
+)
+
+
+# PaliGemma: a prefix prompt after one image (no chat template: the task-prompt path), attended
+# bidirectionally in the prefill (`token_type_ids` 0, left-padded with the prompt; the pads stay masked;
+# decode steps are causal, so they need none). Its processor also returns training `labels`, no model
+# input here. HF counts its positions from 1, the engine from 0: rotary attention reads only position
+# differences, so both give the same logits (the oracle tests check it to 1e-5).
+PALIGEMMA = Family(
+    "PaliGemma",
+    ("paligemma",),
+    rules={"token_type_ids": InputRule("token"), "labels": InputRule("drop")},
 )
 # Mllama: images reach the text through cross-attention, per row: pixel values, aspect ratios and their
 # masks stack to one slot per row (a text-only row's slot is zeros), and the per-token mask is left-padded
@@ -139,7 +179,18 @@ TEXT = Family(
     takes_images=False,
     rules={"token_type_ids": InputRule("drop")},
 )
-FAMILIES: tuple[Family, ...] = (LLAVA, QWEN_VL, IDEFICS3, LLAVA_NEXT, MLLAMA, FLORENCE2, TEXT)
+FAMILIES: tuple[Family, ...] = (
+    LLAVA,
+    QWEN_VL,
+    IDEFICS3,
+    LLAVA_NEXT,
+    LLAVA_ONEVISION,
+    MISTRAL3,
+    PALIGEMMA,
+    MLLAMA,
+    FLORENCE2,
+    TEXT,
+)
 
 
 def replace_rule(family: Family, name: str, rule: InputRule) -> Family:
@@ -156,6 +207,13 @@ def detect_family(config: Any) -> Family:
     model_type = getattr(config, "model_type", None)
     for family in FAMILIES:
         if model_type in family.model_types:
+            missing = [p for p in family.requires if importlib.util.find_spec(p) is None]
+            if missing:
+                raise FamilyError(
+                    f"model type {model_type!r} ({family.name}) needs the {', '.join(missing)} package, "
+                    f"which is not installed here; install it, or use another of the supported families: "
+                    f"{supported_families()}"
+                )
             return family
     architectures = list(getattr(config, "architectures", None) or [])
     if architectures and all(a.endswith("ForCausalLM") for a in architectures):
@@ -256,6 +314,12 @@ def image_only_processor_class(cls: type) -> type:
             kw["video_processor"] = None
         cls.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kw)
 
+    # `save_pretrained` writes the attributes `__init__`'s signature names (LLaVA-OneVision's
+    # num_image_tokens, ...): advertise `cls`'s, less the video processor, so they are saved and reloaded.
+    parameters = inspect.signature(cls.__init__).parameters
+    __init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [p for name, p in parameters.items() if name != "video_processor"]
+    )
     return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
 
 

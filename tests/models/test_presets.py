@@ -37,6 +37,10 @@ def test_presets_are_named_with_kinds():
         "tiny-llava-next": "vlm",
         "tiny-mllama": "vlm",
         "tiny-florence2": "vlm",
+        "tiny-qwen3-vl": "vlm",
+        "tiny-idefics2": "vlm",
+        "tiny-llava-onevision": "vlm",
+        "tiny-paligemma": "vlm",
         "sdxl-arch": "sd",
         "flux-arch": "sd",
     }

@@ -1,6 +1,8 @@
-"""The engine on each family preset, against HF: tiny-qwen2.5-vl (M-RoPE, per-image patch grids),
-tiny-smolvlm (per-request tile counts), tiny-llava-next (per-image crop counts), tiny-mllama
-(cross-attention to each row's own images), tiny-florence2 (encoder-decoder, task prompts), tiny-llm.
+"""The engine on each family preset, against HF: tiny-qwen2.5-vl and tiny-qwen3-vl (M-RoPE, per-image
+patch grids; Qwen3's deepstack), tiny-smolvlm (per-request tile counts), tiny-idefics2 (images of their
+own pixel size), tiny-llava-next and tiny-llava-onevision (per-image crop counts; OneVision's base-only
+multi-image rows), tiny-mllama (cross-attention to each row's own images), tiny-florence2
+(encoder-decoder, task prompts), tiny-paligemma (prefix prompt, bidirectional prefix), tiny-llm.
 
 .venv/bin/python -m pytest tests/models/test_vlm_families.py
 
@@ -13,10 +15,11 @@ image inputs and dropping finished rows all have to be right per row.
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import pytest
 import torch
-from transformers import Blip2Config
+from transformers import Blip2Config, Mistral3Config
 
 from raybooth.cluster.workdir import default_models_dir
 from raybooth.errors import ModelError
@@ -25,7 +28,14 @@ from raybooth.models.decoding import SamplingParams
 from raybooth.models.loaders import load_vlm
 from raybooth.models.presets import resolve_model
 from raybooth.models.vlm_engine import GenerationRequest, VLMEngine
-from raybooth.models.vlm_family import LLAVA, TEXT, InputRule, collate_inputs, detect_family, replace_rule
+from raybooth.models.vlm_family import (
+    LLAVA,
+    PALIGEMMA,
+    InputRule,
+    collate_inputs,
+    detect_family,
+    replace_rule,
+)
 from raybooth.models.vlm_requests import takes_task_prompts
 from raybooth.pipelines.inference import prepared_columns, prepared_from_row
 from raybooth.samples import draw_sample_image
@@ -35,7 +45,17 @@ MAX_TOKENS = 8
 LOGITS_ATOL = 1e-5
 
 
-VISION_PRESETS = ["tiny-qwen2.5-vl", "tiny-smolvlm", "tiny-llava-next", "tiny-mllama", "tiny-florence2"]
+VISION_PRESETS = [
+    "tiny-qwen2.5-vl",
+    "tiny-qwen3-vl",
+    "tiny-smolvlm",
+    "tiny-idefics2",
+    "tiny-llava-next",
+    "tiny-llava-onevision",
+    "tiny-mllama",
+    "tiny-florence2",
+    "tiny-paligemma",
+]
 
 
 @functools.cache
@@ -78,12 +98,20 @@ def images_request(engine: VLMEngine) -> tuple[GenerationRequest, int]:
     return chat(image(1, (64, 48)), text("What color is the cat?"), image(2, (32, 32))), 2
 
 
+def text_row(engine: VLMEngine, prompt: str, **params) -> GenerationRequest:
+    """A text-only row; PaliGemma reads every prompt after an image (its processor refuses none), so its
+    "text" rows carry one."""
+    if engine.family is PALIGEMMA:
+        return chat(image(3, (48, 40)), text(prompt), **params)
+    return chat(text(prompt), **params)
+
+
 def mixed_batch(engine: VLMEngine) -> list[GenerationRequest]:
     """Text only (short and long), one image, and `images_request`."""
     # The first row's budget ends it early: it leaves the batch (and the KV cache) while the others run on.
     rows = [
-        chat(text("hi"), max_tokens=3),
-        chat(text("What is in the image? Describe the dog and the cat. " * 3)),
+        text_row(engine, "hi", max_tokens=3),
+        text_row(engine, "What is in the image? Describe the dog and the cat. " * 3),
     ]
     if engine.family.takes_images:
         task = takes_task_prompts(engine.processor)
@@ -99,9 +127,9 @@ def hf_alone(engine: VLMEngine, request: GenerationRequest) -> tuple[list[int], 
     count in them), and its forward's last-position logits, for the request alone."""
     prepared = engine.prepare(request)
     ids = torch.tensor([prepared.input_ids])
-    inputs = {
-        k: v for k, v in prepared.inputs.items() if not (engine.family is TEXT and k == "token_type_ids")
-    }
+    # What the family drops is no model input (a text LLM's token_type_ids, PaliGemma's training labels).
+    rules = engine.family.rules
+    inputs = {k: v for k, v in prepared.inputs.items() if k not in rules or rules[k].batching != "drop"}
     if engine.family.encoder_decoder:  # the decoder's first input: its start token
         inputs["decoder_input_ids"] = torch.tensor([[engine.model.generation_config.decoder_start_token_id]])
     with torch.inference_mode():
@@ -149,7 +177,9 @@ def test_last_prefill_logits_match_hf_forward(engine):
 
 
 def test_seeded_sampling_gives_a_row_the_same_tokens_whatever_its_batch(engine):
-    sampled = chat(text("Write a short caption for this photo."), temperature=0.9, seed=7, max_tokens=12)
+    sampled = text_row(
+        engine, "Write a short caption for this photo.", temperature=0.9, seed=7, max_tokens=12
+    )
     alone = engine.generate([sampled])[0].token_ids
     in_batch = engine.generate([*mixed_batch(engine), sampled])[-1].token_ids
     assert in_batch == alone and len(alone) > 1
@@ -197,6 +227,19 @@ def test_unsupported_family_is_refused_at_load_in_one_line(tmp_path):
     assert "supported families" in message and "qwen2_5_vl" in message and "llava" in message
     with pytest.raises(ModelError, match="not supported"):
         detect_family(Blip2Config())
+
+
+def test_family_whose_processor_needs_torchvision_is_refused_at_load_naming_it(tmp_path):
+    # transformers' PixtralProcessor (Mistral3) requires torchvision, which is no dependency here.
+    Mistral3Config().save_pretrained(tmp_path)
+    if importlib.util.find_spec("torchvision") is not None:  # where it is installed the family is run
+        assert detect_family(Mistral3Config()).name == "Mistral3 / Pixtral"
+        return
+    with pytest.raises(ModelError) as info:
+        load_vlm(str(tmp_path), device="cpu")
+    message = str(info.value)
+    assert "\n" not in message and "'mistral3'" in message and "needs the torchvision package" in message
+    assert "supported families" in message and "paligemma" in message
 
 
 def test_collate_rules_left_pad_token_outputs_concat_images_and_pad_per_request_axes():
@@ -260,9 +303,32 @@ def test_task_prompt_model_refuses_two_images_and_a_conversation_per_row():
     assert bad_task.error_type == "invalid_request_error" and "<CAPTION>" in bad_task.error
 
 
+def test_prefix_prompt_model_reads_one_image_then_its_prompt_and_refuses_the_rest():
+    engine = load_engine("tiny-paligemma")
+    conversation = chat(image(0, (40, 40)), text("caption en"))
+    conversation.messages.append({"role": "assistant", "content": "a cat"})
+    fine = engine.prepare(chat(image(0, (40, 40)), text("caption en")))
+    tokenizer = engine.tokenizer
+    # PaliGemma's layout: the image tokens, BOS, the prefix and a newline, all in the bidirectional prefix.
+    assert fine.input_ids[:17] == [engine.model.config.image_token_index] * 16 + [tokenizer.bos_token_id]
+    assert tokenizer.decode(fine.input_ids[17:]) == "caption en\n"
+    assert fine.inputs["token_type_ids"].tolist() == [[0] * fine.prompt_tokens] and "labels" in fine.inputs
+    text_only, two, talk = engine.generate(
+        [chat(text("caption en")), chat(image(0, (40, 40)), text("hi"), image(1, (32, 32))), conversation]
+    )
+    assert text_only.error_type == "invalid_request_error" and "images" in text_only.error
+    assert two.error_type == "invalid_request_error" and "one image per request, got 2" in two.error
+    assert talk.error_type == "invalid_request_error" and "single user message" in talk.error
+
+
 def test_processor_built_without_its_video_part_keeps_its_own_settings():
     # The fallback for processors whose video part needs torchvision (SmolVLM2, Qwen-VL) must keep what
     # processor_config.json sets, e.g. image tokens per tile; the default (169) would break every prompt.
     path = resolve_model("tiny-smolvlm", kind="vlm", models_dir=default_models_dir())
     processor = loaders._image_only_processor(path, {})
     assert processor.image_seq_len == 4 and type(processor).__name__ == "Idefics3Processor"
+    # A processor written without its video part saves its own settings too (LLaVA-OneVision's image
+    # tokens per crop, without which it cannot count an image's tokens).
+    path = resolve_model("tiny-llava-onevision", kind="vlm", models_dir=default_models_dir())
+    processor = loaders._image_only_processor(path, {})
+    assert processor.num_image_tokens == 4 and processor.vision_feature_select_strategy == "full"
