@@ -20,7 +20,27 @@ from raybooth.pipelines.parts import run_counts
 from raybooth.pipelines.scheduled_generation import idle_slot_steps
 from raybooth.samples import draw_sample_image
 
-WORDS = "a photo of a dog on the beach with a red ball and a cat sleeping on the sofa".split(" ")
+WORDS = [
+    "a",
+    "photo",
+    "of",
+    "a",
+    "dog",
+    "on",
+    "the",
+    "beach",
+    "with",
+    "a",
+    "red",
+    "ball",
+    "and",
+    "a",
+    "cat",
+    "sleeping",
+    "on",
+    "the",
+    "sofa",
+]
 ROWS = 12
 MAX_ROWS = 4
 
