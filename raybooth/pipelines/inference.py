@@ -44,8 +44,6 @@ from raybooth.models.vlm_scheduler import Scheduler
 from raybooth.pipelines.parts import SUMMARY_COLUMNS, list_parts, read_parts, run_counts
 from raybooth.pipelines.scheduled_generation import RowStats, generate_continuous, generate_static
 
-__all__ = ["RowStats"]  # the job modules format rows with it
-
 log = logging.getLogger(__name__)
 
 # Columns every prepared row carries between the CPU stage and the model replicas. Every processor output
