@@ -1,6 +1,8 @@
-"""Benchmark: the Ray Data batch job vs a plain single-process loop over the same engine; packing vs FIFO.
+"""Benchmark: the Ray Data batch job vs a plain single-process loop over the same engine; packing vs FIFO;
+continuous batching vs packed static batches.
 
     .venv/bin/python benchmarks/batch_inference.py                  # CPU, tiny-vlm, 96 requests
+    .venv/bin/python benchmarks/batch_inference.py --schedulers --rows 200   # continuous vs packed, same job
     .venv/bin/python benchmarks/batch_inference.py --device cuda    # GPU, a ~1.4B LLaVA-shaped VLM
     .venv/bin/python benchmarks/batch_inference.py --model tiny-qwen2.5-vl   # one family's batching
     .venv/bin/python benchmarks/batch_inference.py --model all      # every VLM preset, one table
@@ -13,6 +15,12 @@ One run measures both sides on the same workload: OpenAI batch request lines who
   of the same batch size, model load included.
 Printed: rows/s of each and their ratio, and the padding fraction of token-budget packing vs FIFO
 batches over the workload's real prompt lengths (plus what the Ray job measured in its own batches).
+
+`--schedulers` runs the same `raybooth batch` job twice on one Ray cluster, `scheduler: continuous` and
+`scheduler: static` (token-budget packing), on a workload whose requests ask for 1..max_tokens tokens each
+(as Batch API requests do), after a small warm-up job so neither pays Ray's first start. Printed: each
+one's rows/s and the padding fraction it paid (prompt pads plus decode slots left empty, as the job's
+summary counts them: `pipelines/scheduled_generation.py`), and the ratios.
 
 `--model <preset>` (or `all`) measures each family's batching instead, in one process: the same kind of
 workload shaped for the family (no images for a text-only LLM; one image and a `<CAPTION>` task prompt
@@ -139,11 +147,13 @@ def make_requests(
     max_words: int = 650,
     task_prompt: str | None = None,
     image_sizes: tuple[int, ...] = (64, 64, 64, 64),
+    vary_max_tokens: bool = False,
 ) -> list[str]:
     """Batch request lines: prompts log-uniform over 5..max_words words (~1.3 tokens each; most short),
     a count of images drawn from `image_counts` (of `image_sizes`: sizes that vary give tile and patch
     counts that vary), greedy. A task
-    prompt replaces the text (a Florence-2-style model reads only that)."""
+    prompt replaces the text (a Florence-2-style model reads only that). `vary_max_tokens`: each request
+    asks for 1..max_tokens tokens (uniform) instead of max_tokens."""
     rng = random.Random(seed)
     images = [
         "data:image/png;base64," + base64.b64encode(png_bytes(draw_sample_image(i, size=size))).decode()
@@ -160,7 +170,7 @@ def make_requests(
         content.append({"type": "text", "text": text})
         body = {
             "messages": [{"role": "user", "content": content}],
-            "max_tokens": max_tokens,
+            "max_tokens": rng.randint(1, max_tokens) if vary_max_tokens else max_tokens,
             "temperature": 0,
         }
         lines.append(
@@ -253,6 +263,41 @@ def print_family_table(results: list[dict], rows: int, max_tokens: int, batch_si
         )
 
 
+def compare_schedulers(work: Path, rows: int, max_tokens: int, batch_size: int, replicas: str) -> None:
+    """The same batch job with `scheduler: continuous` and `scheduler: static`: rows/s and paid padding."""
+    lines = make_requests(rows, max_tokens, vary_max_tokens=True)
+    requests = work / "requests.jsonl"
+    requests.write_text("\n".join(lines) + "\n")
+    init_ray(ClusterSection(num_cpus=max(4, os.cpu_count() or 1)))
+
+    def job(name: str, scheduler: str, limit: int | None = None):
+        cfg = BatchConfig(
+            input=str(requests), output=str(work / f"{name}.jsonl"), model="tiny-vlm", batch_size=batch_size,
+            max_batch_tokens=batch_size * 1024, pack_window=batch_size * 8, replicas=replicas,
+            max_new_tokens=max_tokens, max_tokens_cap=4096, scheduler=scheduler, limit=limit,
+        )  # fmt: skip
+        summary = run_batch(cfg)
+        if summary.failed:
+            raise SystemExit(f"{name}: {summary.text()}\n{summary.error_text()}")
+        return summary
+
+    job("warm-up", "static", limit=2 * batch_size)  # Ray Data's and the replicas' first start stay out
+    results = {s: job(s, s) for s in ("continuous", "static")}
+    print(
+        f"workload: {rows} requests, 1..{max_tokens} new tokens each, batch size {batch_size}, replicas {replicas}"
+    )
+    for name, summary in results.items():
+        print(
+            f"{name:<10}: {summary.rows_per_s:8.2f} rows/s ({summary.seconds:.1f}s), "
+            f"paid padding fraction {summary.padding_fraction:.3f}"
+        )
+    continuous, static = results["continuous"], results["static"]
+    print(f"ratio rows/s continuous/static: {continuous.rows_per_s / static.rows_per_s:.2f}x")
+    print(
+        f"ratio padding static/continuous: {static.padding_fraction / max(continuous.padding_fraction, 1e-9):.2f}x"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -270,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="measure one preset's batching (or every VLM preset: all) in one process instead of Ray vs plain",
     )
+    parser.add_argument(
+        "--schedulers", action="store_true", help="the same batch job continuous vs static (packed), on CPU"
+    )
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -285,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = args.rows or (512 if cuda else 96)
     batch_size = args.batch_size or (32 if cuda else 8)
     replicas = args.replicas or ("1:1" if cuda else "2:2")
+    if args.schedulers:
+        with tempfile.TemporaryDirectory(prefix="raybooth-bench-") as tmp:
+            compare_schedulers(Path(tmp), rows, args.max_tokens, batch_size, replicas)
+        return 0
 
     with tempfile.TemporaryDirectory(prefix="raybooth-bench-") as tmp:
         work = Path(tmp)

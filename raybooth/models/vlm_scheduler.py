@@ -2,6 +2,7 @@
 
     scheduler = Scheduler(VLMEngine.from_pretrained("tiny-llm"), max_rows=8, max_queue=64)
     ticket = scheduler.submit(engine.prepare(request), on_delta=print)   # from any thread; QueueFull
+    tickets = scheduler.submit_many(prepared_rows, on_delta=lambda i, d: ...)  # queued as one group
     scheduler.cancel(ticket)                                             # leaves at the next step
     async for delta in scheduler.stream(prepared): ...                   # from asyncio (never blocks it)
     scheduler.close()
@@ -242,6 +243,27 @@ class Scheduler:
             self._waiting.append(ticket)
             self._cond.notify_all()
         return ticket
+
+    def submit_many(
+        self,
+        requests: list[GenerationRequest | PreparedRequest],
+        on_delta: Callable[[int, StreamDelta], None],
+    ) -> list[Ticket]:
+        """Queue `requests` together, in order, in one step: the loop sees all of them at its next
+        admission (so they prefill as one batch up to the caps) rather than the first alone. `on_delta`
+        gets `(index into requests, delta)`. Raises QueueFull, queueing none, when they do not all fit."""
+        tickets = [Ticket(r, lambda delta, i=i: on_delta(i, delta)) for i, r in enumerate(requests)]
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the scheduler is closed; create a new one")
+            if len(self._waiting) + len(tickets) > self.max_queue:
+                raise QueueFull(
+                    f"{len(tickets)} requests do not fit the generation queue ({len(self._waiting)} of "
+                    f"{self.max_queue} places taken); submit fewer at once or raise max_queue"
+                )
+            self._waiting.extend(tickets)
+            self._cond.notify_all()
+        return tickets
 
     def cancel(self, ticket: Ticket) -> None:
         """Stop `ticket`'s row: a waiting one is dropped now, a running one leaves at the next step (its

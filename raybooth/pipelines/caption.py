@@ -3,8 +3,9 @@
     raybooth caption --input s3://bucket/images/ --output s3://bucket/captions/ --replicas 1:4
 
 Output: parquet parts under `--output`, one row per input image (also for images that failed):
-`row_id`, `path`, `caption`, `model`, `error` (null when fine) and per-row timing and packing columns
-(`preprocess_ms`, `generate_ms`, `prompt_tokens`, `completion_tokens`, `batch_rows`, ...).
+`row_id`, `path`, `caption`, `model`, `error` (null when fine) and per-row timing and batching columns
+(`preprocess_ms`, `generate_ms`, `prompt_tokens`, `completion_tokens`, `batch_rows`, `padding_tokens`,
+`idle_slot_steps`, ...: `pipelines/scheduled_generation.py` says what each counts).
 Image inputs are files with an image suffix; their row id is their URI. Parquet inputs need a column
 of image bytes, image paths, or Hugging Face `Image` structs (`{bytes, path}`); their row id is
 `<file URI>#<row index>`. Rerunning with the same `--output` skips rows already written.

@@ -1,5 +1,5 @@
-"""The Ray Data pipeline both batch inference jobs run: prepare on CPU tasks → packed generation on an
-actor pool of model replicas → parquet parts.
+"""The Ray Data pipeline both batch inference jobs run: prepare on CPU tasks → generation on an actor pool
+of model replicas (continuous batching by default) → parquet parts.
 
     plan = JobPlan("caption", items, rows, prepare_caption_items, {...}, 16, CaptionWorker, parts_uri)
     counts, seconds = run_inference_job(cfg, plan)     # Ray up (or connected) for this job only
@@ -8,8 +8,9 @@ Stages (streaming: Ray Data pulls blocks through with backpressure, nothing is m
 1. `from_items(work items)`: small descriptors (a file, a parquet row group, a JSONL byte range).
 2. `map_batches(prepare_fn)` as CPU tasks: read, decode and check images, apply the chat template,
    tokenize, run the image processor. Output rows carry token ids and pixel tensors, or an error.
-3. `map_batches(Worker, compute=ActorPoolStrategy(min, max))`: each replica holds one `VLMEngine`,
-   packs the rows of each call (`pack_window` of them) into token-budget batches and generates.
+3. `map_batches(Worker, compute=ActorPoolStrategy(min, max))`: each replica holds one `VLMEngine` and
+   generates the rows of each call (`pack_window` of them): through its continuous-batching scheduler, or
+   (`scheduler: static`) in packed token-budget batches (`scheduled_generation.py`).
 4. `write_parquet` into the parts folder (see `parts.py` for why that makes reruns safe).
 
 The job-specific parts (what a work item is, how a row is prepared, what an output row looks like) live
@@ -23,7 +24,6 @@ import functools
 import json
 import logging
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,8 +39,10 @@ from raybooth.errors import UserError
 from raybooth.models.decoding import SamplingParams
 from raybooth.models.packing import PackedBatch, PackItem, pack_by_token_budget, pack_fifo
 from raybooth.models.speculative import SpeculativeOptions
-from raybooth.models.vlm_engine import SERVER_ERROR, GenerationResult, PreparedRequest, VLMEngine
+from raybooth.models.vlm_engine import GenerationResult, PreparedRequest, VLMEngine
+from raybooth.models.vlm_scheduler import Scheduler
 from raybooth.pipelines.parts import SUMMARY_COLUMNS, list_parts, read_parts, run_counts
+from raybooth.pipelines.scheduled_generation import RowStats, generate_continuous, generate_static
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +58,18 @@ PREPARED_FIELDS: list[tuple[str, pa.DataType]] = [
     ("preprocess_ms", pa.float64()),
 ]
 
-# Per-row timing and packing stats every output row carries.
+# Per-row timing and batching stats every output row carries (what each means: RowStats).
 STATS_FIELDS: list[tuple[str, pa.DataType]] = [
     ("prompt_tokens", pa.int32()),
     ("completion_tokens", pa.int32()),
     ("finish_reason", pa.string()),
     ("preprocess_ms", pa.float64()),
-    ("generate_ms", pa.float64()),  # wall time of the batch the row ran in
+    ("generate_ms", pa.float64()),
     ("batch_rows", pa.int32()),
     ("batch_padding_fraction", pa.float64()),
-    ("padding_tokens", pa.int32()),  # pads added to this row's prompt in its batch
+    ("padding_tokens", pa.int32()),
+    ("decode_steps", pa.int32()),
+    ("idle_slot_steps", pa.int32()),
 ]
 
 
@@ -141,15 +145,6 @@ def describe_error(e: BaseException) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class RowStats:
-    generate_ms: float = 0.0
-    batch_rows: int = 0
-    batch_padding_fraction: float = 0.0
-    padding_tokens: int = 0
-    server_error: bool = False  # the whole batch failed in the model (not the row's fault)
-
-
 def stats_columns(row: dict[str, Any], result: GenerationResult | None, stats: RowStats) -> dict[str, Any]:
     return {
         "prompt_tokens": result.prompt_tokens if result is not None else len(row.get("input_ids") or []),
@@ -160,16 +155,21 @@ def stats_columns(row: dict[str, Any], result: GenerationResult | None, stats: R
         "batch_rows": stats.batch_rows,
         "batch_padding_fraction": stats.batch_padding_fraction,
         "padding_tokens": stats.padding_tokens,
+        "decode_steps": stats.decode_steps,
+        "idle_slot_steps": stats.idle_slot_steps,
     }
 
 
 class GenerationWorker:
     """One model replica in the actor pool. Subclasses say what an output row looks like.
 
-    Each call gets `pack_window` prepared rows, packs them into batches (rows of similar length and
-    image count, capped by rows and padded tokens), generates batch by batch and returns one output row
-    per input row, in input order. A batch that fails as a whole (e.g. out of memory) fails its rows,
-    not the job.
+    Each call gets `pack_window` prepared rows and returns one output row per input row, in input order.
+    `scheduler="continuous"`: the rows go through this replica's continuous-batching scheduler (its own
+    thread; `__call__` waits for the rows' last tokens), up to `max_rows` decoding at once and at most
+    `max_batch_tokens` prompt tokens admitted per step, a finished row's slot refilled from the call's
+    waiting rows at the next step. `"static"`: the rows are packed (`packing`) and each batch decodes to its
+    slowest row. Either way a row's refusal or failure is that row's error, never the others'
+    (`scheduled_generation.py`). `counter` is the job's progress actor (None: no progress reported).
     """
 
     output_schema: pa.Schema
@@ -186,7 +186,11 @@ class GenerationWorker:
         model_label: str,
         quantization: str | None = None,
         speculative: dict[str, Any] | None = None,
+        scheduler: str = "continuous",
+        pack_window: int = 64,
     ):
+        if scheduler not in ("continuous", "static"):
+            raise ValueError(f"scheduler must be continuous or static, not {scheduler!r}")
         self.engine = VLMEngine.from_pretrained(
             model,
             device=device,
@@ -200,6 +204,22 @@ class GenerationWorker:
         self.packing = packing
         self.counter = counter
         self.model_label = model_label
+        self.pack_window = pack_window
+        self.scheduler: Scheduler | None = None
+        if scheduler == "continuous":
+            self.scheduler = Scheduler(
+                self.engine,
+                max_rows=max_rows,
+                max_queue=pack_window,  # a call queues at most its window (`__call__` splits bigger ones)
+                prefill_token_budget=max_batch_tokens,
+                # Whole prompts: chunking keeps streams flowing for chat, but a batch job wants throughput.
+                prefill_chunk_tokens=0,
+            )
+
+    def close(self) -> None:
+        """Stop the scheduler's thread (a replica that ends with its process need not)."""
+        if self.scheduler is not None:
+            self.scheduler.close()
 
     def format_row(
         self, row: dict[str, Any], result: GenerationResult | None, stats: RowStats
@@ -211,18 +231,17 @@ class GenerationWorker:
             return pack_fifo(items, self.max_rows)
         return pack_by_token_budget(items, self.max_rows, self.max_batch_tokens)
 
-    def _generate(self, batch: list[PreparedRequest]) -> tuple[list[GenerationResult], bool]:
-        """The batch's results, and whether the batch failed as a whole."""
-        try:
-            return self.engine.generate(batch), False
-        except Exception as e:  # the rows carry the error; the job goes on
-            log.error("generation failed for a batch of %d rows:\n%s", len(batch), traceback.format_exc())
-            message = f"generation failed: {type(e).__name__}: {e}"
-            failed = [
-                GenerationResult("", "error", p.prompt_tokens, 0, error=message, error_type=SERVER_ERROR)
-                for p in batch
-            ]
-            return failed, True
+    def generate(self, prepared: dict[int, PreparedRequest]) -> dict[int, tuple[GenerationResult, RowStats]]:
+        """Each row's result and stats, by its index in the call."""
+        if self.scheduler is None:
+            items = [PackItem(i, p.prompt_tokens, p.num_images) for i, p in prepared.items()]
+            return generate_static(self.engine, prepared, self.pack(items))
+        outcomes: dict[int, tuple[GenerationResult, RowStats]] = {}
+        indices = list(prepared)
+        for start in range(0, len(indices), self.pack_window):  # the scheduler's queue holds one window
+            window = indices[start : start + self.pack_window]
+            outcomes.update(generate_continuous(self.scheduler, {i: prepared[i] for i in window}))
+        return outcomes
 
     def __call__(self, table: pa.Table) -> pa.Table:
         rows = table.to_pylist()
@@ -237,19 +256,11 @@ class GenerationWorker:
             except Exception as e:  # a row that cannot be rebuilt is that row's problem only
                 row = {**row, "error": f"bad prepared row: {describe_error(e)}"}
                 outputs[i] = self.format_row(row, None, RowStats())
-        items = [PackItem(i, p.prompt_tokens, p.num_images) for i, p in prepared.items()]
-        batches = self.pack(items)
-        for batch in batches:
-            started = time.perf_counter()
-            results, server_error = self._generate([prepared[i] for i in batch.indices])
-            elapsed_ms = (time.perf_counter() - started) * 1000.0
-            longest = batch.padded_tokens // batch.rows
-            for i, result in zip(batch.indices, results, strict=True):
-                padding = longest - prepared[i].prompt_tokens
-                stats = RowStats(elapsed_ms, batch.rows, batch.padding_fraction, padding, server_error)
-                outputs[i] = self.format_row(rows[i], result, stats)
+        for i, (result, stats) in self.generate(prepared).items():
+            outputs[i] = self.format_row(rows[i], result, stats)
         done = [o for o in outputs if o is not None]
-        self.counter.add.remote(len(done), sum(1 for o in done if o.get("error") is not None))
+        if self.counter is not None:
+            self.counter.add.remote(len(done), sum(1 for o in done if o.get("error") is not None))
         return pa.Table.from_pylist(done, schema=self.output_schema)
 
 
@@ -263,6 +274,8 @@ def worker_kwargs(cfg: InferenceJobConfig, counter: Any) -> dict[str, Any]:
         "max_rows": cfg.batch_size,
         "max_batch_tokens": cfg.max_batch_tokens,
         "packing": cfg.packing,
+        "scheduler": cfg.scheduler,
+        "pack_window": cfg.pack_window,
         "counter": counter,
         "model_label": cfg.model,
     }

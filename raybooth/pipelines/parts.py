@@ -60,21 +60,30 @@ def read_parts(
 
 
 def run_counts(table: pa.Table | None) -> dict[str, int]:
-    """Rows, failed rows and packing tokens of output rows (the STATS columns every job writes)."""
+    """Rows, failed rows and padded token slots of output rows (the STATS columns every job writes)."""
     if table is None:
         return {"rows": 0, "failed": 0, "padding_tokens": 0, "padded_tokens": 0}
     rows = table.to_pydict()
     batched = [i for i, n in enumerate(rows["batch_rows"]) if n]  # rows that went through a model batch
-    padding = sum(rows["padding_tokens"][i] for i in batched)
+    # Token slots the model ran (scheduled_generation.py): prompt positions and decode-step row slots.
+    padding = sum(rows["padding_tokens"][i] + rows["idle_slot_steps"][i] for i in batched)
+    real = sum(rows["prompt_tokens"][i] + rows["decode_steps"][i] for i in batched)
     return {
         "rows": table.num_rows,
         "failed": sum(1 for e in rows["error"] if e is not None),
         "padding_tokens": padding,
-        "padded_tokens": padding + sum(rows["prompt_tokens"][i] for i in batched),
+        "padded_tokens": padding + real,
     }
 
 
-SUMMARY_COLUMNS = ["error", "batch_rows", "padding_tokens", "prompt_tokens"]
+SUMMARY_COLUMNS = [
+    "error",
+    "batch_rows",
+    "padding_tokens",
+    "prompt_tokens",
+    "decode_steps",
+    "idle_slot_steps",
+]
 
 
 def completed_row_ids(parts_uri: str, key: str = "row_id") -> set:

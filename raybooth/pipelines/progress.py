@@ -106,7 +106,7 @@ class JobSummary:
     skipped: int  # rows already in the output from earlier runs (resume)
     seconds: float
     rows_per_s: float
-    padding_fraction: float  # padding share of the prompt tokens this run's batches processed
+    padding_fraction: float  # share of the token slots this run's batches paid that held no token
     first_errors: list[str] = field(default_factory=list)  # a few distinct errors of failed rows
     max_error_fraction: float = 1.0  # the config's: more failed rows than this share fail the job
 

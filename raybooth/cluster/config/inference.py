@@ -14,7 +14,7 @@ from raybooth.cluster.config.base import EngineOptions, JobConfig, path_mark
 
 
 class InferenceJobConfig(JobConfig, EngineOptions):
-    """What `raybooth caption` and `raybooth batch` share: input/output, model, packing and replicas."""
+    """What `raybooth caption` and `raybooth batch` share: input/output, model, batching and replicas."""
 
     input: str | None = Field(
         None,
@@ -35,24 +35,33 @@ class InferenceJobConfig(JobConfig, EngineOptions):
     dtype: str | None = Field(
         None, description="Weights dtype (fp32, fp16, bf16); empty: the checkpoint's own."
     )
+    scheduler: Literal["continuous", "static"] = Field(
+        "continuous",
+        description="continuous: each replica's rows go through its continuous-batching scheduler "
+        "(models/vlm_scheduler.py): up to batch_size rows decode together and a finished row's slot is "
+        "refilled by a waiting row at the next step. static: rows are packed (`packing`) into batches that "
+        "each decode to their slowest row (kept for comparison, benchmarks/batch_inference.py).",
+    )
     batch_size: int = Field(
-        8, ge=1, description="Max rows per model batch (the token budget caps it further)."
+        8, ge=1, description="Max rows decoding together (the token budget caps it further)."
     )
     max_batch_tokens: int = Field(
         8192,
         ge=16,
-        description="Token budget per batch: rows are packed until their padded length reaches it.",
+        description="Token budget: static, a packed batch's padded prompt tokens at most; continuous, the "
+        "prompt tokens admitted (prefilled together) per decode step at most.",
     )
     packing: Literal["token_budget", "fifo"] = Field(
         "token_budget",
-        description="token_budget: sort rows by image count and length and cut batches by the budget; "
-        "fifo: arrival order, batch_size rows (the baseline, for comparison).",
+        description="static only: token_budget sorts rows by image count and length and cuts batches by the "
+        "budget; fifo: arrival order, batch_size rows (the baseline, for comparison).",
     )
     pack_window: int = Field(
         64,
         ge=1,
-        description="Rows a replica receives per call and packs into batches; larger packs tighter but holds "
-        "more decoded rows in memory.",
+        description="Rows a replica receives per call (continuous: they refill the batch's slots until the "
+        "call's last rows drain; static: they are packed into batches); larger keeps batches fuller but "
+        "holds more decoded rows in memory.",
     )
     replicas: str = Field(
         "1:1", pattern=r"^\d+:\d+$", description="MIN:MAX model replicas (actor pool autoscaling)."
