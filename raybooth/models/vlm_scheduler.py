@@ -316,6 +316,11 @@ class Scheduler:
                 "merges_mid_flight": self.merges_mid_flight,
             }
 
+    @property
+    def alive(self) -> bool:
+        """Whether the loop thread still runs (it ends only on `close`, or on a bug outside `_iterate`)."""
+        return self._thread.is_alive()
+
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the loop: waiting and running rows end with finish_reason "cancelled"."""
         with self._cond:

@@ -200,7 +200,9 @@ def generate_continuous(
     started = time.perf_counter()
     if order:
         scheduler.submit_many([prepared[i] for i in order], on_delta)
-        all_done.wait()
+        while not all_done.wait(timeout=1.0):
+            if not scheduler.alive:  # the rows would never finish: fail the call, Ray Data retries it
+                raise RuntimeError("the replica's generation scheduler stopped before its rows finished")
     end = max((run.last_step for run in runs.values() if run.last_step is not None), default=0)
     waited = {i: (run.finished_at - started) * 1000.0 for i, run in runs.items()}
     stats = _row_stats(runs, order, end, waited)

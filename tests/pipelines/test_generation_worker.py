@@ -14,33 +14,15 @@ from raybooth.cluster.workdir import default_models_dir
 from raybooth.models.decoding import SamplingParams
 from raybooth.models.presets import resolve_model
 from raybooth.models.vlm_engine import GenerationRequest, prepare_request
+from raybooth.models.vlm_scheduler import Scheduler
 from raybooth.pipelines.caption import PREPARED_SCHEMA, CaptionWorker
 from raybooth.pipelines.inference import load_processor, prepared_columns, prepared_from_row
 from raybooth.pipelines.parts import run_counts
-from raybooth.pipelines.scheduled_generation import idle_slot_steps
+from raybooth.pipelines.scheduled_generation import generate_continuous, idle_slot_steps
 from raybooth.samples import draw_sample_image
 
-WORDS = [
-    "a",
-    "photo",
-    "of",
-    "a",
-    "dog",
-    "on",
-    "the",
-    "beach",
-    "with",
-    "a",
-    "red",
-    "ball",
-    "and",
-    "a",
-    "cat",
-    "sleeping",
-    "on",
-    "the",
-    "sofa",
-]
+WORDS = ["a", "photo", "of", "a", "dog", "on", "the", "beach", "with", "a",
+         "red", "ball", "and", "a", "cat", "sleeping", "on", "the", "sofa"]  # fmt: skip
 ROWS = 12
 MAX_ROWS = 4
 
@@ -115,3 +97,20 @@ def test_idle_slots_count_until_a_waiting_row_takes_the_slot_or_the_last_row_end
     spans = {0: (1, 2), 1: (1, 6), 2: (5, 9)}
     assert idle_slot_steps(spans, end=9) == {0: 2, 1: 3, 2: 0}
     assert idle_slot_steps({0: (1, 3), 1: (1, 8)}, end=8) == {0: 5, 1: 0}  # a static batch
+
+
+class LoopBug(BaseException):
+    """Escapes the scheduler loop's `except Exception`, as a bug outside one iteration would."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_call_whose_scheduler_loop_died_fails_instead_of_waiting_forever(runs, monkeypatch):
+    continuous, table, _, _ = runs
+    scheduler = Scheduler(continuous.engine, max_rows=2, max_queue=8)
+
+    def broken(batch, newcomers):
+        raise LoopBug("the loop thread dies")
+
+    monkeypatch.setattr(scheduler, "_iterate", broken)
+    with pytest.raises(RuntimeError, match="generation scheduler stopped before its rows finished"):
+        generate_continuous(scheduler, {0: prepared_from_row(table.to_pylist()[0])})
