@@ -275,11 +275,9 @@ def check_caption_config(cfg: CaptionConfig) -> CaptionInput:
     return source
 
 
-def run_caption(cfg: CaptionConfig, verbose: bool = False) -> JobSummary:
-    source = check_caption_config(cfg)
-    done = completed_row_ids(cfg.output)  # also deletes parts a crashed run left unreadable
-    items, rows = caption_work_items(source, done)
-    prepare_kwargs = {
+def caption_prepare_kwargs(cfg: CaptionConfig) -> dict[str, Any]:
+    """What the CPU stage (`prepare_caption_items`) takes from the job's config."""
+    return {
         "model": cfg.model,
         "prompt": cfg.prompt,
         "max_new_tokens": cfg.max_new_tokens,
@@ -287,6 +285,13 @@ def run_caption(cfg: CaptionConfig, verbose: bool = False) -> JobSummary:
         "seed": cfg.seed,
         "limits": ImageLimits.from_settings(cfg),
     }
+
+
+def run_caption(cfg: CaptionConfig, verbose: bool = False) -> JobSummary:
+    source = check_caption_config(cfg)
+    done = completed_row_ids(cfg.output)  # also deletes parts a crashed run left unreadable
+    items, rows = caption_work_items(source, done)
+    prepare_kwargs = caption_prepare_kwargs(cfg)
     # An image file is one item; a parquet row group (many rows) is one item on its own.
     per_call = IMAGES_PER_PREPARE_CALL if source.kind == "images" else 1
     plan = JobPlan(

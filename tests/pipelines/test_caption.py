@@ -220,29 +220,7 @@ def test_caption_on_tiny_qwen_vl_has_no_error_rows(ray_cluster, tmp_path):
     assert all(r["batch_rows"] > 1 for r in rows)  # one image per row: Qwen rows pack together
 
 
-# Florence-2 takes its task prompts as the caption prompt.
-FAMILY_PROMPTS = {
-    "tiny-smolvlm": None,
-    "tiny-llava-next": None,
-    "tiny-mllama": None,
-    "tiny-florence2": "<CAPTION>",
-}
-
-
-@pytest.mark.parametrize("model", sorted(FAMILY_PROMPTS))
-def test_caption_on_each_vlm_family_has_no_error_rows(ray_cluster, tmp_path, model):
-    """Tiles (SmolVLM), crops of their own count (LLaVA-NeXT), cross-attention tiles (Mllama) and an
-    encoder-decoder (Florence-2): every row's processor outputs reach its replica; images of two sizes."""
-    folder = tmp_path / "imgs"
-    write_sample_images(folder, 2, size=48)
-    Image.new("RGB", (64, 32), (200, 40, 0)).save(folder / "wide.png")
-    prompt = {"prompt": FAMILY_PROMPTS[model]} if FAMILY_PROMPTS[model] else {}
-    summary = run_caption(
-        CaptionConfig(input=str(folder), output=str(tmp_path / "out"), model=model, **prompt, **FAST)
-    )
-    rows = read_output(str(tmp_path / "out")).to_pylist()
-    assert (summary.rows, summary.failed) == (3, 0), [r["error"] for r in rows]
-    assert all(r["error"] is None and r["completion_tokens"] >= 1 for r in rows)
+# Every other family's rows, through the same CPU stage and replica without Ray: test_job_families.py.
 
 
 def test_a_job_whose_rows_all_failed_exits_1_with_the_first_errors(ray_cluster, tmp_path, capsys):
