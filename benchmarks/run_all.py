@@ -22,11 +22,22 @@ RUNS: dict[str, list[list[str]]] = {
         ["--mode", "overhead"],
     ],
     "speculative": [],  # generation.py runs it next to int8 (`--compare speculative`)
+    # Both routes at concurrency 8, then issue 15's chat comparison on a text-only model and a VLM.
+    "serve_load": [
+        [],
+        *(
+            f"--route chat --chat-model {m} --concurrency 1,8,32 --min-tokens 8 --max-tokens 256 "
+            "--requests 32 --peer transformers".split()
+            for m in ("tiny-llm", "tiny-vlm")
+        ),
+    ],
 }
 
 
 def main(names: list[str]) -> int:
     scripts = sorted(p for p in HERE.glob("*.py") if p.name != Path(__file__).name)
+    # A benchmark's helper modules (serve_load_peer.py beside serve_load.py) are not benchmarks themselves.
+    scripts = [p for p in scripts if not any(p.stem.startswith(f"{q.stem}_") for q in scripts)]
     if names:
         scripts = [p for p in scripts if p.stem in names]
     failed = []

@@ -2,22 +2,27 @@
 
     .venv/bin/python benchmarks/serve_load.py                       # embedded Ray, tiny models, CPU
     .venv/bin/python benchmarks/serve_load.py --image-model sd15-arch --size 512 --steps 20 --device cuda
-    .venv/bin/python benchmarks/serve_load.py --route chat --concurrency 32 --min-tokens 8 --max-tokens 256
+    .venv/bin/python benchmarks/serve_load.py --route chat --chat-model tiny-llm --concurrency 1,8,32 \\
+        --min-tokens 8 --max-tokens 256 --requests 32 --peer transformers        # issue 15's comparison
     .venv/bin/python benchmarks/serve_load.py --url http://127.0.0.1:8000 --api-key KEY   # a running server
 
-Without `--url` it starts an embedded Ray and deploys `raybooth.serving.app` three times: chat with
+Without `--url` it starts one embedded Ray and deploys `raybooth.serving.app` three times: chat with
 continuous batching (`chat.scheduler: continuous`, rows join and leave at every decode step), then
 static batching (`chat.scheduler: static`, `@serve.batch` batches; the image route's dynamic batching),
-both with `max_batch_size` = concurrency, then `max_batch_size=1`. It drives the routes at `--concurrency`
-with an asyncio client each time (the image route has no scheduler, so it runs in the last two only) and
-prints every run and the ratios. With `--min-tokens` each chat request's `max_tokens` is drawn (seeded)
-from `[--min-tokens, --max-tokens]`, the mixed answer lengths under which static batches lose most.
+both with `max_batch_size` = the highest `--concurrency`, then `max_batch_size=1`. Each deployment is
+driven at every level of `--concurrency` (a list, e.g. `1,8,32`) by an asyncio client (the image route
+has no scheduler, so it runs in the last two only). With `--min-tokens` each chat request's `max_tokens`
+is drawn (seeded by the request's index) from `[--min-tokens, --max-tokens]`, the mixed answer lengths
+under which static batches lose most; every configuration gets the same prompts and draws.
 
-Metrics follow vLLM's serving benchmark: TTFT = request start to the first content chunk; ITL = the
-gaps between successive content chunks of a stream; TPOT = (E2E - TTFT) / (output tokens - 1) per
-request; E2E = request start to the last byte; throughput = completed work / wall time of the whole
-run (images/s, output tokens/s from `usage`, requests/s). Requests are all issued at once and a
-semaphore keeps `--concurrency` in flight (vLLM's `--max-concurrency` with request rate inf).
+`--peer transformers` then starts `transformers serve --continuous-batching` on the same model folder on
+a free loopback port (`serve_load_peer.py` says how, and what it does with a VLM), drives it with the same
+chat load at every level, and stops it; `--peer-python` names the interpreter that has
+`transformers[serving]` (default: this one). If the peer cannot run, the reason is printed and the rest
+goes on. At the end: one table (configuration x concurrency: output tok/s, TTFT p50/p99, ITL p99), the
+ratios per level, and issue 15's targets at the highest level, PASS/MISS (printed, not asserted).
+Metrics are vLLM's (see `serve_load_report.py`). Requests are all issued at once and a semaphore keeps
+the level's count in flight (vLLM's `--max-concurrency` with request rate inf).
 """
 
 from __future__ import annotations
@@ -27,53 +32,28 @@ import asyncio
 import json
 import os
 import random
-import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
+from serve_load_peer import PeerError, start_peer, stop_peer
+from serve_load_report import (
+    CONTINUOUS,
+    PEER,
+    SINGLE,
+    STATIC,
+    RequestResult,
+    RunResult,
+    print_ratios,
+    print_rows,
+    print_table,
+    print_targets,
+    summarize,
+)
 
 from raybooth.cluster.workdir import default_models_dir
-
-
-@dataclass
-class RequestResult:
-    ok: bool
-    e2e_s: float
-    ttft_s: float | None = None
-    itl_s: list[float] = field(default_factory=list)
-    output_tokens: int = 0
-    images: int = 0
-    error: str = ""
-
-
-@dataclass
-class RunResult:
-    route: str
-    label: str
-    duration_s: float
-    results: list[RequestResult]
-
-    @property
-    def ok(self) -> list[RequestResult]:
-        return [r for r in self.results if r.ok]
-
-    def throughput(self) -> float:
-        """images/s for the image route, output tokens/s for chat."""
-        work = sum(r.images if self.route == "images" else r.output_tokens for r in self.ok)
-        return work / self.duration_s
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
 
 # --------------------------------------------------------------------------------------------------
 # One request of each kind
@@ -136,14 +116,22 @@ async def chat_request(
 
 
 async def drive(
-    base_url: str, api_key: str | None, route: str, model: str, label: str, args: argparse.Namespace
+    base_url: str,
+    api_key: str | None,
+    route: str,
+    model: str,
+    label: str,
+    concurrency: int,
+    args: argparse.Namespace,
+    warm_up: bool = True,
 ) -> RunResult:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=args.concurrency * 2)
+    limits = httpx.Limits(max_connections=concurrency * 2)
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=600, limits=limits) as http:
         call = image_request if route == "images" else chat_request
-        await call(http, model, "warm up", 0, args)  # loads the model; not measured
-        gate = asyncio.Semaphore(args.concurrency)
+        if warm_up:
+            await call(http, model, "warm up", 0, args)  # loads the model; not measured
+        gate = asyncio.Semaphore(concurrency)
 
         async def one(i: int) -> RequestResult:
             async with gate:
@@ -151,68 +139,25 @@ async def drive(
 
         start = time.perf_counter()
         results = await asyncio.gather(*(one(i) for i in range(args.requests)))
-        return RunResult(route, label, time.perf_counter() - start, list(results))
+        return RunResult(route, label, concurrency, time.perf_counter() - start, list(results))
 
 
 # --------------------------------------------------------------------------------------------------
-# Reporting
+# Embedded server, deployed once per configuration; the peer
 # --------------------------------------------------------------------------------------------------
 
 
-def summarize(run: RunResult) -> dict[str, Any]:
-    ok = run.ok
-    ms = [r.e2e_s * 1000 for r in ok]
-    row: dict[str, Any] = {
-        "route": run.route,
-        "config": run.label,
-        "ok": f"{len(ok)}/{len(run.results)}",
-        "throughput": run.throughput(),
-        "unit": "images/s" if run.route == "images" else "tok/s",
-        "req/s": len(ok) / run.duration_s,
-        "e2e p50 ms": percentile(ms, 50),
-        "e2e p99 ms": percentile(ms, 99),
-    }
-    if run.route == "chat":
-        ttft = [r.ttft_s * 1000 for r in ok if r.ttft_s is not None]
-        itl = [x * 1000 for r in ok for x in r.itl_s]
-        tpot = [
-            (r.e2e_s - r.ttft_s) * 1000 / (r.output_tokens - 1)
-            for r in ok
-            if r.ttft_s is not None and r.output_tokens > 1
-        ]
-        row.update({
-            "ttft p50 ms": percentile(ttft, 50), "ttft p99 ms": percentile(ttft, 99),
-            "itl p50 ms": percentile(itl, 50), "itl p99 ms": percentile(itl, 99),
-            "tpot mean ms": statistics.fmean(tpot) if tpot else float("nan"),
-        })  # fmt: skip
-    errors = {r.error for r in run.results if not r.ok}
-    if errors:
-        row["errors"] = "; ".join(sorted(errors))[:300]
-    return row
-
-
-def print_rows(rows: list[dict[str, Any]]) -> None:
-    for row in rows:
-        parts = [f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()]
-        print("  " + "  ".join(parts))
-
-
-# --------------------------------------------------------------------------------------------------
-# Embedded server, deployed twice
-# --------------------------------------------------------------------------------------------------
-
-
-CONFIGS = (  # label, max_batch_size (None: the concurrency), chat scheduler
-    ("continuous batching", None, "continuous"),
-    ("static batching", None, "static"),
-    ("max_batch_size=1", 1, "static"),
+CONFIGS = (  # label, max_batch_size (None: the highest concurrency), chat scheduler
+    (CONTINUOUS, None, "continuous"),
+    (STATIC, None, "static"),
+    (SINGLE, 1, "static"),
 )
 
 
 def settings_for(args: argparse.Namespace, max_batch_size: int, scheduler: str) -> dict[str, Any]:
     batching = {
         "max_batch_size": max_batch_size,
-        "max_ongoing_requests": max(16, 2 * args.concurrency),
+        "max_ongoing_requests": max(16, 2 * max(args.concurrency)),
         "max_queued_requests": -1,  # measure throughput, not backpressure
     }
     device = {"device": args.device, "num_gpus": 1 if args.device == "cuda" else 0}
@@ -276,21 +221,57 @@ def run_embedded(args: argparse.Namespace) -> list[RunResult]:
                 continue
             t = time.perf_counter()
             serve.run(
-                build_app({"settings": settings_for(args, max_batch or args.concurrency, scheduler)}),
+                build_app({"settings": settings_for(args, max_batch or max(args.concurrency), scheduler)}),
                 name="raybooth-bench",
                 route_prefix="/",
             )
             print(f"deployed with {label} in {time.perf_counter() - t:.0f}s", flush=True)
-            for route, model in (("images", args.image_model), ("chat", args.chat_model)):
-                if route in routes:
-                    runs.append(
-                        asyncio.run(drive(f"http://127.0.0.1:{port}", None, route, model, label, args))
-                    )
-                    print_rows([summarize(runs[-1])])
+            for i, level in enumerate(args.concurrency):
+                for route, model in (("images", args.image_model), ("chat", args.chat_model)):
+                    if route in routes:
+                        url = f"http://127.0.0.1:{port}"
+                        run = asyncio.run(drive(url, None, route, model, label, level, args, warm_up=i == 0))
+                        runs.append(run)
+                        print_rows([summarize(run)])
     finally:
         serve.shutdown()
         ray.shutdown()
     return runs
+
+
+def run_peer(args: argparse.Namespace) -> tuple[list[RunResult], str]:
+    """The same chat load against `transformers serve --continuous-batching`; ([], why) if it cannot run."""
+    from raybooth.models.presets import resolve_model
+
+    folder = str(Path(resolve_model(args.chat_model, models_dir=default_models_dir())).resolve())
+    t = time.perf_counter()
+    try:
+        peer = start_peer(args.peer_python, folder, args.device, args.peer_threads)
+    except PeerError as e:
+        return [], str(e)
+    print(f"started {PEER} on {peer.url} in {time.perf_counter() - t:.0f}s (log {peer.log_path})", flush=True)
+    runs = []
+    try:
+        for i, level in enumerate(args.concurrency):
+            run = asyncio.run(drive(peer.url, None, "chat", peer.model, PEER, level, args, warm_up=i == 0))
+            runs.append(run)
+            print_rows([summarize(run)])
+    finally:
+        stop_peer(peer)
+    failed = [r for r in runs if len(r.ok) < len(r.results)]
+    note = f"{len(failed)} peer run(s) had failed requests; its log: {peer.log_path}" if failed else ""
+    return runs, note
+
+
+def parse_levels(text: str) -> list[int]:
+    """`"1,8,32"` -> [1, 8, 32]: the concurrency levels, each run for every configuration."""
+    try:
+        levels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--concurrency takes integers like 1,8,32, not {text!r}") from e
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"--concurrency takes positive integers like 1,8,32, not {text!r}")
+    return levels
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,8 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", help="benchmark a running server instead (one configuration, no ratio)")
     p.add_argument("--api-key", help="Bearer key for --url")
     p.add_argument("--route", choices=["images", "chat", "both"], default="both")
-    p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
-    p.add_argument("--requests", type=int, default=32, help="requests per route and configuration")
+    p.add_argument(
+        "--concurrency",
+        type=parse_levels,
+        default=[8],
+        help="requests in flight, one or a list: 1,8,32 (default 8)",
+    )
+    p.add_argument("--requests", type=int, default=32, help="requests per route, configuration and level")
     p.add_argument("--image-model", default="tiny-sd", help="preset, path or registered model")
     p.add_argument("--chat-model", default="tiny-vlm")
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
@@ -321,48 +307,45 @@ def main(argv: list[str] | None = None) -> int:
         "--num-cpus", type=int, default=None, help="embedded Ray logical CPUs (default: all, at least 2)"
     )
     p.add_argument("--port", type=int, default=8011, help="HTTP port of the embedded server")
+    p.add_argument("--peer", choices=["transformers"], help="also drive this server with the same chat load")
+    p.add_argument(
+        "--peer-python",
+        default=sys.executable,
+        help="interpreter with transformers[serving] (default: this one)",
+    )
+    p.add_argument(
+        "--peer-threads",
+        type=int,
+        default=1,
+        help="the peer's OMP_NUM_THREADS (default 1, as the chat replica's one Ray CPU; 0: leave unset)",
+    )
     args = p.parse_args(argv)
 
     if args.url:
-        for route, model in (("images", args.image_model), ("chat", args.chat_model)):
-            if args.route in (route, "both"):
-                print_rows(
-                    [summarize(asyncio.run(drive(args.url, args.api_key, route, model, "as deployed", args)))]
-                )
+        for level in args.concurrency:
+            for route, model in (("images", args.image_model), ("chat", args.chat_model)):
+                if args.route in (route, "both"):
+                    run = asyncio.run(drive(args.url, args.api_key, route, model, "as deployed", level, args))
+                    print_rows([summarize(run)])
         return 0
 
     runs = run_embedded(args)
+    peer_missing = ""  # why the peer's targets were not measured
+    if args.peer and args.route in ("chat", "both"):
+        peer_runs, peer_note = run_peer(args)
+        runs += peer_runs
+        if not peer_runs:
+            peer_missing = f"{PEER} could not run: {peer_note}"
+        elif peer_note:
+            print(f"note: {peer_note}")
     tokens = f"{args.max_tokens}" if args.min_tokens is None else f"{args.min_tokens}-{args.max_tokens}"
-    print(f"\nserve_load: concurrency {args.concurrency}, {args.requests} requests per route and config, "
-          f"images {args.size}x{args.size} x {args.steps} steps ({args.image_model}), chat max_tokens "
-          f"{tokens} ({args.chat_model}), device {args.device}")  # fmt: skip
-    print_rows([summarize(r) for r in runs])
+    levels = ",".join(map(str, args.concurrency))
+    print(f"\nserve_load: concurrency {levels}, {args.requests} requests per route, config and level, images "
+          f"{args.size}x{args.size} x {args.steps} steps ({args.image_model}), chat max_tokens {tokens} "
+          f"({args.chat_model}), device {args.device}")  # fmt: skip
+    print_table(runs)
     print_ratios(runs)
-    return 0
-
-
-def ratio(a: float, b: float) -> float:
-    return a / b if b else float("inf")
-
-
-def print_ratios(runs: list[RunResult]) -> None:
-    by = {(r.route, r.label): r for r in runs}
-    static, single = by.get(("images", "static batching")), by.get(("images", "max_batch_size=1"))
-    if static and single:
-        print(f"images: {static.throughput():.2f} vs {single.throughput():.2f} images/s -> dynamic batching "
-              f"ratio {ratio(static.throughput(), single.throughput()):.2f}x")  # fmt: skip
-    chat = {label: by[("chat", label)] for label, _, _ in CONFIGS if ("chat", label) in by}
-    cont, static, single = (chat.get(label) for label, _, _ in CONFIGS)
-    if cont and static:
-        p99 = [percentile([x.ttft_s for x in r.ok if x.ttft_s is not None], 99) for r in (cont, static)]
-        print(f"chat: continuous {cont.throughput():.2f} vs static {static.throughput():.2f} output tok/s -> "
-              f"ratio {ratio(cont.throughput(), static.throughput()):.2f}x; TTFT p99 {p99[0] * 1000:.0f} vs "
-              f"{p99[1] * 1000:.0f} ms -> ratio {ratio(p99[0], p99[1]):.2f}x")  # fmt: skip
-    for label, run in (("continuous", cont), ("static", static)):
-        if run and single:
-            print(f"chat: {label} {run.throughput():.2f} vs max_batch_size=1 {single.throughput():.2f} output "
-                  f"tok/s -> ratio {ratio(run.throughput(), single.throughput()):.2f}x")  # fmt: skip
-
+    print_targets(runs, mixed_lengths=args.min_tokens is not None, peer_missing=peer_missing)
     return 0
 
 
