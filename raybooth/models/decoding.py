@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -261,6 +261,22 @@ def _held_back_length(text: str, stops: list[str]) -> int:
     return held
 
 
+def _list_decoder(tokenizer: Any) -> Callable[..., str]:
+    """`tokenizer.decode` for a non-empty list of ints, without its per-call conversion of the list.
+
+    transformers' `decode` first runs `to_py_obj` over the ids (a Python `isinstance` per id), which for a
+    row that re-decodes its whole answer every step cost more than the decode itself. For a list of ints
+    that conversion returns the same list and `decode` calls `_decode` with it, so calling `_decode`
+    directly is the same call; a tokenizer class that overrides `decode` keeps its own."""
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    if getattr(type(tokenizer), "decode", None) is PreTrainedTokenizerBase.decode and hasattr(
+        tokenizer, "_decode"
+    ):
+        return tokenizer._decode
+    return tokenizer.decode
+
+
 class TextTracker:
     """Detokenizes one row incrementally and applies its stop strings.
 
@@ -272,6 +288,7 @@ class TextTracker:
 
     def __init__(self, tokenizer: Any, stop: list[str]):
         self.tokenizer = tokenizer
+        self._decode = _list_decoder(tokenizer)
         self.stop = [s for s in stop if s]
         self.token_ids: list[int] = []
         self.text = ""  # the full text so far (cut at a stop string once one is found)
@@ -279,7 +296,7 @@ class TextTracker:
 
     def push(self, token_id: int) -> tuple[str, bool]:
         self.token_ids.append(token_id)
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        text = self._decode(self.token_ids, skip_special_tokens=True)
         # A stop string may straddle the previous delta boundary: search from before it.
         longest = max((len(s) for s in self.stop), default=0)
         start = max(0, self.sent - longest)
