@@ -8,10 +8,13 @@ The same N greedy requests (prepared once; EOS banned with `logit_bias`, so ever
 `--max-tokens`) run (a) as one static batch through `VLMEngine.generate_stream` and (b) through a
 `Scheduler` (`max_rows=N`: all submitted together with `submit_many`, then waited for). Both sides see
 the same prefill (one batch of N) and the same decode steps, so the difference is the scheduler's own
-work per step: its loop, locks, delivery callbacks, trimming and merging. The timed runs alternate
-between the two sides (one warm-up each first), so a neighbour's load falls on both alike; printed:
-tokens/s per side (median over `--repeats`) and the ratio scheduler / engine per N. No Ray, no HTTP:
-the serving benchmark (`serve_load.py`) measures those.
+work per step: its loop, locks, delivery callbacks, trimming and merging. Each side runs twice over:
+with the engine's batched sampling (the default) and with `batched_sampling = False`, the per-row
+reference path (`--sampling`), so the sampling fast path is measured in the same run too. The timed runs
+alternate between the sides (one warm-up each first), so a neighbour's load falls on all alike.
+Printed: tokens per CPU second of the process (median over `--repeats`; on a shared box the CPU time
+moves far less than the wall time, which is in brackets) and the ratio scheduler / engine per N. No
+Ray, no HTTP: the serving benchmark (`serve_load.py`) measures those.
 
 `--profile K`: after the table, the scheduler loop thread of one more run of the first model and N is
 profiled with cProfile and the top K functions printed by own time and by cumulative time.
