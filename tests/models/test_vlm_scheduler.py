@@ -12,9 +12,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
+import torch
 
 from raybooth.cluster.workdir import default_models_dir
-from raybooth.models.decoding import SamplingParams
+from raybooth.models.decoding import SamplingParams, pick_tokens, row_generator, sample_token
 from raybooth.models.presets import resolve_model
 from raybooth.models.vlm_engine import GenerationRequest, StreamDelta, VLMEngine
 from raybooth.models.vlm_scheduler import QueueFull, Scheduler
@@ -388,3 +389,23 @@ def test_batched_sampling_equals_the_per_row_path_on_a_mixed_batch():
         for row, (tokens, text, reason, _) in zip(rows, reference, strict=True):
             row.wait()
             assert (row.tokens, row.text, row.last.finish_reason) == (tokens, text, reason)
+
+
+def test_batched_token_picks_raise_what_each_row_raises_alone():
+    """`pick_tokens` finds a row's NaN, +inf and all-masked logits from the batch's one argmax, and
+    returns for each row the token or the error `sample_token` gives that row alone."""
+    inf, nan = float("inf"), float("nan")
+    logits = torch.tensor(
+        [[0.0, 2.0, 2.0, 1.0], [1.0, nan, 3.0, 0.0], [-inf, 1.0, inf, 0.0], [-inf] * 4, [0.5, 0.1, 0.3, 0.2]]
+    )  # fmt: skip
+    params = [SamplingParams(temperature=0.0)] * 4 + [SamplingParams(temperature=0.8, seed=1)]
+    picks = pick_tokens(logits, params, [row_generator(p) for p in params])
+    for b, pick in enumerate(picks):
+        try:
+            alone: int | Exception = sample_token(logits[b], params[b], row_generator(params[b]))
+        except Exception as e:
+            alone = e
+        assert type(pick) is type(alone) and (
+            str(pick) == str(alone) if isinstance(alone, Exception) else pick == alone
+        )
+    assert picks[0] == 1  # a tie goes to the first maximum, as the 1-D argmax picks it
