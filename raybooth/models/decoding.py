@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,6 +144,69 @@ def adjust_logits(logits: torch.Tensor, params: SamplingParams, counts: Counter[
     return out
 
 
+def adjust_logits_batch(
+    logits: torch.Tensor, params: Sequence[SamplingParams], counts: Sequence[Counter[int]]
+) -> torch.Tensor:
+    """`adjust_logits` for every row of `logits` `(B, V)` at once: the same float32 additions per element,
+    so each row equals `adjust_logits(logits[b], params[b], counts[b])`, but one clone for the batch and
+    one indexed add for every row's `logit_bias` rather than a clone and two small tensors per row and
+    step. Penalties (counts change every step) stay per row. The input is returned untouched when no row
+    is adjusted."""
+    penalized = [
+        b
+        for b, p in enumerate(params)
+        if counts[b] and (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0)
+    ]
+    biased = [b for b, p in enumerate(params) if p.logit_bias]
+    if not biased and not penalized:
+        return logits
+    out = logits.clone()
+    if biased:
+        rows: list[int] = []
+        ids: list[int] = []
+        biases: list[float] = []
+        for b in biased:
+            bias = params[b].logit_bias  # a dict: no (row, id) pair twice, so the add is a plain gather-add
+            rows += [b] * len(bias)
+            ids += bias
+            biases += bias.values()
+        out[torch.tensor(rows), torch.tensor(ids)] += torch.tensor(biases, dtype=out.dtype)
+    for b in penalized:
+        row, p = out[b], params[b]  # a view: the penalty lands in `out`, after the bias as in adjust_logits
+        ids_t = torch.tensor(list(counts[b]), dtype=torch.long)
+        seen = torch.tensor(list(counts[b].values()), dtype=out.dtype)
+        row[ids_t] -= seen * p.frequency_penalty + p.presence_penalty
+    return out
+
+
+def pick_tokens(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
+) -> list[int | Exception]:
+    """`sample_token` for every row of `logits` `(B, V)` (float32, adjusted and masked): each row's token,
+    or the error `sample_token` would raise for it. One batched argmax and one sync serve every greedy
+    row and every row's NaN/+inf/all-masked check (argmax lands on a NaN or +inf when there is one);
+    rows that sample go through `sample_token` on their own row and generator, as alone."""
+    logits = logits.float()
+    best = torch.argmax(logits, dim=1)  # (B,) first maximum of each row, as the 1-D argmax picks it
+    top = logits.gather(1, best.unsqueeze(1)).squeeze(1).tolist()  # (B,) the max, NaN/+inf if any
+    picks: list[int | Exception] = []
+    for b, token in enumerate(best.tolist()):
+        if math.isnan(top[b]) or top[b] == math.inf:
+            picks.append(SamplingError("the model produced non-finite logits for this row"))
+        elif top[b] == -math.inf:
+            picks.append(
+                NoTokenError("no token may follow: the response_format schema admits no further output")
+            )
+        elif params[b].greedy:
+            picks.append(token)
+        else:
+            try:
+                picks.append(sample_token(logits[b], params[b], generators[b]))
+            except Exception as e:  # this row's error only, as on the per-row path
+                picks.append(e)
+    return picks
+
+
 def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
     """The log-probability of `token` under one row's logits `(V,)` and the `top` likeliest tokens with
     theirs, best first. Tokens with probability 0 (masked by a grammar or a -100 bias) are never listed
@@ -197,6 +261,22 @@ def _held_back_length(text: str, stops: list[str]) -> int:
     return held
 
 
+def _list_decoder(tokenizer: Any) -> Callable[..., str]:
+    """`tokenizer.decode` for a non-empty list of ints, without its per-call conversion of the list.
+
+    transformers' `decode` first runs `to_py_obj` over the ids (a Python `isinstance` per id), which for a
+    row that re-decodes its whole answer every step cost more than the decode itself. For a list of ints
+    that conversion returns the same list and `decode` calls `_decode` with it, so calling `_decode`
+    directly is the same call; a tokenizer class that overrides `decode` keeps its own."""
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    if getattr(type(tokenizer), "decode", None) is PreTrainedTokenizerBase.decode and hasattr(
+        tokenizer, "_decode"
+    ):
+        return tokenizer._decode
+    return tokenizer.decode
+
+
 class TextTracker:
     """Detokenizes one row incrementally and applies its stop strings.
 
@@ -208,6 +288,7 @@ class TextTracker:
 
     def __init__(self, tokenizer: Any, stop: list[str]):
         self.tokenizer = tokenizer
+        self._decode = _list_decoder(tokenizer)
         self.stop = [s for s in stop if s]
         self.token_ids: list[int] = []
         self.text = ""  # the full text so far (cut at a stop string once one is found)
@@ -215,7 +296,7 @@ class TextTracker:
 
     def push(self, token_id: int) -> tuple[str, bool]:
         self.token_ids.append(token_id)
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        text = self._decode(self.token_ids, skip_special_tokens=True)
         # A stop string may straddle the previous delta boundary: search from before it.
         longest = max((len(s) for s in self.stop), default=0)
         start = max(0, self.sent - longest)

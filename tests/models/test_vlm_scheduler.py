@@ -12,9 +12,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
+import torch
 
 from raybooth.cluster.workdir import default_models_dir
-from raybooth.models.decoding import SamplingParams
+from raybooth.models.decoding import SamplingParams, pick_tokens, row_generator, sample_token
 from raybooth.models.presets import resolve_model
 from raybooth.models.vlm_engine import GenerationRequest, StreamDelta, VLMEngine
 from raybooth.models.vlm_scheduler import QueueFull, Scheduler
@@ -347,3 +348,64 @@ def test_prompts_with_images_are_prefilled_whole():
         row.wait()
         assert sched.stats()["prefill_chunks"] == 0
         assert row.tokens == engine.generate([with_image])[0].token_ids
+
+
+@contextmanager
+def per_row_sampling(engine: VLMEngine) -> Iterator[None]:
+    """The engine's reference path: every row adjusts, checks and samples its own logits."""
+    engine.batched_sampling = False
+    try:
+        yield
+    finally:
+        engine.batched_sampling = True
+
+
+def test_batched_sampling_equals_the_per_row_path_on_a_mixed_batch():
+    """The batched sampling path (one argmax and one indexed logit_bias add per step for the batch) picks
+    what each row picks alone on the per-row path: greedy rows with and without logit_bias, seeded
+    sampling with top_p, penalties, logprobs and a JSON grammar, in one batch and through the scheduler."""
+    engine = engine_for("tiny-llm")
+    plain = GenerationRequest(
+        messages=[{"role": "user", "content": "hello there"}], params=SamplingParams(max_tokens=24, temperature=0.0)
+    )  # fmt: skip
+    mixed = [
+        plain,
+        request(engine, "Describe a dog.", max_tokens=24, temperature=0.0, logit_bias={5: 30.0}),
+        request(engine, "Tell a story.", max_tokens=24, temperature=0.9, top_p=0.8, seed=7),
+        request(engine, "Count.", max_tokens=24, temperature=0.7, seed=3, frequency_penalty=1.5, presence_penalty=0.5),
+        request(engine, "Say hi.", max_tokens=12, temperature=0.0, logprobs=3, presence_penalty=-1.0),
+        request(engine, "Label it.", max_tokens=40, temperature=0.0, json_schema=SCHEMA),
+    ]  # fmt: skip
+
+    def outputs(results) -> list[tuple]:
+        return [(r.token_ids, r.text, r.finish_reason, r.logprobs) for r in results]
+
+    with per_row_sampling(engine):
+        reference = outputs(engine.generate(mixed))
+    assert outputs(engine.generate(mixed)) == reference
+    with scheduler_on("tiny-llm", max_rows=8, max_queue=8) as (_, sched):
+        rows = [Collector() for _ in mixed]
+        sched.submit_many([engine.prepare(r) for r in mixed], lambda i, delta: rows[i](delta))
+        for row, (tokens, text, reason, _) in zip(rows, reference, strict=True):
+            row.wait()
+            assert (row.tokens, row.text, row.last.finish_reason) == (tokens, text, reason)
+
+
+def test_batched_token_picks_raise_what_each_row_raises_alone():
+    """`pick_tokens` finds a row's NaN, +inf and all-masked logits from the batch's one argmax, and
+    returns for each row the token or the error `sample_token` gives that row alone."""
+    inf, nan = float("inf"), float("nan")
+    logits = torch.tensor(
+        [[0.0, 2.0, 2.0, 1.0], [1.0, nan, 3.0, 0.0], [-inf, 1.0, inf, 0.0], [-inf] * 4, [0.5, 0.1, 0.3, 0.2]]
+    )  # fmt: skip
+    params = [SamplingParams(temperature=0.0)] * 4 + [SamplingParams(temperature=0.8, seed=1)]
+    picks = pick_tokens(logits, params, [row_generator(p) for p in params])
+    for b, pick in enumerate(picks):
+        try:
+            alone: int | Exception = sample_token(logits[b], params[b], row_generator(params[b]))
+        except Exception as e:
+            alone = e
+        assert type(pick) is type(alone) and (
+            str(pick) == str(alone) if isinstance(alone, Exception) else pick == alone
+        )
+    assert picks[0] == 1  # a tie goes to the first maximum, as the 1-D argmax picks it
