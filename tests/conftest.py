@@ -110,7 +110,7 @@ def _isolated_session_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
         # Pollers that only burn CPU here: the dashboard agent scans every Ray process every 5 s for node
         # metrics nobody reads, and Serve's controller loops every 0.1 s. Measured on an idle `raybooth
-        # serve` of configs/serve.yaml: 11.0 CPU-s a minute with the defaults, 8.1 with these (and Serve
+        # serve` of configs/serve.yaml: 11.0 CPU-s a minute with the defaults, 9.1 with these (and Serve
         # still reacts within a quarter second). The suite is CPU-bound, so that is test time.
         mp.setenv("REPORTER_UPDATE_INTERVAL_MS", "60000")
         mp.setenv("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.25")
