@@ -104,16 +104,31 @@ def build_processor() -> LlavaProcessor:
     )
 
 
-def model_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
-    vision = CLIPVisionConfig(
+def tiny_vision(image_size: int, patch_size: int, **extra: object) -> dict[str, object]:
+    """The vision tower settings the VLM presets share: 2 layers of width 32 with 2 heads."""
+    return dict(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        projection_dim=32,
+        image_size=image_size,
+        patch_size=patch_size,
+        **extra,
     )
+
+
+def qwen_vl_token_ids(ids: dict[str, int]) -> dict[str, int]:
+    """The Qwen-VL configs' special token ids (image and video pads, vision start and end)."""
+    return dict(
+        image_token_id=ids[IMAGE_PAD],
+        video_token_id=ids[VIDEO_PAD],
+        vision_start_token_id=ids[VISION_START],
+        vision_end_token_id=ids[VISION_END],
+    )
+
+
+def model_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
+    vision = CLIPVisionConfig(**tiny_vision(IMAGE_SIZE, PATCH_SIZE, projection_dim=32))
     text = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -280,10 +295,7 @@ def write_qwen_vl_folder(dest: Path, seed: int) -> None:
     config = Qwen2_5_VLConfig(
         text_config=text,
         vision_config=vision,
-        image_token_id=ids[IMAGE_PAD],
-        video_token_id=ids[VIDEO_PAD],
-        vision_start_token_id=ids[VISION_START],
-        vision_end_token_id=ids[VISION_END],
+        **qwen_vl_token_ids(ids),
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)

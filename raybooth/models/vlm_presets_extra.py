@@ -50,32 +50,22 @@ from raybooth.models.vlm_family import image_only_processor_class
 from raybooth.models.vlm_presets import (
     CHATML_SPECIALS,
     CHATML_TEMPLATE,
-    IMAGE_PAD,
     MAX_CONTEXT,
     QWEN_MAX_PIXELS,
     QWEN_MERGE,
     QWEN_MIN_PIXELS,
     QWEN_PATCH,
-    VIDEO_PAD,
-    VISION_END,
-    VISION_START,
     _save,
     _text_config_args,
     build_chatml_tokenizer,
+    qwen_vl_token_ids,
+    tiny_vision,
 )
 from raybooth.models.vlm_presets_more import SMOL_TEMPLATE
 
 
 def _siglip_vision(image_size: int, patch_size: int) -> dict[str, object]:
-    return dict(
-        model_type="siglip_vision_model",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=patch_size,
-    )
+    return tiny_vision(image_size, patch_size, model_type="siglip_vision_model")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,10 +112,7 @@ def write_qwen3_vl_folder(dest: Path, seed: int) -> None:
     config = Qwen3VLConfig(
         text_config=text,
         vision_config=vision,
-        image_token_id=ids[IMAGE_PAD],
-        video_token_id=ids[VIDEO_PAD],
-        vision_start_token_id=ids[VISION_START],
-        vision_end_token_id=ids[VISION_END],
+        **qwen_vl_token_ids(ids),
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
@@ -158,14 +145,7 @@ def write_idefics2_folder(dest: Path, seed: int) -> None:
         chat_template=IDEFICS2_TEMPLATE,
     )
     text = {"model_type": "mistral", **_text_config_args(tokenizer)}
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=IDEFICS2_MAX_EDGE,
-        patch_size=IDEFICS2_PATCH,
-    )
+    vision = tiny_vision(IDEFICS2_MAX_EDGE, IDEFICS2_PATCH)
     perceiver = dict(
         hidden_size=text["hidden_size"],
         resampler_n_latents=IDEFICS2_LATENTS,

@@ -51,6 +51,7 @@ from raybooth.models.vlm_presets import (
     _save,
     _text_config_args,
     build_chatml_tokenizer,
+    tiny_vision,
 )
 from raybooth.models.vlm_presets import build_processor as build_llava_processor
 
@@ -113,14 +114,7 @@ def write_smolvlm_folder(dest: Path, seed: int) -> None:
     processor = build_smolvlm_processor()
     tokenizer = processor.tokenizer
     text = _text_config_args(tokenizer)
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=SMOL_TILE,
-        patch_size=SMOL_PATCH,
-    )
+    vision = tiny_vision(SMOL_TILE, SMOL_PATCH)
     config = Idefics3Config(
         text_config={"model_type": "llama", **text},
         vision_config=vision,
@@ -145,17 +139,7 @@ NEXT_PINPOINTS = [[48, 48], [48, 64], [64, 48], [64, 64]]
 
 
 def _clip_vision(**overrides: int) -> dict[str, object]:
-    return dict(
-        model_type="clip_vision_model",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=NEXT_TILE,
-        patch_size=NEXT_PATCH,
-        projection_dim=32,
-        **overrides,
-    )
+    return tiny_vision(NEXT_TILE, NEXT_PATCH, model_type="clip_vision_model", projection_dim=32, **overrides)
 
 
 def write_llava_next_folder(dest: Path, seed: int) -> None:
