@@ -117,6 +117,22 @@ def tiny_vision(image_size: int, patch_size: int, **extra: object) -> dict[str, 
     )
 
 
+def qwen_vision(out_hidden_size: int, **extra: object) -> dict[str, object]:
+    """The Qwen-VL vision tower settings the Qwen presets share: 2 blocks of width 32, QWEN_PATCH patches
+    merged QWEN_MERGE x QWEN_MERGE into tokens of the decoder's width."""
+    return dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=out_hidden_size,
+        patch_size=QWEN_PATCH,
+        spatial_merge_size=QWEN_MERGE,
+        temporal_patch_size=2,
+        **extra,
+    )
+
+
 def qwen_vl_token_ids(ids: dict[str, int]) -> dict[str, int]:
     """The Qwen-VL configs' special token ids (image and video pads, vision start and end)."""
     return dict(
@@ -280,15 +296,8 @@ def write_qwen_vl_folder(dest: Path, seed: int) -> None:
     text = _text_config_args(tokenizer)
     # M-RoPE splits each head's 8 rotary frequency pairs over (time, height, width).
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
-    vision = dict(
-        depth=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=2,
-        out_hidden_size=text["hidden_size"],
-        patch_size=QWEN_PATCH,
-        spatial_merge_size=QWEN_MERGE,
-        temporal_patch_size=2,
+    vision = qwen_vision(
+        text["hidden_size"],
         window_size=QWEN_PATCH * QWEN_MERGE * 2,  # 2x2 merged tokens per attention window
         fullatt_block_indexes=[1],
     )

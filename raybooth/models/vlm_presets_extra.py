@@ -58,6 +58,7 @@ from raybooth.models.vlm_presets import (
     _save,
     _text_config_args,
     build_chatml_tokenizer,
+    qwen_vision,
     qwen_vl_token_ids,
     tiny_vision,
 )
@@ -97,15 +98,8 @@ def write_qwen3_vl_folder(dest: Path, seed: int) -> None:
             "mrope_interleaved": True,
         },
     )
-    vision = dict(
-        depth=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=2,
-        out_hidden_size=text["hidden_size"],
-        patch_size=QWEN_PATCH,
-        spatial_merge_size=QWEN_MERGE,
-        temporal_patch_size=2,
+    vision = qwen_vision(
+        text["hidden_size"],
         num_position_embeddings=64,  # an 8x8 grid of learned positions, interpolated to each image's grid
         deepstack_visual_indexes=[0],  # layer 0's features also join the decoder's first layer
     )
