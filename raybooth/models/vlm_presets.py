@@ -76,9 +76,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_processor() -> LlavaProcessor:
-    """Tokenizer + image processor + chat template, configured like llava-hf's processors."""
-    tokenizer = PreTrainedTokenizerFast(
+def build_image_token_tokenizer(chat_template: str | None) -> PreTrainedTokenizerFast:
+    """The byte-level BPE tokenizer with an `<image>` token (tiny-vlm's; tiny-paligemma's, no template)."""
+    return PreTrainedTokenizerFast(
         tokenizer_object=build_chat_tokenizer(),
         bos_token=VLM_BOS,
         eos_token=VLM_EOS,
@@ -87,8 +87,14 @@ def build_processor() -> LlavaProcessor:
         # Decoder-only batches are padded on the left so every row's last token is its real last token.
         padding_side="left",
         model_max_length=MAX_CONTEXT,
-        chat_template=CHAT_TEMPLATE,
+        # None would be saved as `"chat_template": null`: leave the key out instead, as checkpoints do
+        **({"chat_template": chat_template} if chat_template else {}),
     )
+
+
+def build_processor() -> LlavaProcessor:
+    """Tokenizer + image processor + chat template, configured like llava-hf's processors."""
+    tokenizer = build_image_token_tokenizer(CHAT_TEMPLATE)
     # The PIL backend: torchvision is not a dependency. It saves as "CLIPImageProcessor", so a machine
     # with torchvision loads the torchvision twin of the same config.
     image_processor = CLIPImageProcessorPil(
@@ -235,7 +241,8 @@ def build_chatml_tokenizer(
         pad_token=VLM_PAD,
         padding_side="left",
         model_max_length=MAX_CONTEXT,
-        chat_template=chat_template,
+        # None would be saved as `"chat_template": null`: leave the key out instead, as checkpoints do
+        **({"chat_template": chat_template} if chat_template else {}),
     )
 
 

@@ -37,7 +37,6 @@ from transformers import (
     PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
     PaliGemmaProcessor,
-    PreTrainedTokenizerFast,
     Qwen2VLImageProcessorPil,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
@@ -45,12 +44,10 @@ from transformers import (
     SiglipImageProcessorPil,
 )
 
-from raybooth.models.bpe import VLM_BOS, VLM_EOS, VLM_IMAGE, VLM_PAD, build_chat_tokenizer
 from raybooth.models.vlm_family import image_only_processor_class
 from raybooth.models.vlm_presets import (
     CHATML_SPECIALS,
     CHATML_TEMPLATE,
-    MAX_CONTEXT,
     QWEN_MAX_PIXELS,
     QWEN_MERGE,
     QWEN_MIN_PIXELS,
@@ -58,6 +55,7 @@ from raybooth.models.vlm_presets import (
     _save,
     _text_config_args,
     build_chatml_tokenizer,
+    build_image_token_tokenizer,
     qwen_vision,
     qwen_vl_token_ids,
     tiny_vision,
@@ -212,15 +210,7 @@ PALIGEMMA_PATCH = 8
 def write_paligemma_folder(dest: Path, seed: int) -> None:
     """`tiny-paligemma`: a `PaliGemmaForConditionalGeneration` (SigLIP + Gemma, bidirectional prefix).
     No chat template: PaliGemma reads a prefix prompt (`caption en`, a question) after its image."""
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=build_chat_tokenizer(),
-        bos_token=VLM_BOS,
-        eos_token=VLM_EOS,
-        pad_token=VLM_PAD,
-        extra_special_tokens={"image_token": VLM_IMAGE},
-        padding_side="left",
-        model_max_length=MAX_CONTEXT,
-    )
+    tokenizer = build_image_token_tokenizer(chat_template=None)
     image_processor = SiglipImageProcessorPil(
         size={"height": PALIGEMMA_IMAGE, "width": PALIGEMMA_IMAGE},
         image_seq_length=(PALIGEMMA_IMAGE // PALIGEMMA_PATCH) ** 2,
