@@ -279,8 +279,9 @@ def write_llm_folder(dest: Path, seed: int) -> None:
     _save(model, tokenizer, tokenizer, dest)
 
 
-def build_qwen_processor() -> ProcessorMixin:
-    """Tokenizer + the PIL Qwen2-VL image processor; no video processor (it needs torchvision)."""
+def build_qwen_processor(processor: type[ProcessorMixin] = Qwen2_5_VLProcessor) -> ProcessorMixin:
+    """Tokenizer + the PIL Qwen2-VL image processor (Qwen2.5-VL's and Qwen3-VL's too) in the Qwen
+    `processor` class; no video processor (it needs torchvision)."""
     tokenizer = build_chatml_tokenizer()
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=QWEN_PATCH,
@@ -289,7 +290,7 @@ def build_qwen_processor() -> ProcessorMixin:
         min_pixels=QWEN_MIN_PIXELS,
         max_pixels=QWEN_MAX_PIXELS,
     )
-    processor_class = image_only_processor_class(Qwen2_5_VLProcessor)
+    processor_class = image_only_processor_class(processor)
     return processor_class(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=CHATML_TEMPLATE
     )

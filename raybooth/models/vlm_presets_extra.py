@@ -37,7 +37,6 @@ from transformers import (
     PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
     PaliGemmaProcessor,
-    Qwen2VLImageProcessorPil,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLProcessor,
@@ -48,14 +47,11 @@ from raybooth.models.vlm_family import image_only_processor_class
 from raybooth.models.vlm_presets import (
     CHATML_SPECIALS,
     CHATML_TEMPLATE,
-    QWEN_MAX_PIXELS,
-    QWEN_MERGE,
-    QWEN_MIN_PIXELS,
-    QWEN_PATCH,
     _save,
     _text_config_args,
     build_chatml_tokenizer,
     build_image_token_tokenizer,
+    build_qwen_processor,
     qwen_vision,
     qwen_vl_token_ids,
     tiny_vision,
@@ -74,17 +70,8 @@ def _siglip_vision(image_size: int, patch_size: int) -> dict[str, object]:
 
 def write_qwen3_vl_folder(dest: Path, seed: int) -> None:
     """`tiny-qwen3-vl`: a `Qwen3VLForConditionalGeneration` (deepstack ViT, interleaved M-RoPE decoder)."""
-    tokenizer = build_chatml_tokenizer()
-    image_processor = Qwen2VLImageProcessorPil(
-        patch_size=QWEN_PATCH,
-        merge_size=QWEN_MERGE,
-        temporal_patch_size=2,
-        min_pixels=QWEN_MIN_PIXELS,
-        max_pixels=QWEN_MAX_PIXELS,
-    )
-    processor = image_only_processor_class(Qwen3VLProcessor)(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=CHATML_TEMPLATE
-    )
+    processor = build_qwen_processor(Qwen3VLProcessor)
+    tokenizer = processor.tokenizer
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in CHATML_SPECIALS}
     text = _text_config_args(tokenizer)
     text.update(
