@@ -251,14 +251,14 @@ def family_benchmark(
 def print_family_table(results: list[dict], rows: int, max_tokens: int, batch_size: int) -> None:
     print(f"per-family batching: {rows} requests, {max_tokens} new tokens, batch size {batch_size}")
     header = (
-        f"{'preset':<16} {'rows/s packed':>13} {'rows/s FIFO':>11} {'pad packed':>10} {'pad FIFO':>8} "
+        f"{'preset':<20} {'rows/s packed':>13} {'rows/s FIFO':>11} {'pad packed':>10} {'pad FIFO':>8} "
         f"{'batches p/F':>11}  family"
     )
     print(header)
     print("-" * (len(header) + 30))
     for r in results:
         print(
-            f"{r['preset']:<16} {r['packed_rows_s']:>13.2f} {r['fifo_rows_s']:>11.2f} "
+            f"{r['preset']:<20} {r['packed_rows_s']:>13.2f} {r['fifo_rows_s']:>11.2f} "
             f"{r['packed_padding']:>10.3f} {r['fifo_padding']:>8.3f} {r['batches']:>11}  {r['family']}"
         )
 
