@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,10 +79,12 @@ def test_the_readme_train_line_resolves_to_photos_that_ship_with_the_repo(monkey
 
 
 @pytest.mark.slow
-def test_the_readme_train_line_trains_and_registers_a_model(tmp_path):
-    # Run exactly as printed, from the repo root; only the work dir moves so the test leaves no trace.
+def test_the_readme_train_line_trains_and_registers_a_model(tmp_path, tiny_sd_path):
+    # Run exactly as printed, from the repo root; only the work dir moves so the test leaves no trace. The
+    # session's tiny-sd build is linked into it (building it is `raybooth demo`'s test on a fresh work dir).
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
     env["RAYBOOTH_HOME"] = str(tmp_path)
+    shutil.copytree(tiny_sd_path, tmp_path / "models" / tiny_sd_path.name, copy_function=os.link)
     argv = first_train_line()
     result = subprocess.run(
         [sys.executable, "-m", "raybooth.cli", *argv[1:]],

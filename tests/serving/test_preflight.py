@@ -4,7 +4,7 @@
     .venv/bin/python -m pytest tests/serving/test_preflight.py
 
 The end-to-end checks (a real 2-CPU embedded Ray, the CLI's exit 2, `/healthz` 503 on a live app) are in
-test_serve_startup.py.
+test_serve_startup.py and tests/test_serve_command.py.
 """
 
 from __future__ import annotations
