@@ -152,6 +152,20 @@ CONFIGS = (  # label, max_batch_size (None: the highest concurrency), chat sched
     (STATIC, None, "static"),
     (SINGLE, 1, "static"),
 )
+CONFIG_KEYS = ("continuous", "static", "single")  # --configs names for CONFIGS, in order
+
+
+def scheduler_key(label: str) -> str:
+    return CONFIG_KEYS[[c[0] for c in CONFIGS].index(label)]
+
+
+def parse_configs(text: str) -> list[str]:
+    """`"continuous,single"` -> those CONFIGS, by `CONFIG_KEYS` name."""
+    keys = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [k for k in keys if k not in CONFIG_KEYS]
+    if unknown or not keys:
+        raise argparse.ArgumentTypeError(f"--configs takes a list of {', '.join(CONFIG_KEYS)}, not {text!r}")
+    return keys
 
 
 def settings_for(args: argparse.Namespace, max_batch_size: int, scheduler: str) -> dict[str, Any]:
@@ -184,6 +198,7 @@ def settings_for(args: argparse.Namespace, max_batch_size: int, scheduler: str) 
             "batch_wait_timeout_s": 0.02,
             "dtype": dtype,
             "scheduler": scheduler,
+            "stream_interval": args.stream_interval,
         },
         "limits": {
             "max_n": 1,
@@ -214,6 +229,8 @@ def run_embedded(args: argparse.Namespace) -> list[RunResult]:
     runs = []
     try:
         for label, max_batch, scheduler in CONFIGS:
+            if scheduler_key(label) not in args.configs:
+                continue
             routes = [r for r in ("images", "chat") if args.route in (r, "both")]
             if scheduler == "continuous":
                 routes = [r for r in routes if r == "chat"]  # the image route does not change
@@ -286,6 +303,18 @@ def main(argv: list[str] | None = None) -> int:
         type=parse_levels,
         default=[8],
         help="requests in flight, one or a list: 1,8,32 (default 8)",
+    )
+    p.add_argument(
+        "--configs",
+        type=parse_configs,
+        default=list(CONFIG_KEYS),
+        help="which embedded configurations to deploy: continuous,static,single (default all three)",
+    )
+    p.add_argument(
+        "--stream-interval",
+        type=lambda x: x if x == "auto" else int(x),
+        default="auto",
+        help="chat.stream_interval of the continuous deployment: tokens per streamed chunk, or auto (default)",
     )
     p.add_argument("--requests", type=int, default=32, help="requests per route, configuration and level")
     p.add_argument("--image-model", default="tiny-sd", help="preset, path or registered model")

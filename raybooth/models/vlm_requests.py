@@ -115,6 +115,20 @@ class StreamDelta:
     def done(self) -> bool:
         return self.finish_reason is not None or self.error is not None
 
+    def followed_by(self, later: StreamDelta) -> StreamDelta:
+        """This delta and the `later` one of the same row as one: what a reader that fell behind by a step
+        gets, so a busy stream sends fewer, longer chunks instead of queueing one per token."""
+        return StreamDelta(
+            text=self.text + later.text,
+            token_ids=[*self.token_ids, *later.token_ids],
+            logprobs=[*self.logprobs, *later.logprobs],
+            finish_reason=later.finish_reason,
+            error=later.error,
+            prompt_tokens=later.prompt_tokens or self.prompt_tokens,
+            completion_tokens=later.completion_tokens or self.completion_tokens,
+            error_type=later.error_type,
+        )
+
 
 class RequestError(ValueError):
     """A request this engine cannot run (too long for the context, no text, bad images)."""

@@ -204,7 +204,8 @@ class ChatDeployment:
         filter ends the stream) cancels the row, which leaves the batch at the next step."""
         assert self.scheduler is not None
         try:
-            deltas = self.scheduler.stream(prepared)
+            interval = self.cfg.stream_interval
+            deltas = self.scheduler.stream(prepared, None if interval == "auto" else interval)
         except QueueFull as e:
             yield ChatEvent(text="", finish_reason="error", error=str(e), error_type="overloaded")
             return

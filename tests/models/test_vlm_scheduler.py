@@ -283,6 +283,67 @@ def test_async_stream_does_not_block_the_loop_and_leaving_cancels():
         sched.close()
 
 
+def test_a_reader_that_falls_behind_gets_the_missed_steps_as_one_delta():
+    engine = engine_for("tiny-llm")
+    sched = Scheduler(engine, max_rows=4)
+    full = request(engine, "Name three colours.", max_tokens=24, temperature=0.0, logprobs=1)
+    alone = engine.generate([full])[0]
+
+    async def read(pause_s: float) -> list[StreamDelta]:
+        got = []
+        async for delta in sched.stream(engine.prepare(full)):
+            got.append(delta)
+            await asyncio.sleep(pause_s)  # a busy event loop: the scheduler steps on meanwhile
+        return got
+
+    try:
+        slow = asyncio.run(read(0.2))
+        assert len(slow) < len(alone.token_ids)  # several steps per delta
+        assert [t for d in slow for t in d.token_ids] == alone.token_ids
+        assert "".join(d.text for d in slow) == alone.text
+        assert [e.token for d in slow for e in d.logprobs] == [e.token for e in alone.logprobs or []]
+        assert [d.done for d in slow] == [False] * (len(slow) - 1) + [True]
+        assert (slow[-1].finish_reason, slow[-1].completion_tokens) == ("length", 24)
+        keeping_up = asyncio.run(read(0.0))
+        assert [t for d in keeping_up for t in d.token_ids] == alone.token_ids
+
+        async def read_every(interval: int) -> list[StreamDelta]:
+            return [d async for d in sched.stream(engine.prepare(full), stream_interval=interval)]
+
+        chunked = asyncio.run(read_every(5))
+        sizes = [len(d.token_ids) for d in chunked]
+        assert sizes[0] == 1 and all(n >= 5 for n in sizes[1:-1]) and sum(sizes) == 24, sizes
+        assert [t for d in chunked for t in d.token_ids] == alone.token_ids
+        with pytest.raises(ValueError, match="stream_interval"):
+            sched.stream(engine.prepare(full), stream_interval=0)
+    finally:
+        sched.close()
+
+
+def test_the_auto_stream_interval_grows_with_the_running_rows():
+    sched = Scheduler(engine_for("tiny-llm"), max_rows=64)
+    try:
+        picks = {}
+        for running in (0, 1, 3, 4, 8, 32, 64):
+            sched._running = running  # what the loop thread counts; read as a heuristic
+            picks[running] = sched.auto_stream_interval()
+        assert picks == {0: 1, 1: 1, 3: 1, 4: 2, 8: 4, 32: 16, 64: 16}
+    finally:
+        sched._running = 0
+        sched.close()
+
+
+def test_deltas_merge_text_tokens_and_take_the_last_ones_end():
+    first = StreamDelta(text="Hel", token_ids=[1])
+    last = StreamDelta(
+        text="lo", token_ids=[2, 3], finish_reason="stop", prompt_tokens=5, completion_tokens=3
+    )
+    merged = first.followed_by(last)
+    assert (merged.text, merged.token_ids, merged.finish_reason) == ("Hello", [1, 2, 3], "stop")
+    assert (merged.prompt_tokens, merged.completion_tokens, merged.done) == (5, 3, True)
+    assert not first.followed_by(StreamDelta(text="!", token_ids=[4])).done
+
+
 def test_a_failed_forward_pass_fails_only_the_rows_it_served(monkeypatch):
     with scheduler_on("tiny-llm", max_rows=4) as (engine, sched):
         real_prefill, real_step = engine.prefill, engine.decode_step

@@ -7,7 +7,7 @@ cfg = load_config(ServeConfig, "configs/serve.yaml", ["port=8001"])
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -142,6 +142,13 @@ class ChatServeSection(DeploymentSection, BatchingMixin, EngineOptions):
         ge=0,
         description="continuous only: a text prompt longer than this is prefilled this many tokens per "
         "decode step of the running rows, so they keep streaming (models/chunked_prefill.py); 0: whole.",
+    )
+    stream_interval: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
+        description="continuous only: tokens per streamed chunk after the first (vLLM's --stream-interval); "
+        "higher sends fewer messages (each crosses two Serve hops) at the cost of burstier streams. auto: 1 "
+        "while up to 3 rows run, then 1 more per 2 running rows, at most 16. A stream that fell behind gets "
+        "what it missed in one chunk whatever this is.",
     )
     batch_wait_timeout_s: float = Field(0.02, ge=0, description="How long a batch waits for more callers.")
     device: str | None = Field(None, description="cpu | cuda | mps (default: the best one available).")
