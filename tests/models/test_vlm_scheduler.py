@@ -312,7 +312,8 @@ def test_a_reader_that_falls_behind_gets_the_missed_steps_as_one_delta():
 
         chunked = asyncio.run(read_every(5))
         sizes = [len(d.token_ids) for d in chunked]
-        assert sizes[0] == 1 and all(n >= 5 for n in sizes[1:-1]) and sum(sizes) == 24, sizes
+        # The first delta goes out with the first token (more only if this reader was late to wake).
+        assert sizes[0] < 5 and all(n >= 5 for n in sizes[1:-1]) and sum(sizes) == 24, sizes
         assert [t for d in chunked for t in d.token_ids] == alone.token_ids
         with pytest.raises(ValueError, match="stream_interval"):
             sched.stream(engine.prepare(full), stream_interval=0)
