@@ -147,16 +147,12 @@ async def drive(
 # --------------------------------------------------------------------------------------------------
 
 
-CONFIGS = (  # label, max_batch_size (None: the highest concurrency), chat scheduler
-    (CONTINUOUS, None, "continuous"),
-    (STATIC, None, "static"),
-    (SINGLE, 1, "static"),
+CONFIGS = (  # --configs name, label, max_batch_size (None: the highest concurrency), chat scheduler
+    ("continuous", CONTINUOUS, None, "continuous"),
+    ("static", STATIC, None, "static"),
+    ("single", SINGLE, 1, "static"),
 )
-CONFIG_KEYS = ("continuous", "static", "single")  # --configs names for CONFIGS, in order
-
-
-def scheduler_key(label: str) -> str:
-    return CONFIG_KEYS[[c[0] for c in CONFIGS].index(label)]
+CONFIG_KEYS = tuple(c[0] for c in CONFIGS)
 
 
 def parse_configs(text: str) -> list[str]:
@@ -228,8 +224,8 @@ def run_embedded(args: argparse.Namespace) -> list[RunResult]:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     runs = []
     try:
-        for label, max_batch, scheduler in CONFIGS:
-            if scheduler_key(label) not in args.configs:
+        for key, label, max_batch, scheduler in CONFIGS:
+            if key not in args.configs:
                 continue
             routes = [r for r in ("images", "chat") if args.route in (r, "both")]
             if scheduler == "continuous":

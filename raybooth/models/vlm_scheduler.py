@@ -302,9 +302,12 @@ class Scheduler:
             wanted = 1  # tokens before the first delta goes out; then stream_interval
             try:
                 while True:
-                    delta, held = (held, None) if held is not None else (await deltas.get(), None)
+                    if held is not None:
+                        delta, held = held, None
+                    else:
+                        delta = await deltas.get()
                     while not delta.done and (not deltas.empty() or len(delta.token_ids) < wanted):
-                        later = deltas.get_nowait() if not deltas.empty() else await deltas.get()
+                        later = await deltas.get()  # at once when one is queued
                         if later.error is not None:
                             held = later
                             break
