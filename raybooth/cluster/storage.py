@@ -43,8 +43,9 @@ from raybooth.errors import StorageError
 S3_SCHEMES = ("s3://", "s3a://")
 FILE_SCHEME = "file://"
 
-# Short connect timeout + 2 attempts: a refused or wrong endpoint fails in ~1 s, while one retry still
-# rides over a transient reset. s3fs's own retry loop (5 tries) only covers read timeouts and SlowDown.
+# Short connect timeout + 2 tries in all: a refused or wrong endpoint fails in ~1 s, while one retry still
+# rides over a transient reset. botocore's `max_attempts` counts retries (2 would mean 3 tries), so the
+# config sets `total_max_attempts`. s3fs's own retry loop (5 tries) only covers read timeouts and SlowDown.
 S3_CONNECT_TIMEOUT_S = 3
 S3_READ_TIMEOUT_S = 60
 S3_MAX_ATTEMPTS = 2
@@ -148,7 +149,7 @@ def _s3fs() -> fsspec.AbstractFileSystem:
                 config_kwargs={
                     "connect_timeout": S3_CONNECT_TIMEOUT_S,
                     "read_timeout": S3_READ_TIMEOUT_S,
-                    "retries": {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+                    "retries": {"total_max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
                 },
                 # Other processes (Ray workers) write the same prefixes: never answer from a stale listing.
                 use_listings_cache=False,
