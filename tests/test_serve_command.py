@@ -4,7 +4,8 @@ refuses what cannot fit.
     .venv/bin/python -m pytest tests/test_serve_command.py
 
 - `configs/serve.yaml` exactly as committed, on an embedded Ray of 2 CPUs: `/healthz` 200, then a chat
-  answer. Before the defaults fit, Serve waited forever for the ingress replica and `/healthz` never answered.
+  answer, then Ctrl-C stops it cleanly (exit 0). Before the defaults fit, Serve waited forever for the
+  ingress replica and `/healthz` never answered.
 - an app asking more CPUs than that Ray has: exit 2 with one line naming the keys, before Serve starts.
 
 These start their own Ray, not the session's Serve app, so they sit outside tests/serving/ (one xdist unit
@@ -15,6 +16,7 @@ not up is tests/serving/test_serve_startup.py.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -118,9 +120,15 @@ def test_committed_serve_yaml_comes_up_on_a_two_cpu_embedded_ray_and_answers(
         deadline = time.monotonic() + 120
         while "Ctrl-C stops the server." not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.5)
+        # Ctrl-C in the terminal: SIGINT to the whole process group, the embedded Ray's processes included.
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=120)
     finally:
-        stop_process_group(proc, grace_s=60)  # SIGTERM shuts Serve and its Ray down: give it time
-    assert "raybooth is serving at" in log.read_text()
+        stop_process_group(proc, grace_s=60)  # whatever is left (a no-op after a clean Ctrl-C)
+    text = log.read_text()
+    assert "raybooth is serving at" in text and "shutting down" in text
+    assert proc.returncode == 0, text[-3000:]
+    assert "failed to shut down" not in text  # Serve drained its replicas, no timeout waited out
 
 
 def test_an_app_that_cannot_fit_exits_2_naming_the_keys_before_serve_starts(free_port):
