@@ -349,6 +349,7 @@ def serve_app(shared_serve: SharedServe) -> ServeApp:
 @pytest.fixture(autouse=True)
 def _shared_settings_back(request: pytest.FixtureRequest) -> None:
     """A test on the shared app gets the shared settings, whatever variant ran before it. Module-scoped
-    variant fixtures are set up before this one, so their tests keep the variant."""
-    if "serve_app" in request.fixturenames:
+    variant fixtures are set up before this one, so their tests keep the variant; a test marked
+    `own_settings` redeploys its own variant first thing, so a variant before it is not undone for it."""
+    if "serve_app" in request.fixturenames and request.node.get_closest_marker("own_settings") is None:
         request.getfixturevalue("shared_serve").shared_settings_back()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import copy
 import io
 import json
 import time
@@ -556,57 +555,6 @@ def test_a_client_that_disconnects_frees_its_row(client, serve_app):
     assert len(cancelled) == 1 and cancelled[0] < 900, cancelled
     # The replica keeps serving.
     assert client.chat.completions.create(model="tiny-vlm", messages=user("hi"), max_tokens=2).choices
-
-
-def _answers_in_time(serve_app) -> bool:
-    """One small request of each route within the (short) request timeout; False on a 504."""
-    client = serve_app.openai()
-    try:
-        client.images.generate(
-            model="tiny-sd", prompt="warm up", extra_body={"num_inference_steps": 1}, **IMAGE_KW
-        )
-        client.chat.completions.create(model="tiny-vlm", messages=user("hi"), max_tokens=2)
-    except openai.InternalServerError as e:  # 504: the replicas are still loading models
-        assert e.status_code == 504, e
-        return False
-    return True
-
-
-def test_requests_past_the_timeout_get_504_and_their_work_stops(serve_app, tokenizer):
-    settings = copy.deepcopy(serve_app.settings)
-    # Well below a 100-step image or 4 x 900 tokens here, above a small request's batch wait (1 s at most).
-    # Only the ingress restarts: the model replicas keep running, warm.
-    settings["ingress"]["request_timeout_s"] = 1.5
-    with serve_app.redeployed(settings):
-        wait_until(lambda: _answers_in_time(serve_app), "answering small requests after the redeploy")
-        before = serve_app.stats()
-        body = {"model": "tiny-sd", "prompt": "a dog", "n": 4, "size": "128x128", "num_inference_steps": 100}
-        resp = httpx.post(f"{serve_app.base_url}/v1/images/generations", json=body, headers=AUTH, timeout=60)
-        assert resp.status_code == 504, resp.text
-        error = resp.json()["error"]
-        assert error["code"] == "timeout" and "1.5s" in error["message"], error
-        stopped = wait_until(
-            lambda: serve_app.stats()["images"]["abandoned"][len(before["images"]["abandoned"]) :],
-            "stopping the timed-out request's UNet batch",
-        )
-        assert stopped[0][0] < stopped[0][1], stopped
-
-        # Chat: four choices of 900 tokens each, EOS banned so none ends early.
-        body = _chat(n=4, max_tokens=900, temperature=0, logit_bias={str(tokenizer.eos_token_id): -100})
-        resp = httpx.post(f"{serve_app.base_url}/v1/chat/completions", json=body, headers=AUTH, timeout=60)
-        assert resp.status_code == 504, resp.text
-        assert resp.json()["error"]["code"] == "timeout"
-        cancelled = wait_until(
-            lambda: serve_app.stats()["chat"]["cancelled_rows"][len(before["chat"]["cancelled_rows"]) :],
-            "cancelling the timed-out chat rows",
-        )
-        assert all(tokens < 900 for tokens in cancelled), cancelled  # the rows stopped, not ran out
-    # Back on the module's settings, the server answers.
-    assert (
-        serve_app.openai()
-        .chat.completions.create(model="tiny-vlm", messages=user("hi"), max_tokens=2)
-        .choices
-    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ model replicas' processes. What each test holds:
 - slow refusals (prompts over limits.max_prompt_bytes, schemas near the compile bounds) do not hold the
   good requests' batches, and the replica's memory stays at its baseline;
 - every 503 (the chat and image queues, the ingress's own limit) is OpenAI's JSON error with
-  Retry-After;
+  Retry-After; a request past the request timeout is a 504 and its UNet batch / chat rows stop;
 - a replica killed mid-request: non-streamed requests get a JSON 503, streams an error event then
   [DONE], and the service answers again once Serve has replaced it.
 """
@@ -175,6 +175,51 @@ def test_the_ingress_limit_is_the_openai_503_not_the_proxy_text(serve_app):
     for resp, _ in results:
         if resp.status_code == 503:
             assert "ingress" in _assert_openai_503(resp, {"overloaded"})["message"]
+
+
+def _answers_in_time(base_url: str) -> bool:
+    """One small request of each route within the (short) request timeout; False on a 504."""
+    image = {"model": "tiny-sd", "prompt": "warm up", "size": "64x64", "num_inference_steps": 1}
+    for path, body in (("/v1/images/generations", image), ("/v1/chat/completions", _chat(max_tokens=2))):
+        resp = httpx.post(f"{base_url}{path}", json=body, headers=AUTH, timeout=60)
+        if resp.status_code == 504:  # the replicas are still loading models
+            return False
+        assert resp.status_code == 200, resp.text
+    return True
+
+
+@pytest.mark.own_settings  # right after the ingress-limit variant: one ingress redeploy between them
+def test_requests_past_the_timeout_get_504_and_their_work_stops(serve_app, eos_token_id):
+    settings = copy.deepcopy(serve_app.settings)
+    # Well below a 100-step image or 4 x 900 tokens here, above a small request's batch wait (1 s at most).
+    # Only the ingress restarts: the model replicas keep running, warm.
+    settings["ingress"]["request_timeout_s"] = 1.5
+    with serve_app.redeployed(settings):
+        wait_until(
+            lambda: _answers_in_time(serve_app.base_url), "answering small requests after the redeploy"
+        )
+        before = serve_app.stats()
+        body = {"model": "tiny-sd", "prompt": "a dog", "n": 4, "size": "128x128", "num_inference_steps": 100}
+        resp = httpx.post(f"{serve_app.base_url}/v1/images/generations", json=body, headers=AUTH, timeout=60)
+        assert resp.status_code == 504, resp.text
+        error = resp.json()["error"]
+        assert error["code"] == "timeout" and "1.5s" in error["message"], error
+        stopped = wait_until(
+            lambda: serve_app.stats()["images"]["abandoned"][len(before["images"]["abandoned"]) :],
+            "stopping the timed-out request's UNet batch",
+        )
+        assert stopped[0][0] < stopped[0][1], stopped
+
+        # Chat: four choices of 900 tokens each, EOS banned so none ends early.
+        body = _chat(n=4, max_tokens=900, temperature=0, logit_bias={str(eos_token_id): -100})
+        resp = httpx.post(f"{serve_app.base_url}/v1/chat/completions", json=body, headers=AUTH, timeout=60)
+        assert resp.status_code == 504, resp.text
+        assert resp.json()["error"]["code"] == "timeout"
+        cancelled = wait_until(
+            lambda: serve_app.stats()["chat"]["cancelled_rows"][len(before["chat"]["cancelled_rows"]) :],
+            "cancelling the timed-out chat rows",
+        )
+        assert all(tokens < 900 for tokens in cancelled), cancelled  # the rows stopped, not ran out
 
 
 def _chat_answers(base_url: str) -> bool:

@@ -42,7 +42,8 @@ def app_with_unplaceable_models(serve_app, tiny_sd_path, tiny_vlm_path) -> Itera
     try:
         yield f"{serve_app.base_url}/unplaceable"
     finally:
-        serve.delete("unplaceable")
+        # Not waited for: its pending replicas are stopped in the background (waiting took ~20 s).
+        serve.delete("unplaceable", _blocking=False)
 
 
 def test_healthz_is_503_naming_the_deployments_that_are_not_up(app_with_unplaceable_models):
