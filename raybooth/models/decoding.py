@@ -7,10 +7,11 @@
     chosen, top = token_logprobs(logits_row, token, params.logprobs)   # when the request asked for them
     text = TextTracker(tokenizer, params.stop); delta, stopped = text.push(token)
 
-Everything here works on one row, on the CPU, from that row's own state only. That is what makes a row's
-output independent of the batch it was packed into: no batch-wide softmax, no shared random stream.
+Everything here computes a row from that row's own state only, on the CPU. That is what makes a row's
+output independent of the batch it was packed into: batched ops (`pick_tokens`) work along each row,
+and every row draws from its own random stream.
 
-Sampling never hands torch.multinomial a distribution it would refuse: a temperature below
+Sampling never draws from a distribution without mass: a temperature below
 `GREEDY_BELOW_TEMPERATURE` (1e-300 included) is greedy, a top_p that rounds to 0 keeps the likeliest
 token, and a row with no token left to sample (every logit -inf) or a non-finite logit raises
 `NoTokenError` / `SamplingError` for that row alone.
@@ -185,25 +186,35 @@ def pick_tokens(
     """`sample_token` for every row of `logits` `(B, V)` (float32, adjusted and masked): each row's token,
     or the error `sample_token` would raise for it. One batched argmax and one sync serve every greedy
     row and every row's NaN/+inf/all-masked check (argmax lands on a NaN or +inf when there is one);
-    rows that sample go through `sample_token` on their own row and generator, as alone."""
+    the rows that sample share one batched softmax and draw (`_draw`), each from its own generator."""
     logits = logits.float()
     best = torch.argmax(logits, dim=1)  # (B,) first maximum of each row, as the 1-D argmax picks it
-    top = logits.gather(1, best.unsqueeze(1)).squeeze(1).tolist()  # (B,) the max, NaN/+inf if any
+    top = logits.gather(1, best.unsqueeze(1)).squeeze(1)  # (B,) the max, NaN/+inf if any
+    top_values = top.tolist()
     picks: list[int | Exception] = []
+    sampled: list[int] = []  # rows that sample (not greedy, nothing wrong with their logits)
     for b, token in enumerate(best.tolist()):
-        if math.isnan(top[b]) or top[b] == math.inf:
+        if math.isnan(top_values[b]) or top_values[b] == math.inf:
             picks.append(SamplingError("the model produced non-finite logits for this row"))
-        elif top[b] == -math.inf:
+        elif top_values[b] == -math.inf:
             picks.append(
                 NoTokenError("no token may follow: the response_format schema admits no further output")
             )
         elif params[b].greedy:
             picks.append(token)
         else:
-            try:
-                picks.append(sample_token(logits[b], params[b], generators[b]))
-            except Exception as e:  # this row's error only, as on the per-row path
-                picks.append(e)
+            picks.append(-1)  # drawn below
+            sampled.append(b)
+    if sampled:
+        rows = torch.tensor(sampled, dtype=torch.long, device=logits.device)
+        drawn = _draw(
+            logits.index_select(0, rows),
+            top.index_select(0, rows),
+            [params[b] for b in sampled],
+            [generators[b] for b in sampled],
+        )
+        for b, token in zip(sampled, drawn, strict=True):
+            picks[b] = token
     return picks
 
 
@@ -226,7 +237,7 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     """Pick the next token of one row from its logits `(V,)` (already masked by any grammar).
 
     Raises NoTokenError when every token is masked and SamplingError on NaN/+inf logits, so the engine
-    can end this row alone; torch.multinomial only ever sees a finite distribution with mass."""
+    can end this row alone; the draw only ever sees a finite distribution with mass."""
     logits = logits.float()
     if torch.isnan(logits).any() or torch.isposinf(logits).any():
         raise SamplingError("the model produced non-finite logits for this row")
@@ -235,19 +246,99 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
         raise NoTokenError("no token may follow: the response_format schema admits no further output")
     if params.greedy:
         return int(best)
-    # Subtracting the max first keeps the best logit at 0, so a small temperature sends the others towards
-    # -inf (probability 0) instead of overflowing to inf - inf = NaN.
-    probs = torch.softmax((logits - logits[best]) / params.temperature, dim=-1)  # (V,)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
-        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
-        # The likeliest token always stays: a top_p that rounds to 0 in float32 (1e-300) means top-1.
-        keep[0] = True
-        sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)
-        return int(order[choice])
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return _draw(logits.unsqueeze(0), logits[best].reshape(1), [params], [generator])[0]
+
+
+def _draw(
+    logits: torch.Tensor,
+    best: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator],
+) -> list[int]:
+    """One token per row of `logits` `(N, V)` (finite maxima `best` `(N,)`), each with its temperature and
+    top_p, by inverse-CDF sampling with one uniform from the row's own generator.
+
+    The softmax, sort and cumulative sums run on the whole `(N, V)` block, but each is computed along a
+    row from that row alone, so a row draws the same token in any batch (and alone, N = 1). Before, each
+    row ran a dozen small ops and torch.multinomial on its own: 0.9 ms per row and step at V = 32k.
+    Subtracting the max first keeps each row's best logit at 0, so a small temperature sends the others
+    towards -inf (probability 0) instead of overflowing to inf - inf = NaN."""
+    device = logits.device
+    temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
+    probs = torch.softmax((logits - best.unsqueeze(1)) / temperature.unsqueeze(1), dim=-1)  # (N, V)
+    uniforms = torch.cat([torch.rand(1, generator=g) for g in generators]).to(device, logits.dtype)
+    tokens = [0] * len(params)
+    nucleus = [i for i, p in enumerate(params) if p.top_p < 1.0]
+    plain = [i for i, p in enumerate(params) if p.top_p >= 1.0]
+    if plain:
+        index = torch.tensor(plain, dtype=torch.long, device=device)
+        picked = _inverse_cdf(probs.index_select(0, index), uniforms.index_select(0, index))
+        for i, token in zip(plain, picked, strict=True):
+            tokens[i] = token
+    if nucleus:
+        index = torch.tensor(nucleus, dtype=torch.long, device=device)
+        top_p = torch.tensor([params[i].top_p for i in nucleus], dtype=logits.dtype, device=device)
+        chosen = _nucleus_draw(probs.index_select(0, index), top_p, uniforms.index_select(0, index))
+        for i, token in zip(nucleus, chosen, strict=True):
+            tokens[i] = token
+    return tokens
+
+
+# top_p rows look for their nucleus among their likeliest NUCLEUS_CANDIDATES tokens first (a top-k, far
+# cheaper than sorting a 32k-150k vocabulary); a row whose nucleus is larger is sorted whole.
+NUCLEUS_CANDIDATES = 256
+
+
+def _nucleus_draw(probs: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor) -> list[int]:
+    """Per row of `probs` `(N, V)`, a token from its top_p nucleus: the smallest prefix of its tokens,
+    likeliest first, whose mass reaches top_p (the likeliest always kept), drawn by inverse CDF."""
+    values, ids = torch.topk(probs, min(NUCLEUS_CANDIDATES, probs.shape[1]), dim=-1)  # likeliest first
+    # The top-k is the start of the sorted row, so the nucleus stays inside it when the mass of the whole
+    # top-k (summed in the order the cut sums it) already reaches top_p.
+    wide = (torch.cumsum(values, dim=-1)[:, -1] < top_p).tolist()
+    if not any(wide):
+        return _prefix_draw(values, ids, top_p, uniforms)
+    tokens = [0] * probs.shape[0]
+    for rows in ([i for i, w in enumerate(wide) if not w], [i for i, w in enumerate(wide) if w]):
+        if not rows:
+            continue
+        index = torch.tensor(rows, dtype=torch.long, device=probs.device)
+        if wide[rows[0]]:  # these rows' nucleus reaches past the top-k: sort them whole
+            row_values, row_ids = torch.sort(probs.index_select(0, index), dim=-1, descending=True)
+        else:
+            row_values, row_ids = values.index_select(0, index), ids.index_select(0, index)
+        drawn = _prefix_draw(
+            row_values, row_ids, top_p.index_select(0, index), uniforms.index_select(0, index)
+        )
+        for r, token in zip(rows, drawn, strict=True):
+            tokens[r] = token
+    return tokens
+
+
+def _prefix_draw(
+    values: torch.Tensor, ids: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor
+) -> list[int]:
+    """Inverse-CDF draw over each row's sorted `values` `(N, K)` cut to its top_p prefix; the token `ids`."""
+    # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
+    keep = torch.cumsum(values, dim=-1) - values < top_p.unsqueeze(1)
+    # The likeliest token always stays: a top_p that rounds to 0 in float32 (1e-300) means top-1.
+    keep[:, 0] = True
+    kept = torch.where(keep, values, torch.zeros_like(values))
+    positions = torch.tensor(_inverse_cdf(kept, uniforms), dtype=torch.long, device=values.device)
+    return ids.gather(1, positions.unsqueeze(1)).squeeze(1).tolist()
+
+
+def _inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> list[int]:
+    """Per row of `weights` `(N, V)` (non-negative, some mass), the index whose cumulative mass first
+    exceeds `uniform * total`: index i with probability weight_i / total; a zero weight is never picked."""
+    cdf = torch.cumsum(weights, dim=-1)
+    targets = (uniforms * cdf[:, -1]).unsqueeze(1)
+    picked = torch.searchsorted(cdf, targets, right=True).squeeze(1).tolist()
+    last = weights.shape[1] - 1
+    for i, index in enumerate(picked):
+        if index > last:  # uniform * total rounded up to the total: the last token with mass
+            picked[i] = int(torch.nonzero(weights[i]).max())
+    return picked
 
 
 def _held_back_length(text: str, stops: list[str]) -> int:

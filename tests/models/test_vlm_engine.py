@@ -340,4 +340,7 @@ def test_length_bounded_strings_hold_no_raw_control_characters(engine):
     assert len(finished) >= 6
     for result in finished:
         city = json.loads(result.text)["city"]  # strict parsing: a raw control character would fail here
-        assert 1 <= len(city) <= 24 and not any(ord(ch) < 0x20 for ch in city)
+        assert not any(ord(ch) < 0x20 for ch in city)
+        # maxLength counts characters as xgrammar reads UTF-8: it takes an overlong form (E0 86 80, which a
+        # random tiny model can emit) as one character, where Python decodes one U+FFFD per byte.
+        assert 1 <= len(city) - 2 * city.count("\ufffd\ufffd\ufffd") <= 24, city
