@@ -267,20 +267,24 @@ def _draw(
     temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
     probs = torch.softmax((logits - best.unsqueeze(1)) / temperature.unsqueeze(1), dim=-1)  # (N, V)
     uniforms = torch.cat([torch.rand(1, generator=g) for g in generators]).to(device, logits.dtype)
-    tokens = [0] * len(params)
+    top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=device)
     nucleus = [i for i, p in enumerate(params) if p.top_p < 1.0]
     plain = [i for i, p in enumerate(params) if p.top_p >= 1.0]
-    if plain:
-        index = torch.tensor(plain, dtype=torch.long, device=device)
-        picked = _inverse_cdf(probs.index_select(0, index), uniforms.index_select(0, index))
-        for i, token in zip(plain, picked, strict=True):
-            tokens[i] = token
-    if nucleus:
-        index = torch.tensor(nucleus, dtype=torch.long, device=device)
-        top_p = torch.tensor([params[i].top_p for i in nucleus], dtype=logits.dtype, device=device)
-        chosen = _nucleus_draw(probs.index_select(0, index), top_p, uniforms.index_select(0, index))
-        for i, token in zip(nucleus, chosen, strict=True):
-            tokens[i] = token
+    return _in_groups(
+        len(params),
+        (plain, lambda index: _inverse_cdf(probs[index], uniforms[index])),
+        (nucleus, lambda index: _nucleus_draw(probs[index], top_p[index], uniforms[index])),
+    )
+
+
+def _in_groups(count: int, *groups: tuple[list[int], Callable[[torch.Tensor], list[int]]]) -> list[int]:
+    """One token per row of `count`: each group's rows (indices) drawn by its function, which gets them as
+    an index tensor and returns their tokens in that order. Groups without rows are not called."""
+    tokens = [0] * count
+    for rows, draw in groups:
+        if rows:
+            for r, token in zip(rows, draw(torch.tensor(rows, dtype=torch.long)), strict=True):
+                tokens[r] = token
     return tokens
 
 
@@ -298,21 +302,19 @@ def _nucleus_draw(probs: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tens
     wide = (torch.cumsum(values, dim=-1)[:, -1] < top_p).tolist()
     if not any(wide):
         return _prefix_draw(values, ids, top_p, uniforms)
-    tokens = [0] * probs.shape[0]
-    for rows in ([i for i, w in enumerate(wide) if not w], [i for i, w in enumerate(wide) if w]):
-        if not rows:
-            continue
-        index = torch.tensor(rows, dtype=torch.long, device=probs.device)
-        if wide[rows[0]]:  # these rows' nucleus reaches past the top-k: sort them whole
-            row_values, row_ids = torch.sort(probs.index_select(0, index), dim=-1, descending=True)
-        else:
-            row_values, row_ids = values.index_select(0, index), ids.index_select(0, index)
-        drawn = _prefix_draw(
-            row_values, row_ids, top_p.index_select(0, index), uniforms.index_select(0, index)
-        )
-        for r, token in zip(rows, drawn, strict=True):
-            tokens[r] = token
-    return tokens
+
+    def whole(index: torch.Tensor) -> list[int]:  # these rows' nucleus reaches past the top-k: sort them
+        row_values, row_ids = torch.sort(probs[index], dim=-1, descending=True)
+        return _prefix_draw(row_values, row_ids, top_p[index], uniforms[index])
+
+    return _in_groups(
+        len(wide),
+        (
+            [i for i, w in enumerate(wide) if not w],
+            lambda i: _prefix_draw(values[i], ids[i], top_p[i], uniforms[i]),
+        ),
+        ([i for i, w in enumerate(wide) if w], whole),
+    )
 
 
 def _prefix_draw(
