@@ -36,6 +36,7 @@ from raybooth.errors import ModelError
 from raybooth.models.device import as_dtype, pick_device
 from raybooth.models.diffusion_family import SDFamily
 from raybooth.models.diffusion_family import detect_family as detect_diffusion_family
+from raybooth.models.pixtral_processor import PilPixtralProcessor
 from raybooth.models.presets import KIND_NAMES, PRESETS, resolve_model
 from raybooth.models.quantization import quantization_config
 from raybooth.models.vlm_family import TEXT, Family, image_only_processor_class
@@ -168,12 +169,18 @@ def _load_processor(path: str, family: Family, options: dict[str, Any]) -> Any:
         return AutoProcessor.from_pretrained(path, **options)
     except (ImportError, OSError) as e:
         # Processors that also handle video (Qwen-VL, ...) load a video processor, which needs torchvision
-        # (or, in a folder saved without one, is missing). Images need neither: build the processor from
-        # its image processor (the PIL one without torchvision) and tokenizer, without video.
+        # (or, in a folder saved without one, is missing), and transformers' Pixtral processor cannot be
+        # imported without it. Images need neither: build the processor from its image processor (the
+        # PIL one without torchvision) and tokenizer, without video.
         try:
             return _image_only_processor(path, options)
         except Exception:
             raise e from None
+
+
+# Processors whose transformers class cannot load without torchvision even for images, and the class that
+# does the same on the PIL image processor.
+PIL_PROCESSORS: dict[str, type[ProcessorMixin]] = {"PixtralProcessor": PilPixtralProcessor}
 
 
 def _image_only_processor(path: str, options: dict[str, Any]) -> ProcessorMixin:
@@ -186,7 +193,12 @@ def _image_only_processor(path: str, options: dict[str, Any]) -> ProcessorMixin:
     if not config_file.is_file():
         config_file = Path(hf_hub_download(path, "processor_config.json", **options))
     saved = json.loads(config_file.read_text(encoding="utf-8"))
-    cls = image_only_processor_class(getattr(transformers, saved["processor_class"]))
+    name = saved["processor_class"]
+    cls = (
+        PIL_PROCESSORS[name]
+        if name in PIL_PROCESSORS
+        else image_only_processor_class(getattr(transformers, name))
+    )
     tokenizer = AutoTokenizer.from_pretrained(path, **options)
     image_processor = AutoImageProcessor.from_pretrained(path, **options)
     # The processor's own settings (SmolVLM's image_seq_len: image tokens per tile) travel with it; the

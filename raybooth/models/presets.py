@@ -18,6 +18,7 @@ diffusers/transformers folder format under the work dir (`raybooth build-models`
     tiny-idefics2    Idefics2 shaped, tiny: perceiver-resampled images of their own size on a CPU
     tiny-llava-onevision  LLaVA-OneVision shaped, tiny: AnyRes for one image, base images for several
     tiny-paligemma   PaliGemma shaped, tiny: a prefix prompt + one image, bidirectional prefix, on a CPU
+    tiny-mistral3    Mistral3 (Pixtral) shaped, tiny: images at their own aspect ratio, token grids, on a CPU
     sd15-arch   SD 1.5's real architecture with random weights: GPU benchmarks only (~4 GB)
     sdxl-arch   SDXL base's real architecture with random weights: GPU benchmarks only (~14 GB)
     flux-arch   FLUX.1-dev's real architecture with random bf16 weights: GPU benchmarks only (~34 GB)
@@ -87,6 +88,7 @@ PRESETS: dict[str, Preset] = {
         Preset("tiny-idefics2", "vlm", "Idefics2 shaped (SigLIP + perceiver resampler), random; CPU"),
         Preset("tiny-llava-onevision", "vlm", "LLaVA-OneVision shaped (SigLIP, AnyRes, Qwen2), random; CPU"),
         Preset("tiny-paligemma", "vlm", "PaliGemma shaped (SigLIP + Gemma, prefix prompts), random; CPU"),
+        Preset("tiny-mistral3", "vlm", "Mistral3 shaped (Pixtral tower, patch merger, Mistral), random; CPU"),
         Preset("sdxl-arch", "sd", "SDXL base architecture (2.6B UNet) with random weights; GPU benchmarks"),
         Preset(
             "flux-arch",

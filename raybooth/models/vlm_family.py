@@ -23,14 +23,12 @@ The generic rule (`token` when the tensor is `(1, T)` for a T-token prompt, else
 families; a family names its exceptions. `decode=True` marks what the model also needs at every decode
 step (the rest is prefill only, as Hugging Face `generate` passes it). A family whose model call needs
 more than batching (Mllama's cross-attention masks) adds a `prepare` step on the batched inputs and its
-own `forward` (see `vlm_cross_attention.py`). A family whose transformers processor needs a package that
-is not installed (`requires`: Mistral3's torchvision) is refused at load, naming it. Plain PyTorch: no Ray.
+own `forward` (see `vlm_cross_attention.py`). Plain PyTorch: no Ray.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -74,7 +72,6 @@ class Family:
     rules: dict[str, InputRule] = field(default_factory=dict)  # overrides of the generic rule
     prepare: PrepareBatch | None = None  # for what batching alone cannot express (Mllama); None for most
     forward: ForwardBatch | None = None  # in place of `model(**inputs)` (Mllama); None for most families
-    requires: tuple[str, ...] = ()  # packages its transformers processor cannot run without
 
     def rule(self, name: str, tensor: torch.Tensor, prompt_tokens: int) -> InputRule:
         if name in self.rules:
@@ -135,13 +132,11 @@ LLAVA_ONEVISION = Family(
 )
 # Mistral3 (Pixtral vision): each image keeps its aspect ratio, so a row's images are (N_img, C, H, W)
 # padded to the row's largest; the batch pads H and W to its largest, and the tower cuts each image back
-# to its `image_sizes` entry. transformers marks `PixtralProcessor` as needing torchvision (though a PIL
-# image processor exists), so without torchvision the family is refused at load, naming it.
+# to its `image_sizes` entry. (Without torchvision its processor is `pixtral_processor.py`'s.)
 MISTRAL3 = Family(
     "Mistral3 / Pixtral",
     ("mistral3",),
     rules={"pixel_values": InputRule("pad"), "image_sizes": InputRule("concat")},
-    requires=("torchvision",),
 )
 
 
@@ -207,13 +202,6 @@ def detect_family(config: Any) -> Family:
     model_type = getattr(config, "model_type", None)
     for family in FAMILIES:
         if model_type in family.model_types:
-            missing = [p for p in family.requires if importlib.util.find_spec(p) is None]
-            if missing:
-                raise FamilyError(
-                    f"model type {model_type!r} ({family.name}) needs the {', '.join(missing)} package, "
-                    f"which is not installed here; install it, or use another of the supported families: "
-                    f"{supported_families()}"
-                )
             return family
     architectures = list(getattr(config, "architectures", None) or [])
     if architectures and all(a.endswith("ForCausalLM") for a in architectures):

@@ -1,6 +1,5 @@
 """Tiny presets of the families issue 12 added last: `tiny-qwen3-vl`, `tiny-idefics2`,
-`tiny-llava-onevision` and `tiny-paligemma`. (Mistral3 / Pixtral has none: transformers' `PixtralProcessor`
-requires torchvision, which is not a dependency, so `vlm_family` refuses that family at load without it.)
+`tiny-llava-onevision`, `tiny-paligemma` and `tiny-mistral3`.
 
     write_qwen3_vl_folder(Path("/tmp/tiny-qwen3-vl"), seed=0)
     AutoModelForImageTextToText.from_pretrained("/tmp/tiny-qwen3-vl")
@@ -18,6 +17,10 @@ different sizes give different pixel shapes or token counts, which the batching 
   follows its size), several per request are base images only (`batch_num_images` says which).
 - tiny-paligemma: SigLIP + Gemma with a bidirectional prefix (`token_type_ids`); no chat template: a
   prefix prompt with one image, as PaliGemma's processor builds it (`<image>...<bos>prompt\\n`).
+- tiny-mistral3: a Pixtral tower (2-D rotary patches, images keep their aspect ratio up to 64 pixels a
+  side) with Mistral3's 2x2 patch merger and a Mistral decoder; an image is a grid of `[IMG]` tokens with
+  `[IMG_BREAK]` after each row and `[IMG_END]` last, so 64x48 and 32x32 images give 15 and 6 tokens.
+  Its processor is saved as `PixtralProcessor` (`pixtral_processor.py` loads it without torchvision).
 """
 
 from __future__ import annotations
@@ -34,15 +37,19 @@ from transformers import (
     LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionImageProcessorPil,
     LlavaOnevisionProcessor,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
     PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
     PaliGemmaProcessor,
+    PixtralImageProcessorPil,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLProcessor,
     SiglipImageProcessorPil,
 )
 
+from raybooth.models.pixtral_processor import PilPixtralProcessor
 from raybooth.models.vlm_family import image_only_processor_class
 from raybooth.models.vlm_presets import (
     CHATML_SPECIALS,
@@ -222,10 +229,50 @@ def write_paligemma_folder(dest: Path, seed: int) -> None:
     _save(PaliGemmaForConditionalGeneration(config), processor, tokenizer, dest)
 
 
+# --------------------------------------------------------------------------------------------------
+# tiny-mistral3
+# --------------------------------------------------------------------------------------------------
+
+PIXTRAL_PATCH = 8  # pixels per vision patch side; the projector merges 2x2 patches into one image token
+PIXTRAL_MERGE = 2
+PIXTRAL_MAX_EDGE = 64
+PIXTRAL_SPECIALS = ("[IMG]", "[IMG_BREAK]", "[IMG_END]")
+# ChatML with Pixtral's image placeholder (the processor expands it to the image's token grid).
+PIXTRAL_TEMPLATE = CHATML_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "[IMG]")
+
+
+def write_mistral3_folder(dest: Path, seed: int) -> None:
+    """`tiny-mistral3`: a `Mistral3ForConditionalGeneration` (Pixtral tower, patch merger, Mistral)."""
+    tokenizer = build_chatml_tokenizer(extra_specials=PIXTRAL_SPECIALS, chat_template=PIXTRAL_TEMPLATE)
+    image_processor = PixtralImageProcessorPil(
+        size={"longest_edge": PIXTRAL_MAX_EDGE},
+        patch_size={"height": PIXTRAL_PATCH, "width": PIXTRAL_PATCH},
+    )
+    processor = PilPixtralProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PIXTRAL_PATCH,
+        spatial_merge_size=PIXTRAL_MERGE,
+        chat_template=PIXTRAL_TEMPLATE,
+    )
+    vision = tiny_vision(PIXTRAL_MAX_EDGE, PIXTRAL_PATCH, model_type="pixtral", head_dim=16)
+    config = Mistral3Config(
+        vision_config=vision,
+        text_config={"model_type": "mistral", **_text_config_args(tokenizer)},
+        image_token_index=processor.image_token_id,
+        spatial_merge_size=PIXTRAL_MERGE,
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    _save(Mistral3ForConditionalGeneration(config), processor, tokenizer, dest)
+
+
 # Preset name → the function that writes its folder (presets.build_preset looks it up here).
 WRITERS = {
     "tiny-qwen3-vl": write_qwen3_vl_folder,
     "tiny-idefics2": write_idefics2_folder,
     "tiny-llava-onevision": write_llava_onevision_folder,
     "tiny-paligemma": write_paligemma_folder,
+    "tiny-mistral3": write_mistral3_folder,
 }

@@ -41,6 +41,7 @@ def test_presets_are_named_with_kinds():
         "tiny-idefics2": "vlm",
         "tiny-llava-onevision": "vlm",
         "tiny-paligemma": "vlm",
+        "tiny-mistral3": "vlm",
         "sdxl-arch": "sd",
         "flux-arch": "sd",
     }

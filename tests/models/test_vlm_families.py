@@ -2,7 +2,8 @@
 patch grids; Qwen3's deepstack), tiny-smolvlm (per-request tile counts), tiny-idefics2 (images of their
 own pixel size), tiny-llava-next and tiny-llava-onevision (per-image crop counts; OneVision's base-only
 multi-image rows), tiny-mllama (cross-attention to each row's own images), tiny-florence2
-(encoder-decoder, task prompts), tiny-paligemma (prefix prompt, bidirectional prefix), tiny-llm.
+(encoder-decoder, task prompts), tiny-paligemma (prefix prompt, bidirectional prefix), tiny-mistral3
+(Pixtral's token grids, images at their own size), tiny-llm.
 
 .venv/bin/python -m pytest tests/models/test_vlm_families.py
 
@@ -16,10 +17,12 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import Blip2Config, Mistral3Config
+from transformers import Blip2Config
 
 from raybooth.cluster.workdir import default_models_dir
 from raybooth.errors import ModelError
@@ -55,6 +58,7 @@ VISION_PRESETS = [
     "tiny-mllama",
     "tiny-florence2",
     "tiny-paligemma",
+    "tiny-mistral3",
 ]
 
 
@@ -229,17 +233,24 @@ def test_unsupported_family_is_refused_at_load_in_one_line(tmp_path):
         detect_family(Blip2Config())
 
 
-def test_family_whose_processor_needs_torchvision_is_refused_at_load_naming_it(tmp_path):
-    # transformers' PixtralProcessor (Mistral3) requires torchvision, which is no dependency here.
-    Mistral3Config().save_pretrained(tmp_path)
-    if importlib.util.find_spec("torchvision") is not None:  # where it is installed the family is run
-        assert detect_family(Mistral3Config()).name == "Mistral3 / Pixtral"
-        return
-    with pytest.raises(ModelError) as info:
-        load_vlm(str(tmp_path), device="cpu")
-    message = str(info.value)
-    assert "\n" not in message and "'mistral3'" in message and "needs the torchvision package" in message
-    assert "supported families" in message and "paligemma" in message
+def test_pixtral_processor_without_torchvision_lays_each_image_out_as_its_token_grid():
+    # transformers' PixtralProcessor cannot be imported without torchvision; the PIL one must give the
+    # layout the model reads: per row of merged patches, one [IMG] each, then [IMG_BREAK]; [IMG_END] last.
+    engine = load_engine("tiny-mistral3")
+    processor, tokenizer = engine.processor, engine.processor.tokenizer
+    if importlib.util.find_spec("torchvision") is None:
+        assert type(processor).__name__ == "PilPixtralProcessor"
+    path = resolve_model("tiny-mistral3", kind="vlm", models_dir=default_models_dir())
+    saved = json.loads((Path(path) / "processor_config.json").read_text())
+    assert saved["processor_class"] == "PixtralProcessor"  # what a checkpoint names; loads it elsewhere
+    prepared = engine.prepare(chat(image(1, (64, 48)), text("hi"), image(2, (32, 32))))
+    pieces = tokenizer.convert_ids_to_tokens(prepared.input_ids)
+    grid = "".join(p for p in pieces if p.startswith("[IMG"))
+    wide = ("[IMG]" * 4 + "[IMG_BREAK]") * 2 + "[IMG]" * 4 + "[IMG_END]"  # 64x48: 3 rows of 4 tokens
+    small = "[IMG]" * 2 + "[IMG_BREAK]" + "[IMG]" * 2 + "[IMG_END]"  # 32x32: 2 rows of 2
+    assert grid == wide + small
+    assert prepared.inputs["image_sizes"].tolist() == [[48, 64], [32, 32]]
+    assert tuple(prepared.inputs["pixel_values"].shape) == (2, 3, 48, 64)  # padded to the row's largest
 
 
 def test_collate_rules_left_pad_token_outputs_concat_images_and_pad_per_request_axes():

@@ -30,7 +30,7 @@ from raybooth.samples import draw_sample_image, png_bytes, write_sample_images
 PROMPTS = {"tiny-florence2": "<CAPTION>", "tiny-paligemma": "caption en"}
 VLM_PRESETS = [
     "tiny-vlm", "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-smolvlm", "tiny-idefics2", "tiny-llava-next",
-    "tiny-llava-onevision", "tiny-mllama", "tiny-florence2", "tiny-paligemma",
+    "tiny-llava-onevision", "tiny-mllama", "tiny-florence2", "tiny-paligemma", "tiny-mistral3",
 ]  # fmt: skip
 
 
