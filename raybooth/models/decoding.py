@@ -196,12 +196,8 @@ def pick_tokens(
     picks: list[int | Exception] = []
     sampled: list[int] = []  # rows that sample (not greedy, nothing wrong with their logits)
     for b, token in enumerate(best.tolist()):
-        if math.isnan(top_values[b]) or top_values[b] == math.inf:
-            picks.append(SamplingError("the model produced non-finite logits for this row"))
-        elif top_values[b] == -math.inf:
-            picks.append(
-                NoTokenError("no token may follow: the response_format schema admits no further output")
-            )
+        if (problem := _row_problem(top_values[b])) is not None:
+            picks.append(problem)
         elif params[b].greedy:
             picks.append(token)
         else:
@@ -239,16 +235,66 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     """Pick the next token of one row from its logits `(V,)` (already masked by any grammar).
 
     Raises NoTokenError when every token is masked and SamplingError on NaN/+inf logits, so the engine
-    can end this row alone; the draw only ever sees a finite distribution with mass."""
+    can end this row alone; the draw only ever sees a finite distribution with mass. It is `pick_tokens`
+    for one row, so a row draws the same token alone as in any batch."""
+    token = pick_tokens(logits.unsqueeze(0), [params], [generator])[0]
+    if isinstance(token, Exception):
+        raise token
+    return token
+
+
+def _row_problem(top: float) -> Exception | None:
+    """What is wrong with a row whose largest logit is `top` (its argmax's value, which is NaN or +inf
+    when the row has one): SamplingError for the model's NaN/+inf, NoTokenError when every token is
+    masked (-inf), None for a row to sample from."""
+    if math.isnan(top) or top == math.inf:
+        return SamplingError("the model produced non-finite logits for this row")
+    if top == -math.inf:
+        return NoTokenError("no token may follow: the response_format schema admits no further output")
+    return None
+
+
+def _tempered(logits: torch.Tensor, best: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """Each row's softmax at its temperature `(N, V)`, for rows with finite maxima `best` `(N,)`.
+    Subtracting the max first keeps each row's best logit at 0, so a small temperature sends the others
+    towards -inf (probability 0) instead of overflowing to inf - inf = NaN."""
+    return torch.softmax((logits - best.unsqueeze(1)) / temperature.unsqueeze(1), dim=-1)
+
+
+def _nucleus_mask(values: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Which of each row's probabilities `values` `(N, K)`, sorted likeliest first, its top_p nucleus keeps:
+    the smallest prefix whose mass reaches top_p (a token stays if the mass before it is < top_p), the
+    likeliest always (a top_p that rounds to 0 in float32, 1e-300, means top-1)."""
+    keep = torch.cumsum(values, dim=-1) - values < top_p.unsqueeze(1)
+    keep[:, 0] = True
+    return keep
+
+
+def sampling_distributions(
+    logits: torch.Tensor, params: Sequence[SamplingParams]
+) -> tuple[torch.Tensor, list[Exception | None]]:
+    """The distributions `(N, V)` that `pick_tokens` draws each row of `logits` `(N, V)` from (adjusted
+    and masked), and per row the error it would give instead (that row's distribution is then garbage):
+    one-hot at the argmax for a greedy row, else the temperature softmax cut to its top_p nucleus and
+    renormalised. Speculative decoding's acceptance rule compares these for the draft and the model."""
     logits = logits.float()
-    if torch.isnan(logits).any() or torch.isposinf(logits).any():
-        raise SamplingError("the model produced non-finite logits for this row")
-    best = torch.argmax(logits)
-    if logits[best] == float("-inf"):
-        raise NoTokenError("no token may follow: the response_format schema admits no further output")
-    if params.greedy:
-        return int(best)
-    return _draw(logits.unsqueeze(0), logits[best].reshape(1), [params], [generator])[0]
+    best = torch.argmax(logits, dim=1)
+    top = logits.gather(1, best.unsqueeze(1)).squeeze(1)
+    problems = [_row_problem(value) for value in top.tolist()]
+    greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+    temperature = torch.tensor(
+        [1.0 if p.greedy else p.temperature for p in params], dtype=logits.dtype, device=logits.device
+    )
+    top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=logits.device)
+    probs = _tempered(logits, torch.where(top.isfinite(), top, torch.zeros_like(top)), temperature)
+    if bool((top_p < 1.0).any()):
+        values, order = torch.sort(probs, dim=-1, descending=True)
+        keep = _nucleus_mask(values, top_p) | (top_p >= 1.0).unsqueeze(1)
+        probs = torch.zeros_like(probs).scatter(1, order, values * keep)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    if bool(greedy.any()):
+        probs[greedy] = torch.nn.functional.one_hot(best[greedy], logits.shape[-1]).to(probs.dtype)
+    return probs, problems
 
 
 def _draw(
@@ -262,12 +308,10 @@ def _draw(
 
     The softmax, sort and cumulative sums run on the whole `(N, V)` block, but each is computed along a
     row from that row alone, so a row draws the same token in any batch (and alone, N = 1). Before, each
-    row ran a dozen small ops and torch.multinomial on its own: 0.9 ms per row and step at V = 32k.
-    Subtracting the max first keeps each row's best logit at 0, so a small temperature sends the others
-    towards -inf (probability 0) instead of overflowing to inf - inf = NaN."""
+    row ran a dozen small ops and torch.multinomial on its own: 0.9 ms per row and step at V = 32k."""
     device = logits.device
     temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
-    probs = torch.softmax((logits - best.unsqueeze(1)) / temperature.unsqueeze(1), dim=-1)  # (N, V)
+    probs = _tempered(logits, best, temperature)  # (N, V)
     uniforms = torch.cat([torch.rand(1, generator=g) for g in generators]).to(device, logits.dtype)
     top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=device)
     nucleus = [i for i, p in enumerate(params) if p.top_p < 1.0]
@@ -323,11 +367,7 @@ def _prefix_draw(
     values: torch.Tensor, ids: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor
 ) -> list[int]:
     """Inverse-CDF draw over each row's sorted `values` `(N, K)` cut to its top_p prefix; the token `ids`."""
-    # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
-    keep = torch.cumsum(values, dim=-1) - values < top_p.unsqueeze(1)
-    # The likeliest token always stays: a top_p that rounds to 0 in float32 (1e-300) means top-1.
-    keep[:, 0] = True
-    kept = torch.where(keep, values, torch.zeros_like(values))
+    kept = torch.where(_nucleus_mask(values, top_p), values, torch.zeros_like(values))
     positions = torch.tensor(_inverse_cdf(kept, uniforms), dtype=torch.long, device=values.device)
     return ids.gather(1, positions.unsqueeze(1)).squeeze(1).tolist()
 

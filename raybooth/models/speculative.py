@@ -57,8 +57,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from raybooth.errors import ModelError
-from raybooth.models.decoding import adjust_logits
-from raybooth.models.speculative_sampling import AcceptanceCounters, batch_sampling_probs, verify_row
+from raybooth.models.decoding import adjust_logits, sampling_distributions
+from raybooth.models.speculative_sampling import AcceptanceCounters, verify_row
 from raybooth.models.vlm_requests import PreparedRequest, StreamDelta
 from raybooth.models.vlm_rows import DecodeRow
 
@@ -219,7 +219,7 @@ class SpeculativeDecoder:
             adjusted = torch.stack(
                 [adjust_logits(logits[b], row.params, counts[b]) for b, row in enumerate(rows)]
             )
-            q_all, problems = batch_sampling_probs(adjusted, [row.params for row in rows])  # (B, V)
+            q_all, problems = sampling_distributions(adjusted, [row.params for row in rows])  # (B, V)
             for b, row in enumerate(rows):
                 token, q = pad, one_hot_pad  # a placeholder the served model judges like any proposal
                 # The draft's own trouble (no token, NaN) leaves the placeholder: the row is judged anyway.

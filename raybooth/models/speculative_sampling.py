@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from raybooth.models.decoding import NoTokenError, SamplingError, SamplingParams, adjust_logits, sample_token
+from raybooth.models.decoding import SamplingParams, adjust_logits, sample_token, sampling_distributions
 from raybooth.models.vlm_requests import StreamDelta
 from raybooth.models.vlm_rows import DecodeRow
 
@@ -49,45 +49,11 @@ class AcceptanceCounters:
 
 def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution `(V,)` that `decoding.sample_token` draws one row's token from, for logits `(V,)`
-    already masked and adjusted: one-hot at the argmax for a greedy row, else the temperature softmax cut
-    to its top_p nucleus (the likeliest token always kept) and renormalised. Raises as sample_token does."""
-    probs, problem = batch_sampling_probs(logits.unsqueeze(0), [params])
+    already masked and adjusted (`decoding.sampling_distributions` for one row). Raises as sample_token does."""
+    probs, problem = sampling_distributions(logits.unsqueeze(0), [params])
     if problem[0] is not None:
         raise problem[0]
     return probs[0]
-
-
-def batch_sampling_probs(
-    logits: torch.Tensor, params: Sequence[SamplingParams]
-) -> tuple[torch.Tensor, list[Exception | None]]:
-    """`sampling_probs` for N rows at once, `(N, V)` logits with one params each: the distributions
-    `(N, V)` and, per row, the error sample_token would raise (that row's distribution is then garbage).
-    One batched softmax and sort instead of N: the draft's proposals for a whole batch come from here."""
-    logits = logits.float()
-    top, best = logits.max(dim=-1)  # (N,): max propagates NaN
-    greedy = torch.tensor([p.greedy for p in params])
-    temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params])
-    top_p = torch.tensor([p.top_p for p in params])
-    # Subtracting each row's max keeps its best logit at 0 (no inf - inf), as sample_token does.
-    shifted = torch.where(top.isfinite()[:, None], logits - top[:, None], torch.zeros_like(logits))
-    probs = torch.softmax(shifted / temperature[:, None], dim=-1)  # (N, V)
-    if bool((top_p < 1.0).any()):
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        keep = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p[:, None]) | (top_p >= 1.0)[:, None]
-        keep[:, 0] = True
-        probs = torch.zeros_like(probs).scatter(1, order, sorted_probs * keep)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-    if bool(greedy.any()):
-        probs[greedy] = torch.nn.functional.one_hot(best[greedy], logits.shape[-1]).float()
-    problems: list[Exception | None] = [None] * len(params)
-    for n in (~top.isfinite()).nonzero().flatten().tolist():
-        if top[n] == float("-inf") and not bool(torch.isposinf(logits[n]).any()):
-            problems[n] = NoTokenError(
-                "no token may follow: the response_format schema admits no further output"
-            )
-        else:
-            problems[n] = SamplingError("the model produced non-finite logits for this row")
-    return probs, problems
 
 
 def accept_or_resample(

@@ -15,7 +15,14 @@ import pytest
 import torch
 
 from raybooth.cluster.workdir import default_models_dir
-from raybooth.models.decoding import SamplingParams, pick_tokens, row_generator, sample_token
+from raybooth.models.decoding import (
+    NoTokenError,
+    SamplingParams,
+    pick_tokens,
+    row_generator,
+    sample_token,
+    sampling_distributions,
+)
 from raybooth.models.presets import resolve_model
 from raybooth.models.vlm_engine import GenerationRequest, StreamDelta, VLMEngine
 from raybooth.models.vlm_scheduler import QueueFull, Scheduler
@@ -454,20 +461,53 @@ def test_batched_sampling_equals_the_per_row_path_on_a_mixed_batch():
 
 
 def test_batched_token_picks_raise_what_each_row_raises_alone():
-    """`pick_tokens` finds a row's NaN, +inf and all-masked logits from the batch's one argmax, and
-    returns for each row the token or the error `sample_token` gives that row alone."""
+    """`pick_tokens` finds a row's NaN, +inf and all-masked logits from the batch's one argmax and gives
+    that row its error; the other rows get their tokens, the same as each drawn alone."""
     inf, nan = float("inf"), float("nan")
     logits = torch.tensor(
         [[0.0, 2.0, 2.0, 1.0], [1.0, nan, 3.0, 0.0], [-inf, 1.0, inf, 0.0], [-inf] * 4, [0.5, 0.1, 0.3, 0.2]]
     )  # fmt: skip
     params = [SamplingParams(temperature=0.0)] * 4 + [SamplingParams(temperature=0.8, seed=1)]
     picks = pick_tokens(logits, params, [row_generator(p) for p in params])
-    for b, pick in enumerate(picks):
-        try:
-            alone: int | Exception = sample_token(logits[b], params[b], row_generator(params[b]))
-        except Exception as e:
-            alone = e
-        assert type(pick) is type(alone) and (
-            str(pick) == str(alone) if isinstance(alone, Exception) else pick == alone
-        )
+    assert [type(p).__name__ for p in picks] == [
+        "int",
+        "SamplingError",
+        "SamplingError",
+        "NoTokenError",
+        "int",
+    ]
     assert picks[0] == 1  # a tie goes to the first maximum, as the 1-D argmax picks it
+    assert picks[4] == pick_tokens(logits[4:], params[4:], [row_generator(params[4])])[0]
+    with pytest.raises(NoTokenError, match="no token may follow"):
+        sample_token(logits[3], params[0], row_generator(params[0]))
+    _, problems = sampling_distributions(logits, params)
+    assert [type(p).__name__ for p in problems] == [
+        "NoneType",
+        *[type(p).__name__ for p in picks[1:4]],
+        "NoneType",
+    ]
+
+
+@pytest.mark.parametrize(
+    "temperature, top_p",
+    [(0.0, 1.0), (0.7, 1.0), (1.3, 0.6), (0.9, 0.95), (0.5, 1e-300)],
+)
+def test_the_draws_follow_the_distributions_speculative_decoding_compares(temperature, top_p):
+    """Speculative decoding keeps the model's output distribution only if `sampling_distributions` is the
+    distribution `pick_tokens` really draws from: the same temperature, the same top_p cut (no token
+    outside it ever drawn), one-hot for greedy rows."""
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, -6.0]])
+    params = SamplingParams(temperature=temperature, top_p=top_p)
+    expected = sampling_distributions(logits, [params])[0][0]
+    draws = 6000
+    counts = torch.zeros(8)
+    rows = pick_tokens(
+        logits.expand(draws, -1),
+        [params] * draws,
+        [row_generator(SamplingParams(seed=s)) for s in range(draws)],
+    )
+    for token in rows:
+        counts[token] += 1
+    observed = counts / draws
+    assert torch.all(observed[expected == 0] == 0)
+    assert torch.allclose(observed, expected, atol=0.025), (observed, expected)
