@@ -39,6 +39,7 @@ from raybooth.models.diffusion_family import detect_family as detect_diffusion_f
 from raybooth.models.pixtral_processor import PilPixtralProcessor
 from raybooth.models.presets import KIND_NAMES, PRESETS, resolve_model
 from raybooth.models.quantization import quantization_config
+from raybooth.models.qwen_video_processor import PIL_VIDEO_PROCESSORS, with_pil_video
 from raybooth.models.vlm_family import TEXT, Family, image_only_processor_class
 from raybooth.models.vlm_family import detect_family as detect_vlm_family
 
@@ -170,8 +171,9 @@ def _load_processor(path: str, family: Family, options: dict[str, Any]) -> Any:
     except (ImportError, OSError) as e:
         # Processors that also handle video (Qwen-VL, ...) load a video processor, which needs torchvision
         # (or, in a folder saved without one, is missing), and transformers' Pixtral processor cannot be
-        # imported without it. Images need neither: build the processor from its image processor (the
-        # PIL one without torchvision) and tokenizer, without video.
+        # imported without it. Build the processor from its image processor (the PIL one without
+        # torchvision) and tokenizer, with a PIL video processor where raybooth has one (Qwen2-VL,
+        # Qwen2.5-VL), else without video (a video then reaches the model as its frames).
         try:
             return _image_only_processor(path, options)
         except Exception:
@@ -181,6 +183,16 @@ def _load_processor(path: str, family: Family, options: dict[str, Any]) -> Any:
 # Processors whose transformers class cannot load without torchvision even for images, and the class that
 # does the same on the PIL image processor.
 PIL_PROCESSORS: dict[str, type[ProcessorMixin]] = {"PixtralProcessor": PilPixtralProcessor}
+# What the PIL video processor reads from a checkpoint's video (or, failing that, image) processor config.
+VIDEO_SETTINGS = (
+    "size",
+    "patch_size",
+    "merge_size",
+    "temporal_patch_size",
+    "image_mean",
+    "image_std",
+    "rescale_factor",
+)
 
 
 def _image_only_processor(path: str, options: dict[str, Any]) -> ProcessorMixin:
@@ -194,13 +206,17 @@ def _image_only_processor(path: str, options: dict[str, Any]) -> ProcessorMixin:
         config_file = Path(hf_hub_download(path, "processor_config.json", **options))
     saved = json.loads(config_file.read_text(encoding="utf-8"))
     name = saved["processor_class"]
-    cls = (
-        PIL_PROCESSORS[name]
-        if name in PIL_PROCESSORS
-        else image_only_processor_class(getattr(transformers, name))
-    )
     tokenizer = AutoTokenizer.from_pretrained(path, **options)
     image_processor = AutoImageProcessor.from_pretrained(path, **options)
+    parts: dict[str, Any] = {}
+    if name in PIL_PROCESSORS:
+        cls = PIL_PROCESSORS[name]
+    elif name in PIL_VIDEO_PROCESSORS:
+        cls = with_pil_video(getattr(transformers, name))
+        video = _video_settings(path, saved, image_processor, options)
+        parts["video_processor"] = PIL_VIDEO_PROCESSORS[name](**video)
+    else:
+        cls = image_only_processor_class(getattr(transformers, name))
     # The processor's own settings (SmolVLM's image_seq_len: image tokens per tile) travel with it; the
     # sub-processors' configs (dicts) are loaded above.
     settings = {
@@ -210,8 +226,38 @@ def _image_only_processor(path: str, options: dict[str, Any]) -> ProcessorMixin:
         image_processor=image_processor,
         tokenizer=tokenizer,
         chat_template=tokenizer.chat_template,
+        **parts,
         **settings,
     )
+
+
+def _video_settings(
+    path: str, saved: dict[str, Any], image_processor: Any, options: dict[str, Any]
+) -> dict[str, Any]:
+    """A checkpoint's video processor settings: `processor_config.json`'s `video_processor` entry, else
+    `video_preprocessor_config.json`, else (as transformers falls back) its image processor's."""
+    import json
+
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    config = saved.get("video_processor")
+    if not isinstance(config, dict):
+        file = Path(path) / "video_preprocessor_config.json"
+        if not file.is_file() and not Path(path).is_dir():
+            try:
+                file = Path(hf_hub_download(path, file.name, **options))
+            except EntryNotFoundError:
+                pass
+        config = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else image_processor.to_dict()
+    config = dict(config)
+    size = dict(config.get("size") or {})
+    for old, new in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+        if config.get(old) is not None:  # the older spelling of the pixel bounds
+            size[new] = config[old]
+    if size:
+        config["size"] = size
+    return {k: config[k] for k in VIDEO_SETTINGS if config.get(k) is not None}
 
 
 def hub_reachable(timeout_s: float = 3.0) -> bool:

@@ -97,6 +97,11 @@ QWEN_VL = Family(
         # Qwen flattens all patches of all images into one (N_patches, C) tensor; the grid says whose.
         "pixel_values": InputRule("concat"),
         "image_grid_thw": InputRule("concat"),
+        # Videos the same way: all their spatio-temporal patches, a (t, h, w) grid per video, and (2.5-VL)
+        # the seconds between temporal patches, which M-RoPE's time axis reads.
+        "pixel_values_videos": InputRule("concat"),
+        "video_grid_thw": InputRule("concat"),
+        "second_per_grid_ts": InputRule("concat"),
         "mm_token_type_ids": InputRule("token"),  # what get_rope_index reads: 0 text, 1 image, 2 video
     },
 )

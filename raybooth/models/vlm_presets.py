@@ -43,6 +43,7 @@ from transformers import (
 )
 
 from raybooth.models.bpe import VLM_BOS, VLM_EOS, VLM_IMAGE, VLM_PAD, build_chat_tokenizer
+from raybooth.models.qwen_video_processor import PIL_VIDEO_PROCESSORS, with_pil_video
 from raybooth.models.vlm_family import image_only_processor_class
 
 IMAGE_SIZE = 32  # pixels per side after the processor's resize + center crop
@@ -218,6 +219,7 @@ CHATML_TEMPLATE = (
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% elif message['content'] %}{% for part in message['content'] %}"
     "{% if part['type'] in ('image', 'image_url') %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] in ('video', 'video_url') %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
     "{% if message['tool_calls'] is defined and message['tool_calls'] %}"
@@ -281,17 +283,24 @@ def write_llm_folder(dest: Path, seed: int) -> None:
 
 def build_qwen_processor(processor: type[ProcessorMixin] = Qwen2_5_VLProcessor) -> ProcessorMixin:
     """Tokenizer + the PIL Qwen2-VL image processor (Qwen2.5-VL's and Qwen3-VL's too) in the Qwen
-    `processor` class; no video processor (it needs torchvision)."""
+    `processor` class, with the same settings' PIL video processor for Qwen2-VL / Qwen2.5-VL (saved as
+    transformers' `Qwen2VLVideoProcessor`); Qwen3-VL's (timestamps, its own resize) is left out."""
     tokenizer = build_chatml_tokenizer()
+    settings = dict(patch_size=QWEN_PATCH, merge_size=QWEN_MERGE, temporal_patch_size=2)
     image_processor = Qwen2VLImageProcessorPil(
-        patch_size=QWEN_PATCH,
-        merge_size=QWEN_MERGE,
-        temporal_patch_size=2,
-        min_pixels=QWEN_MIN_PIXELS,
-        max_pixels=QWEN_MAX_PIXELS,
+        **settings, min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS
     )
-    processor_class = image_only_processor_class(processor)
-    return processor_class(
+    if processor.__name__ in PIL_VIDEO_PROCESSORS:
+        video_processor = PIL_VIDEO_PROCESSORS[processor.__name__](
+            **settings, size={"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS}
+        )
+        return with_pil_video(processor)(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=video_processor,
+            chat_template=CHATML_TEMPLATE,
+        )
+    return image_only_processor_class(processor)(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=CHATML_TEMPLATE
     )
 

@@ -24,10 +24,12 @@ from typing import Any
 
 import torch
 from PIL import Image
+from transformers.video_utils import VideoMetadata
 
 from raybooth.models.decoding import SamplingParams
 from raybooth.models.image_budget import check_image_budget
 from raybooth.models.images import ImageLimits
+from raybooth.models.video import VideoLimits
 from raybooth.models.vlm_family import ENGINE_INPUTS
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,8 @@ SERVER_ERROR = "server_error"  # the engine failed on the row (HTTP 500)
 class GenerationRequest:
     """One conversation. Content is a string or OpenAI-like parts with images and videos already decoded:
     `{"type": "text", "text": ...}` / `{"type": "image", "image": PIL.Image}` /
-    `{"type": "video", "video": [PIL.Image, ...]}` (its sampled frames, `models/video.py`)."""
+    `{"type": "video", "video": [PIL.Image, ...], "fps": 1.0}` (its frames, sampled at `fps` per second of
+    video by `models/video.py`; a video processor reads the time between frames from it)."""
 
     messages: list[dict[str, Any]]
     params: SamplingParams = field(default_factory=SamplingParams)
@@ -163,11 +166,21 @@ class SplitContent:
     messages: list[dict[str, Any]]  # image parts reduced to {"type": "image"}, videos to {"type": "video"}
     images: list[Image.Image]  # image parts' images and, for a model without a video processor, video frames
     videos: list[list[Image.Image]]  # each video's frames, for the model's video processor
+    video_fps: list[float] = field(default_factory=list)  # the rate each video's frames were sampled at
     video_parts: int = 0  # video parts in the request, whichever way their frames go
 
     @property
     def frames(self) -> int:
         return len(self.images) + sum(len(v) for v in self.videos)
+
+
+def _video_fps(part: dict[str, Any]) -> float:
+    """The frames-per-second a video part's frames were sampled at (`models/video.py`'s default where the
+    part does not say)."""
+    fps = part.get("fps", VideoLimits().fps)
+    if isinstance(fps, bool) or not isinstance(fps, int | float) or not 0 < fps < float("inf"):
+        raise RequestError(f"a video part's fps must be a positive number of frames per second, not {fps!r}")
+    return float(fps)
 
 
 def split_content(messages: Sequence[dict[str, Any]], frames_as_images: bool = True) -> SplitContent:
@@ -198,6 +211,7 @@ def split_content(messages: Sequence[dict[str, Any]], frames_as_images: bool = T
                         parts.extend({"type": "image"} for _ in frames)
                     else:
                         split.videos.append(list(frames))
+                        split.video_fps.append(_video_fps(part))
                         parts.append({"type": "video"})
                 elif kind == "text":
                     parts.append({"type": "text", "text": str(part.get("text", ""))})
@@ -268,6 +282,10 @@ def prepare_request(processor: Any, request: GenerationRequest) -> PreparedReque
     special = {"add_special_tokens": not (bos and prompt.startswith(bos)), "return_tensors": "pt"}
     if split.videos:
         special["videos"] = split.videos
+        special["video_metadata"] = [
+            VideoMetadata(total_num_frames=len(frames), fps=fps)
+            for frames, fps in zip(split.videos, split.video_fps, strict=True)
+        ]
     if vision:
         try:
             encoded = processor(text=[prompt], images=images or None, **special)

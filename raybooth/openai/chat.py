@@ -266,7 +266,7 @@ def _decoded_part(
                 param=param,
             )
         frames = load_video(url, limits.videos, limits.images, name=name, filesystem=storage.filesystem)
-        return {"type": "video", "video": frames}
+        return {"type": "video", "video": frames, "fps": limits.videos.fps}  # frames per second sampled
     except ImageError as e:  # VideoError too
         raise bad_request(str(e), param=param) from e
 

@@ -15,6 +15,7 @@ import av
 import fsspec
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from raybooth.cluster.workdir import default_models_dir
@@ -121,7 +122,8 @@ def test_a_video_is_read_from_a_path_a_data_url_and_a_storage_filesystem(tmp_pat
 
 
 # --------------------------------------------------------------------------------------------------
-# Through the engine: frames as images (neither preset has a video processor: it needs torchvision)
+# Through the engine: frames as images where the model has no video processor (tiny-vlm; Qwen3-VL without
+# torchvision), Qwen2-VL / 2.5-VL's own spatio-temporal patches where it has (PIL, without torchvision)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -141,7 +143,7 @@ def ask(*parts, limits: ImageLimits | None = None) -> GenerationRequest:
     )
 
 
-@pytest.mark.parametrize("preset", ["tiny-vlm", "tiny-qwen2.5-vl"])
+@pytest.mark.parametrize("preset", ["tiny-vlm", "tiny-qwen3-vl"])
 def test_a_video_is_its_frames_as_images_in_order(preset):
     engine = load_engine(preset)
     frames = decode_video(make_video(), ONE_FPS, ImageLimits())
@@ -159,6 +161,37 @@ def test_a_video_is_its_frames_as_images_in_order(preset):
         prepare_request(engine.processor, reversed_frames).inputs["pixel_values"].numpy(),
     )
     assert reversed_video.error is None
+
+
+def test_a_qwen_video_is_its_processors_patches_and_an_image_is_a_video_of_repeated_frames():
+    """Qwen2.5-VL without torchvision: the PIL video processor gives the model a video as transformers'
+    own does. An image is a one-step video of `temporal_patch_size` identical frames, so a video of two
+    copies of a frame is, patch for patch, the image processor's output for it; frames are padded to a
+    whole temporal patch with the last one; the fps the frames were sampled at sets the seconds between
+    temporal patches (what M-RoPE's time axis reads); the frames reach the model in their order."""
+    engine = load_engine("tiny-qwen2.5-vl")
+    processor = engine.processor
+    assert type(processor.video_processor).__name__ == "PilQwen2VLVideoProcessor"
+    frame = draw_sample_image(3).resize((72, 40))
+    image = processor.image_processor(images=[frame], return_tensors="pt")
+    video = processor.video_processor([frame, frame], return_tensors="pt")
+    assert video["video_grid_thw"].tolist() == image["image_grid_thw"].tolist() == [[1, 4, 8]]
+    np.testing.assert_allclose(video["pixel_values_videos"], image["pixel_values"], atol=1e-5, rtol=0)
+
+    frames = decode_video(make_video(), VideoLimits(max_frames=3, fps=1.5), ImageLimits())
+    assert len(frames) == 3
+    prepared = prepare_request(processor, ask({"type": "video", "video": frames, "fps": 1.5}))
+    (t, h, w), merge = prepared.inputs["video_grid_thw"].tolist()[0], processor.video_processor.merge_size
+    assert t == 2  # 3 frames + the last repeated = 2 temporal patches
+    pad = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    assert prepared.input_ids.count(pad) == t * h * w // merge**2
+    assert prepared.inputs["second_per_grid_ts"].tolist() == pytest.approx([2 / 1.5])
+    padded = prepare_request(processor, ask({"type": "video", "video": [*frames, frames[-1]], "fps": 1.5}))
+    torch.testing.assert_close(padded.inputs["pixel_values_videos"], prepared.inputs["pixel_values_videos"])
+    backwards = prepare_request(processor, ask({"type": "video", "video": frames[::-1], "fps": 1.5}))
+    assert not torch.equal(backwards.inputs["pixel_values_videos"], prepared.inputs["pixel_values_videos"])
+    with pytest.raises(RequestError, match="fps must be a positive number"):
+        prepare_request(processor, ask({"type": "video", "video": frames, "fps": 0}))
 
 
 def test_video_frames_count_against_the_image_budget():

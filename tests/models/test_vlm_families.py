@@ -123,6 +123,11 @@ def mixed_batch(engine: VLMEngine) -> list[GenerationRequest]:
             chat(image(0, (40, 40)), text("<CAPTION>" if task else "Describe the image.")),
             images_request(engine)[0],
         ]
+    if (
+        getattr(engine.processor, "video_processor", None) is not None
+    ):  # Qwen2-VL / 2.5-VL without torchvision too
+        frames = [draw_sample_image(i).resize((48, 32)) for i in (4, 5, 6)]  # 3 frames: padded to 4
+        rows.append(chat({"type": "video", "video": frames, "fps": 2.0}, text("What happens?")))
     return rows
 
 

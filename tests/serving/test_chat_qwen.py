@@ -1,6 +1,7 @@
 """The chat route serving a Qwen-VL model (tiny-qwen2.5-vl: M-RoPE positions, image grids) through the
-official `openai` client: a streamed answer about an image, and a video request (its sampled frames),
-each equal to the engine's own greedy answer to the same request alone, in this process.
+official `openai` client: a streamed answer about an image, and a video request (its sampled frames as
+Qwen's spatio-temporal video patches), each equal to the engine's own greedy answer to the same request
+alone, in this process.
 
     .venv/bin/python -m pytest tests/serving/test_chat_qwen.py
 """
@@ -40,8 +41,9 @@ def mp4_url(frames: int = 4, rate: int = 2) -> str:
     return "data:video/mp4;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def alone(app: ServeApp, content: list[dict], max_tokens: int) -> str:
-    """The engine's greedy answer to the same chat, built the way the route builds it (same limits)."""
+def alone(app: ServeApp, content: list[dict], max_tokens: int) -> tuple[str, int]:
+    """The engine's greedy answer to the same chat, built the way the route builds it (same limits), and
+    its prompt's token count."""
     from raybooth.cluster.config import ServeConfig
     from raybooth.cluster.workdir import default_models_dir
     from raybooth.models.vlm_engine import VLMEngine
@@ -55,7 +57,7 @@ def alone(app: ServeApp, content: list[dict], max_tokens: int) -> str:
     engine = VLMEngine.from_pretrained(MODEL, device="cpu", models_dir=default_models_dir())
     limits = ChatLimits.for_serving(ServeConfig.model_validate(app.settings))
     [result] = engine.generate([generation_request_from_chat(request, limits)])
-    return result.text
+    return result.text, result.prompt_tokens
 
 
 def test_qwen_vl_streams_an_image_answer_and_answers_a_video(qwen_app: ServeApp):
@@ -73,7 +75,7 @@ def test_qwen_vl_streams_an_image_answer_and_answers_a_video(qwen_app: ServeApp)
     )  # fmt: skip
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert chunks[-1].usage.completion_tokens >= 1 and chunks[-1].usage.prompt_tokens > 10
-    assert streamed == alone(qwen_app, image_chat, 8)
+    assert (streamed, chunks[-1].usage.prompt_tokens) == alone(qwen_app, image_chat, 8)
 
     video_chat = [
         {"type": "video_url", "video_url": {"url": mp4_url()}},
@@ -82,5 +84,5 @@ def test_qwen_vl_streams_an_image_answer_and_answers_a_video(qwen_app: ServeApp)
     answer = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": video_chat}], max_tokens=6, temperature=0
     )
-    assert answer.usage.prompt_tokens > chunks[-1].usage.prompt_tokens  # several frames, more tokens
-    assert answer.choices[0].message.content == alone(qwen_app, video_chat, 6)
+    # The video's spatio-temporal patches (<|video_pad|> tokens, Qwen's video processor), as in-process.
+    assert (answer.choices[0].message.content, answer.usage.prompt_tokens) == alone(qwen_app, video_chat, 6)
