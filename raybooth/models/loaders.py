@@ -192,6 +192,8 @@ VIDEO_SETTINGS = (
     "image_mean",
     "image_std",
     "rescale_factor",
+    "cap_pixels_per_frame",
+    "max_video_tokens",
 )
 
 

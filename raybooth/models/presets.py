@@ -47,7 +47,7 @@ from raybooth.errors import ModelError
 ModelKind = Literal["sd", "vlm"]
 
 MARKER_FILE = "raybooth_preset.json"  # written last: a folder without it is not a finished build
-FORMAT_VERSION = 3  # bump when a preset's configs change, so folders built by older code are rebuilt
+FORMAT_VERSION = 4  # bump when a preset's configs change, so folders built by older code are rebuilt
 
 # The file every folder of a kind has at its root; checked before loading to fail with a clear message.
 KIND_ROOT_FILES: dict[str, str] = {"sd": "model_index.json", "vlm": "config.json"}

@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 from transformers import BatchFeature
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as qwen3_smart_resize
 from transformers.video_processing_utils import BaseVideoProcessor, VideoProcessorMixin
 from transformers.video_utils import VideoMetadata
 
@@ -47,11 +48,14 @@ class PilQwen2VLVideoProcessor(BaseVideoProcessor):
     patch_size = 14
     temporal_patch_size = 2
     merge_size = 2
+    cap_pixels_per_frame = None  # transformers' default today: no whole-video pixel budget
+    max_video_tokens = 128000
     model_input_names = ["pixel_values_videos", "video_grid_thw"]
+    saved_as = "Qwen2VLVideoProcessor"  # what loads it where torchvision is
 
     def to_dict(self) -> dict[str, Any]:
         saved = super().to_dict()
-        saved["video_processor_type"] = "Qwen2VLVideoProcessor"  # what loads it where torchvision is
+        saved["video_processor_type"] = self.saved_as
         return saved
 
     def __call__(self, videos: Any, **kwargs: Any) -> BatchFeature:
@@ -78,15 +82,25 @@ class PilQwen2VLVideoProcessor(BaseVideoProcessor):
             data["video_metadata"] = metadata
         return BatchFeature(data=data, skip_tensor_conversion=["video_metadata"])
 
+    def _resized_size(self, num_frames: int, height: int, width: int) -> tuple[int, int]:
+        """Every frame's (height, width): multiples of patch x merge within the pixel bounds; with
+        `cap_pixels_per_frame`, each frame's share of the whole video's token budget (qwen-vl-utils)."""
+        factor = self.patch_size * self.merge_size
+        max_pixels = self.size.longest_edge
+        if self.cap_pixels_per_frame:
+            budget = (
+                int(self.max_video_tokens * factor * factor * 0.9) * self.temporal_patch_size // num_frames
+            )
+            max_pixels = max(min(max_pixels, budget), int(self.size.shortest_edge * 1.05))
+        return smart_resize(
+            height, width, factor=factor, min_pixels=self.size.shortest_edge, max_pixels=max_pixels
+        )
+
     def _patches(self, frames: list[Image.Image]) -> tuple[np.ndarray, list[int]]:
         if not frames:
             raise ValueError("a video needs at least one frame")
-        size = self.size
-        factor = self.patch_size * self.merge_size
         width, height = frames[0].size
-        resized_h, resized_w = smart_resize(
-            height, width, factor=factor, min_pixels=size.shortest_edge, max_pixels=size.longest_edge
-        )
+        resized_h, resized_w = self._resized_size(len(frames), height, width)
         mean = np.asarray(self.image_mean, dtype=np.float32)[:, None, None]
         std = np.asarray(self.image_std, dtype=np.float32)[:, None, None]
         pixels = []
@@ -108,10 +122,40 @@ class PilQwen2VLVideoProcessor(BaseVideoProcessor):
         return np.ascontiguousarray(flat, dtype=np.float32), [grid_t, grid_h, grid_w]
 
 
+class PilQwen3VLVideoProcessor(PilQwen2VLVideoProcessor):
+    """Qwen3-VL's: 16-pixel patches and [-1, 1] normalisation by default, and the resize bounds the whole
+    video's pixels (frames x height x width, frames rounded to temporal patches) rather than one frame's.
+    Its processor writes each temporal patch's time (`<0.5 seconds>`) from the frames' metadata."""
+
+    size = {"shortest_edge": 128 * 32 * 32, "longest_edge": 32 * 32 * 768}
+    image_mean = [0.5, 0.5, 0.5]
+    image_std = [0.5, 0.5, 0.5]
+    patch_size = 16
+    max_video_tokens = 768
+    saved_as = "Qwen3VLVideoProcessor"
+
+    def _resized_size(self, num_frames: int, height: int, width: int) -> tuple[int, int]:
+        factor = self.patch_size * self.merge_size
+        max_pixels = self.size.longest_edge
+        if self.cap_pixels_per_frame:
+            per_frame = min(self.max_video_tokens * factor * factor, max_pixels // num_frames)
+            max_pixels = max(per_frame, int(self.size.shortest_edge * 1.05)) * num_frames
+        return qwen3_smart_resize(
+            num_frames=max(num_frames, self.temporal_patch_size),  # a shorter video is padded to one patch
+            height=height,
+            width=width,
+            temporal_factor=self.temporal_patch_size,
+            factor=factor,
+            min_pixels=self.size.shortest_edge,
+            max_pixels=max_pixels,
+        )
+
+
 # Processors whose video processor needs torchvision, and the one that does the same on PIL and NumPy.
 PIL_VIDEO_PROCESSORS: dict[str, type[BaseVideoProcessor]] = {
     "Qwen2VLProcessor": PilQwen2VLVideoProcessor,
     "Qwen2_5_VLProcessor": PilQwen2VLVideoProcessor,
+    "Qwen3VLProcessor": PilQwen3VLVideoProcessor,
 }
 
 

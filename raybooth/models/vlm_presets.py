@@ -283,8 +283,8 @@ def write_llm_folder(dest: Path, seed: int) -> None:
 
 def build_qwen_processor(processor: type[ProcessorMixin] = Qwen2_5_VLProcessor) -> ProcessorMixin:
     """Tokenizer + the PIL Qwen2-VL image processor (Qwen2.5-VL's and Qwen3-VL's too) in the Qwen
-    `processor` class, with the same settings' PIL video processor for Qwen2-VL / Qwen2.5-VL (saved as
-    transformers' `Qwen2VLVideoProcessor`); Qwen3-VL's (timestamps, its own resize) is left out."""
+    `processor` class, with the same settings' PIL video processor (saved under transformers' name for
+    it, `Qwen2VLVideoProcessor` or `Qwen3VLVideoProcessor`)."""
     tokenizer = build_chatml_tokenizer()
     settings = dict(patch_size=QWEN_PATCH, merge_size=QWEN_MERGE, temporal_patch_size=2)
     image_processor = Qwen2VLImageProcessorPil(
@@ -292,7 +292,10 @@ def build_qwen_processor(processor: type[ProcessorMixin] = Qwen2_5_VLProcessor) 
     )
     if processor.__name__ in PIL_VIDEO_PROCESSORS:
         video_processor = PIL_VIDEO_PROCESSORS[processor.__name__](
-            **settings, size={"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS}
+            **settings,
+            size={"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS},
+            image_mean=image_processor.image_mean,
+            image_std=image_processor.image_std,
         )
         return with_pil_video(processor)(
             image_processor=image_processor,

@@ -283,7 +283,7 @@ def prepare_request(processor: Any, request: GenerationRequest) -> PreparedReque
     if split.videos:
         special["videos"] = split.videos
         special["video_metadata"] = [
-            VideoMetadata(total_num_frames=len(frames), fps=fps)
+            VideoMetadata(total_num_frames=len(frames), fps=fps, frames_indices=list(range(len(frames))))
             for frames, fps in zip(split.videos, split.video_fps, strict=True)
         ]
     if vision:

@@ -122,8 +122,8 @@ def test_a_video_is_read_from_a_path_a_data_url_and_a_storage_filesystem(tmp_pat
 
 
 # --------------------------------------------------------------------------------------------------
-# Through the engine: frames as images where the model has no video processor (tiny-vlm; Qwen3-VL without
-# torchvision), Qwen2-VL / 2.5-VL's own spatio-temporal patches where it has (PIL, without torchvision)
+# Through the engine: frames as images where the model has no video processor (tiny-vlm, tiny-smolvlm),
+# Qwen-VL's own spatio-temporal patches where it has (raybooth's PIL one, without torchvision)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -143,7 +143,7 @@ def ask(*parts, limits: ImageLimits | None = None) -> GenerationRequest:
     )
 
 
-@pytest.mark.parametrize("preset", ["tiny-vlm", "tiny-qwen3-vl"])
+@pytest.mark.parametrize("preset", ["tiny-vlm", "tiny-smolvlm"])
 def test_a_video_is_its_frames_as_images_in_order(preset):
     engine = load_engine(preset)
     frames = decode_video(make_video(), ONE_FPS, ImageLimits())
@@ -163,15 +163,22 @@ def test_a_video_is_its_frames_as_images_in_order(preset):
     assert reversed_video.error is None
 
 
-def test_a_qwen_video_is_its_processors_patches_and_an_image_is_a_video_of_repeated_frames():
-    """Qwen2.5-VL without torchvision: the PIL video processor gives the model a video as transformers'
-    own does. An image is a one-step video of `temporal_patch_size` identical frames, so a video of two
-    copies of a frame is, patch for patch, the image processor's output for it; frames are padded to a
-    whole temporal patch with the last one; the fps the frames were sampled at sets the seconds between
-    temporal patches (what M-RoPE's time axis reads); the frames reach the model in their order."""
-    engine = load_engine("tiny-qwen2.5-vl")
+@pytest.mark.parametrize(
+    "preset, video_class",
+    [("tiny-qwen2.5-vl", "PilQwen2VLVideoProcessor"), ("tiny-qwen3-vl", "PilQwen3VLVideoProcessor")],
+)
+def test_a_qwen_video_is_its_processors_patches_and_an_image_is_a_video_of_repeated_frames(
+    preset, video_class
+):
+    """Qwen-VL without torchvision: the PIL video processor gives the model a video as transformers' own
+    does. An image is a one-step video of `temporal_patch_size` identical frames, so a video of two copies
+    of a frame is, patch for patch, the image processor's output for it; frames are padded to a whole
+    temporal patch with the last one; the fps the frames were sampled at sets the time between temporal
+    patches (Qwen2.5-VL: `second_per_grid_ts`, which M-RoPE's time axis reads; Qwen3-VL: a timestamp
+    before each patch's tokens); the frames reach the model in their order."""
+    engine = load_engine(preset)
     processor = engine.processor
-    assert type(processor.video_processor).__name__ == "PilQwen2VLVideoProcessor"
+    assert type(processor.video_processor).__name__ == video_class
     frame = draw_sample_image(3).resize((72, 40))
     image = processor.image_processor(images=[frame], return_tensors="pt")
     video = processor.video_processor([frame, frame], return_tensors="pt")
@@ -185,7 +192,11 @@ def test_a_qwen_video_is_its_processors_patches_and_an_image_is_a_video_of_repea
     assert t == 2  # 3 frames + the last repeated = 2 temporal patches
     pad = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
     assert prepared.input_ids.count(pad) == t * h * w // merge**2
-    assert prepared.inputs["second_per_grid_ts"].tolist() == pytest.approx([2 / 1.5])
+    if "second_per_grid_ts" in prepared.inputs:
+        assert prepared.inputs["second_per_grid_ts"].tolist() == pytest.approx([2 / 1.5])
+    else:  # each temporal patch's middle: frames (0, 1) at 1.5 fps, then (2, 2)
+        prompt = processor.tokenizer.decode(prepared.input_ids)
+        assert "<0.3 seconds>" in prompt and "<1.3 seconds>" in prompt
     padded = prepare_request(processor, ask({"type": "video", "video": [*frames, frames[-1]], "fps": 1.5}))
     torch.testing.assert_close(padded.inputs["pixel_values_videos"], prepared.inputs["pixel_values_videos"])
     backwards = prepare_request(processor, ask({"type": "video", "video": frames[::-1], "fps": 1.5}))
