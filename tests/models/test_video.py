@@ -10,6 +10,7 @@ import base64
 import functools
 import io
 import json
+import shutil
 
 import av
 import fsspec
@@ -292,3 +293,29 @@ def test_a_bad_video_fails_its_batch_line_only():
     assert good["error"] is None and good["num_images"] == 2
     assert bad["error_kind"] == "request" and bad["error_param"] == "messages[0].content[0].video_url"
     assert bad["error"].startswith("line 2: ") and "not a video" in bad["error"]
+
+
+def test_a_checkpoints_own_video_settings_are_read_in_every_place_they_are_kept(tmp_path):
+    """Real checkpoints keep the video settings in `video_preprocessor_config.json` (older spelling
+    `min_pixels`/`max_pixels`) or not at all (the image processor's serve, as in transformers)."""
+    source = resolve_model("tiny-qwen2.5-vl", kind="vlm", models_dir=default_models_dir())
+    folder = tmp_path / "qwen"
+    shutil.copytree(source, folder)
+    config_file = folder / "processor_config.json"
+    config = json.loads(config_file.read_text())
+    inline = config.pop("video_processor")
+    config_file.write_text(json.dumps(config))
+
+    from_image = load_vlm_processor(str(folder)).video_processor
+    assert (from_image.patch_size, from_image.size.longest_edge) == (inline["patch_size"], 4096)
+
+    own = {**inline, "size": None, "min_pixels": 256, "max_pixels": 1024, "cap_pixels_per_frame": True}
+    (folder / "video_preprocessor_config.json").write_text(json.dumps(own))
+    video = load_vlm_processor(str(folder)).video_processor
+    assert (video.size.shortest_edge, video.size.longest_edge, video.cap_pixels_per_frame) == (
+        256,
+        1024,
+        True,
+    )
+    frames = [draw_sample_image(i).resize((64, 64)) for i in range(2)]
+    assert video(frames)["video_grid_thw"].tolist() == [[1, 4, 4]]  # 32x32: within 1024 pixels
