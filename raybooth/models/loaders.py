@@ -172,8 +172,8 @@ def _load_processor(path: str, family: Family, options: dict[str, Any]) -> Any:
         # Processors that also handle video (Qwen-VL, ...) load a video processor, which needs torchvision
         # (or, in a folder saved without one, is missing), and transformers' Pixtral processor cannot be
         # imported without it. Build the processor from its image processor (the PIL one without
-        # torchvision) and tokenizer, with a PIL video processor where raybooth has one (Qwen2-VL,
-        # Qwen2.5-VL), else without video (a video then reaches the model as its frames).
+        # torchvision) and tokenizer, with a PIL video processor where raybooth has one (Qwen-VL), else
+        # without video (a video then reaches the model as its frames).
         try:
             return _image_only_processor(path, options)
         except Exception:

@@ -1,4 +1,5 @@
-"""Qwen2-VL / Qwen2.5-VL's video processor on PIL and NumPy, for machines without torchvision.
+"""Qwen-VL's video processors (Qwen2-VL / Qwen2.5-VL, Qwen3-VL) on PIL and NumPy, for machines without
+torchvision.
 
     video_processor = PilQwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2,
                                                size={"shortest_edge": 3136, "longest_edge": 602112})
@@ -8,14 +9,15 @@
     # input_ids with <|video_pad|> x tokens, pixel_values_videos (N, C*T*P*P), video_grid_thw (1, 3),
     # second_per_grid_ts (1,): what Qwen2-VL's vision tower and M-RoPE positions read
 
-transformers' `Qwen2VLVideoProcessor` needs torchvision (PyPI's is a CUDA build that cannot load with the
+transformers' `Qwen2VLVideoProcessor` and `Qwen3VLVideoProcessor` need torchvision (PyPI's is a CUDA build that cannot load with the
 CPU torch). Without it a Qwen-VL video would reach the model only as separate images; this class gives
 the model a video as its own processor does: each frame resized (PIL, bicubic) to the same
 `smart_resize` grid, rescaled and normalised, the frames padded to a multiple of `temporal_patch_size`
 by repeating the last, and cut into spatio-temporal patches in the vision tower's merge order, with
 `video_grid_thw` (temporal, height, width patches) per video. `loaders.py` builds it from a checkpoint's
 video settings (or its image processor's) where `AutoProcessor` cannot load; with torchvision installed
-the checkpoint loads transformers' class as usual. It saves as `Qwen2VLVideoProcessor`.
+the checkpoint loads transformers' class as usual. Each saves under the name of transformers' class.
+The output is always PyTorch tensors (what the engine feeds the model).
 
 A video of `temporal_patch_size` identical frames is, patch for patch, the image processor's output for
 that frame (an image is a one-step video of repeated frames): the tests hold the two to that.
