@@ -294,6 +294,17 @@ def test_a_bad_video_fails_its_batch_line_only():
     assert bad["error_kind"] == "request" and bad["error_param"] == "messages[0].content[0].video_url"
     assert bad["error"].startswith("line 2: ") and "not a video" in bad["error"]
 
+    # A Qwen-VL batch line carries the video's patches, its grid and the batch's video_fps as the row's
+    # tensors: what the engine replica reads back.
+    from raybooth.pipelines.inference import prepared_from_row
+
+    qwen = load_vlm_processor("tiny-qwen2.5-vl", models_dir=default_models_dir())
+    row = prepare_request_line(1, line(video_url(make_video())), qwen, limits, 0)
+    assert row["error"] is None
+    inputs = prepared_from_row(row).inputs
+    assert inputs["video_grid_thw"].tolist()[0][0] == 1  # 2 frames at 1 fps: one temporal patch
+    assert inputs["second_per_grid_ts"].tolist() == pytest.approx([2.0]) and "pixel_values_videos" in inputs
+
 
 def test_a_checkpoints_own_video_settings_are_read_in_every_place_they_are_kept(tmp_path):
     """Real checkpoints keep the video settings in `video_preprocessor_config.json` (older spelling
