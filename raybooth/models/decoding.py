@@ -445,7 +445,7 @@ _windows: weakref.WeakKeyDictionary[Any, _Window | None] = weakref.WeakKeyDictio
 def _window_for(tokenizer: Any) -> _Window | None:
     """How `tokenizer` decodes a window at a time, or None where only a whole decode gives its text.
 
-    A window needs a transformers fast tokenizer whose `_decode` is the library's own, with no
+    A window needs a transformers fast tokenizer whose `decode` and `_decode` are the library's own, with no
     `clean_up_tokenization` afterwards (transformers skips it for BPE models) and a decoder made of
     `_WINDOW_SAFE_DECODERS`. Worked out once per tokenizer."""
     try:
@@ -468,6 +468,7 @@ def _work_out_window(tokenizer: Any) -> _Window | None:
     if (
         not isinstance(tokenizer, TokenizersBackend)
         or type(tokenizer)._decode is not TokenizersBackend._decode
+        or _list_decoder(tokenizer) != tokenizer._decode  # a class that overrides `decode` keeps its own
     ):
         return None
     backend = tokenizer._tokenizer

@@ -145,3 +145,16 @@ def test_a_preset_tokenizer_streams_its_whole_decode():
     rng = random.Random(3)
     for _ in range(20):
         assert_tracks_whole_decode(tokenizer, [rng.randrange(len(tokenizer)) for _ in range(80)])
+
+
+def test_a_tokenizer_class_that_overrides_decode_keeps_its_own():
+    class Shouting(PreTrainedTokenizerFast):
+        def decode(self, token_ids, skip_special_tokens=False, **kwargs):
+            return super().decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs).upper()
+
+    plain = bytelevel_style()
+    tokenizer = Shouting(tokenizer_object=plain.backend_tokenizer, clean_up_tokenization_spaces=False)
+    assert _window_for(tokenizer) is None
+    tracker = TextTracker(tokenizer, stop=[])
+    tracker.push(tokenizer.convert_tokens_to_ids("Ġhello"))
+    assert tracker.text == " HELLO"
