@@ -32,13 +32,16 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import BatchFeature
+from transformers.image_utils import (
+    IMAGENET_STANDARD_MEAN,
+    IMAGENET_STANDARD_STD,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as qwen3_smart_resize
 from transformers.video_processing_utils import BaseVideoProcessor, VideoProcessorMixin
 from transformers.video_utils import VideoMetadata
-
-OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 class PilQwen2VLVideoProcessor(BaseVideoProcessor):
@@ -130,8 +133,8 @@ class PilQwen3VLVideoProcessor(PilQwen2VLVideoProcessor):
     Its processor writes each temporal patch's time (`<0.5 seconds>`) from the frames' metadata."""
 
     size = {"shortest_edge": 128 * 32 * 32, "longest_edge": 32 * 32 * 768}
-    image_mean = [0.5, 0.5, 0.5]
-    image_std = [0.5, 0.5, 0.5]
+    image_mean = IMAGENET_STANDARD_MEAN
+    image_std = IMAGENET_STANDARD_STD
     patch_size = 16
     max_video_tokens = 768
     saved_as = "Qwen3VLVideoProcessor"
