@@ -6,10 +6,13 @@
         --min-tokens 8 --max-tokens 256 --requests 32 --peer transformers        # issue 15's comparison
     .venv/bin/python benchmarks/serve_load.py --url http://127.0.0.1:8000 --api-key KEY   # a running server
 
-Without `--url` it starts one embedded Ray and deploys `raybooth.serving.app` three times: chat with
+Without `--url` it starts an embedded Ray and deploys `raybooth.serving.app` three times: chat with
 continuous batching (`chat.scheduler: continuous`, rows join and leave at every decode step), then
 static batching (`chat.scheduler: static`, `@serve.batch` batches; the image route's dynamic batching),
-both with `max_batch_size` = the highest `--concurrency`, then `max_batch_size=1`. Each deployment is
+both with `max_batch_size` = the highest `--concurrency`, then `max_batch_size=1`; all three with Serve in
+its high-throughput mode (`ingress.high_throughput`, the default: HAProxy in front of the ingress). Then a
+second embedded Ray serves continuous batching through Serve's Python proxy (`python-proxy`, the mode
+off), to show what the mode buys. Each deployment is
 driven at every level of `--concurrency` (a list, e.g. `1,8,32`) by an asyncio client (the image route
 has no scheduler, so it runs in the last two only). With `--min-tokens` each chat request's `max_tokens`
 is drawn (seeded by the request's index) from `[--min-tokens, --max-tokens]`, the mixed answer lengths
@@ -42,6 +45,7 @@ from serve_load_peer import PeerError, start_peer, stop_peer
 from serve_load_report import (
     CONTINUOUS,
     PEER,
+    PYTHON_PROXY,
     SINGLE,
     STATIC,
     RequestResult,
@@ -147,10 +151,12 @@ async def drive(
 # --------------------------------------------------------------------------------------------------
 
 
-CONFIGS = (  # --configs name, label, max_batch_size (None: the highest concurrency), chat scheduler
-    ("continuous", CONTINUOUS, None, "continuous"),
-    ("static", STATIC, None, "static"),
-    ("single", SINGLE, 1, "static"),
+# --configs name, label, max_batch_size (None: the highest concurrency), chat scheduler, high-throughput Serve
+CONFIGS = (
+    ("continuous", CONTINUOUS, None, "continuous", True),
+    ("python-proxy", PYTHON_PROXY, None, "continuous", False),
+    ("static", STATIC, None, "static", True),
+    ("single", SINGLE, 1, "static", True),
 )
 CONFIG_KEYS = tuple(c[0] for c in CONFIGS)
 
@@ -208,36 +214,48 @@ def settings_for(args: argparse.Namespace, max_batch_size: int, scheduler: str) 
 
 
 def run_embedded(args: argparse.Namespace) -> list[RunResult]:
+    """The embedded configurations, each mode of Serve in its own embedded Ray (its processes read the mode
+    when they start): high-throughput first (ingress.high_throughput, the default), then the Python proxy."""
+    from raybooth.models.presets import resolve_model
+
+    for name in (args.image_model, args.chat_model):
+        resolve_model(name, models_dir=default_models_dir())  # build presets once, before replicas race to
+    runs: list[RunResult] = []
+    for high_throughput in (True, False):
+        configs = [c for c in CONFIGS if c[0] in args.configs and c[4] == high_throughput]
+        if configs:
+            runs += _run_configs(args, configs, high_throughput)
+    return runs
+
+
+def _run_configs(args: argparse.Namespace, configs: list[tuple], high_throughput: bool) -> list[RunResult]:
     import ray
     from ray import serve
 
     from raybooth.cluster.config import ClusterSection
     from raybooth.cluster.runtime import init_ray
-    from raybooth.models.presets import resolve_model
     from raybooth.serving.app import build_app
+    from raybooth.serving.high_throughput import high_throughput_env
 
-    for name in (args.image_model, args.chat_model):
-        resolve_model(name, models_dir=default_models_dir())  # build presets once, before replicas race to
     # One whole CPU per model replica (its torch threads); the ingress takes none.
-    init_ray(ClusterSection(num_cpus=args.num_cpus or max(2, os.cpu_count() or 2)))
+    init_ray(
+        ClusterSection(num_cpus=args.num_cpus or max(2, os.cpu_count() or 2)),
+        env=high_throughput_env(high_throughput),
+    )
     port = args.port
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     runs = []
     try:
-        for key, label, max_batch, scheduler in CONFIGS:
-            if key not in args.configs:
-                continue
+        for _key, label, max_batch, scheduler, _ in configs:
             routes = [r for r in ("images", "chat") if args.route in (r, "both")]
             if scheduler == "continuous":
                 routes = [r for r in routes if r == "chat"]  # the image route does not change
             if not routes:
                 continue
             t = time.perf_counter()
-            serve.run(
-                build_app({"settings": settings_for(args, max_batch or max(args.concurrency), scheduler)}),
-                name="raybooth-bench",
-                route_prefix="/",
-            )
+            settings = settings_for(args, max_batch or max(args.concurrency), scheduler)
+            settings["ingress"]["high_throughput"] = high_throughput
+            serve.run(build_app({"settings": settings}), name="raybooth-bench", route_prefix="/")
             print(f"deployed with {label} in {time.perf_counter() - t:.0f}s", flush=True)
             for i, level in enumerate(args.concurrency):
                 for route, model in (("images", args.image_model), ("chat", args.chat_model)):
@@ -304,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         "--configs",
         type=parse_configs,
         default=list(CONFIG_KEYS),
-        help="which embedded configurations to deploy: continuous,static,single (default all three)",
+        help="which embedded configurations to deploy: continuous,python-proxy,static,single (default all)",
     )
     p.add_argument(
         "--stream-interval",

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CONTINUOUS, STATIC, SINGLE = "continuous batching", "static batching", "max_batch_size=1"
+PYTHON_PROXY = "continuous, Serve's Python proxy"  # ingress.high_throughput off
 PEER = "transformers serve --continuous-batching"
 
 
@@ -119,7 +120,8 @@ def print_table(runs: list[RunResult]) -> None:
 
 
 def print_ratios(runs: list[RunResult]) -> None:
-    """Per concurrency: continuous / static and / max_batch_size=1 (tok/s, TTFT p99), and / the peer."""
+    """Per concurrency: continuous / the Python-proxy path, / static and / max_batch_size=1 (tok/s, TTFT
+    p99), and / the peer."""
     by = {(r.route, r.label, r.concurrency): r for r in runs}
     for level in sorted({r.concurrency for r in runs}):
         static, single = by.get(("images", STATIC, level)), by.get(("images", SINGLE, level))
@@ -129,7 +131,7 @@ def print_ratios(runs: list[RunResult]) -> None:
         cont = by.get(("chat", CONTINUOUS, level))
         if not cont:
             continue
-        for label in (STATIC, SINGLE, PEER):
+        for label in (PYTHON_PROXY, STATIC, SINGLE, PEER):
             other = by.get(("chat", label, level))
             if other:
                 print(f"chat @{level}: continuous / {label}: tok/s {ratio(cont.throughput(), other.throughput()):.2f}x "

@@ -80,6 +80,7 @@ def serve_and_ask(cfg: DemoConfig, image_model: str, report: DemoReport) -> None
     from ray import serve
 
     from raybooth.cluster.config import ServeConfig
+    from raybooth.cluster.runtime import free_port
     from raybooth.errors import UserError
     from raybooth.serving.server import start_server
 
@@ -89,10 +90,7 @@ def serve_and_ask(cfg: DemoConfig, image_model: str, report: DemoReport) -> None
         raise UserError("the demo's serving step uses the openai client: pip install openai") from e
     with socket.socket() as s:  # 8000 unless something already listens there
         port = 8000 if s.connect_ex(("127.0.0.1", 8000)) else 0
-    if not port:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+    port = port or free_port()
     # Resources are the serve defaults (they fit a 2-core laptop); start_server checks them first.
     serve_cfg = ServeConfig(
         cluster=cfg.cluster, storage=cfg.storage, tracking=cfg.tracking, port=port, image_models=[image_model],
@@ -150,9 +148,10 @@ def train_demo_subject(cfg: DemoConfig, root: str) -> TrainResult:
 
 def run_demo(config: str | None, overrides: list[str], verbose: bool = False) -> int:
     from raybooth.cluster import storage, tracking
-    from raybooth.cluster.runtime import ray_session
+    from raybooth.cluster.runtime import ray_session, resolve_address
     from raybooth.models.loaders import sd_family
     from raybooth.models.presets import resolve_model
+    from raybooth.serving.high_throughput import high_throughput_env
 
     cfg = load_config(DemoConfig, config, overrides)
     started = time.time()
@@ -165,7 +164,9 @@ def run_demo(config: str | None, overrides: list[str], verbose: bool = False) ->
     report.add("family", family.name)
 
     step("2/7 Ray")
-    with ray_session(cfg.cluster, verbose=verbose) as info:
+    # The serving step's Serve in its high-throughput mode (ServeConfig's default ingress.high_throughput).
+    env = high_throughput_env() if resolve_address(cfg.cluster) is None else None
+    with ray_session(cfg.cluster, verbose=verbose, env=env) as info:
         report.add(
             "ray", f"{'embedded' if info.embedded else info.address}: {info.cpus:g} CPUs, {info.gpus:g} GPUs"
         )

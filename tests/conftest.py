@@ -348,19 +348,30 @@ def mlflow_server(mlflow_server_info: MlflowServerInfo) -> str:
 # Logical CPUs for the shared test cluster: more than the 2 real cores so a 2-worker training, a Ray Data
 # actor pool and the Serve replicas fit at once; the tiny models leave the cores mostly idle anyway.
 TEST_RAY_CPUS = 8
+TEST_RAY_ENV: dict[str, str] = {}  # what the suite's embedded Ray started with (Serve's mode, its ports)
 
 
 def start_test_ray():
-    """Start (or reuse) the embedded Ray the suite shares. A module that shuts Ray down to run its own
-    cluster (e.g. the 2-node `ray.cluster_utils.Cluster` test) calls this again in its teardown."""
+    """Start (or reuse) the embedded Ray the suite shares, with Serve in the high-throughput mode that
+    `raybooth serve` uses by default. A module that shuts Ray down to run its own cluster (e.g. the 2-node
+    `ray.cluster_utils.Cluster` test) calls this again in its teardown."""
     import ray
 
     from raybooth.cluster.config import ClusterSection
     from raybooth.cluster.runtime import cluster_info, init_ray
+    from raybooth.serving.high_throughput import high_throughput_env
 
     if ray.is_initialized():
         return cluster_info()
-    return init_ray(ClusterSection(num_cpus=TEST_RAY_CPUS, num_gpus=0))
+    TEST_RAY_ENV.clear()
+    TEST_RAY_ENV.update(high_throughput_env())
+    return init_ray(ClusterSection(num_cpus=TEST_RAY_CPUS, num_gpus=0), env=TEST_RAY_ENV)
+
+
+@pytest.fixture
+def test_ray_env(ray_cluster) -> dict[str, str]:
+    """The variables the shared embedded Ray started with (this conftest's own TEST_RAY_ENV)."""
+    return TEST_RAY_ENV
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -68,6 +68,28 @@ def hidden_env(names: Iterable[str]) -> Iterator[None]:
         yield
     finally:
         os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def added_env(env: Mapping[str, str]) -> Iterator[None]:
+    """`env` in os.environ for the block (an embedded Ray's processes start with it), as it was after."""
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now, for a server this process is about to start."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def project_runtime_env(ship_project: bool, secret_env: Iterable[str] = ()) -> dict:
@@ -120,9 +142,16 @@ def quiet_ray_logging(verbose: bool) -> None:
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
-def init_ray(section: ClusterSection, verbose: bool = False, secret_env: Iterable[str] = ()) -> ClusterInfo:
+def init_ray(
+    section: ClusterSection,
+    verbose: bool = False,
+    secret_env: Iterable[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> ClusterInfo:
     """Connect to the configured cluster or start an embedded one; idempotent within a process. The
-    `secret_env` variables (and SECRET_ENV_VARS) reach no worker."""
+    `secret_env` variables (and SECRET_ENV_VARS) reach no worker. `env`: variables every process of an
+    embedded Ray starts with (Ray's own switches, such as Serve's high-throughput mode); a connected
+    cluster has its nodes' environment."""
     import ray
 
     quiet_ray_logging(verbose)
@@ -144,7 +173,7 @@ def init_ray(section: ClusterSection, verbose: bool = False, secret_env: Iterabl
 
             num_gpus = torch.cuda.device_count()
         secrets = [*SECRET_ENV_VARS, *secret_env]
-        with hidden_env(secrets):
+        with hidden_env(secrets), added_env(env or {}):
             ray.init(
                 # "local" always starts a new instance; None would attach to any `ray start` cluster on this
                 # machine, which is not what "embedded" promises.
@@ -182,13 +211,16 @@ def cluster_info() -> ClusterInfo:
 
 @contextlib.contextmanager
 def ray_session(
-    section: ClusterSection, verbose: bool = False, secret_env: Iterable[str] = ()
+    section: ClusterSection,
+    verbose: bool = False,
+    secret_env: Iterable[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[ClusterInfo]:
     """Init Ray for one CLI command and shut it down afterwards (unless it was already up)."""
     import ray
 
     was_up = ray.is_initialized()
-    info = init_ray(section, verbose=verbose, secret_env=secret_env)
+    info = init_ray(section, verbose=verbose, secret_env=secret_env, env=env)
     try:
         yield info
     finally:

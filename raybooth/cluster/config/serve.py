@@ -167,6 +167,11 @@ class IngressSection(DeploymentSection):
     max_ongoing_requests: int = Field(256, ge=1, description="Requests one ingress replica holds at once.")
     max_queued_requests: int = Field(512, ge=-1, description="Queued at the proxy before it answers 503.")
     request_timeout_s: float = Field(300.0, gt=0, description="A request still running after this gets 504.")
+    high_throughput: bool = Field(
+        True,
+        description="Embedded Ray: Ray Serve's high-throughput mode, HAProxy in place of the Python HTTP proxy "
+        "and gRPC between deployments (serving/high_throughput.py); a connected cluster uses its nodes' mode.",
+    )
 
 
 class LimitsSection(Strict):
