@@ -25,7 +25,7 @@ from raybooth.models.decoding import (
 )
 from raybooth.models.presets import resolve_model
 from raybooth.models.vlm_engine import GenerationRequest, StreamDelta, VLMEngine
-from raybooth.models.vlm_scheduler import QueueFull, Scheduler
+from raybooth.models.vlm_scheduler import QueueFull, Scheduler, _Outbox
 from raybooth.samples import draw_sample_image
 
 SCHEMA = {
@@ -326,6 +326,51 @@ def test_a_reader_that_falls_behind_gets_the_missed_steps_as_one_delta():
             sched.stream(engine.prepare(full), stream_interval=0)
     finally:
         sched.close()
+
+
+def test_a_streamed_row_wakes_its_event_loop_once_per_chunk_not_per_token():
+    engine = engine_for("tiny-llm")
+    sched = Scheduler(engine, max_rows=4)
+    full = request(engine, "Name three colours.", max_tokens=40, temperature=0.0)
+
+    async def read() -> tuple[list[StreamDelta], int]:
+        loop = asyncio.get_running_loop()
+        real, wakes = loop.call_soon_threadsafe, [0]
+
+        def counting(*args, **kwargs):
+            wakes[0] += 1
+            return real(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        got = [d async for d in sched.stream(engine.prepare(full), stream_interval=10)]
+        return got, wakes[0]
+
+    try:
+        got, wakes = asyncio.run(read())
+        assert [t for d in got for t in d.token_ids] == engine.generate([full])[0].token_ids
+        # 40 tokens in chunks of 10 after the first: about 5 wake-ups, not 40 (one per step)
+        assert len(got) <= 6 and wakes <= len(got) + 1, (len(got), wakes)
+    finally:
+        sched.close()
+
+
+def test_an_error_behind_text_comes_alone_after_it():
+    async def main() -> list[StreamDelta]:
+        outbox = _Outbox(asyncio.get_running_loop())
+        outbox.put(StreamDelta(text="Hi", token_ids=[1]))
+        outbox.want(5)
+        first = await outbox.take()
+        outbox.put(StreamDelta(text=" there", token_ids=[2]))
+        outbox.put(StreamDelta(text="!", token_ids=[3]))
+        outbox.put(StreamDelta(finish_reason="error", error="boom", error_type="server_error"))
+        return first + await outbox.take()
+
+    chunks = asyncio.run(main())
+    assert [(c.text, c.token_ids, c.error) for c in chunks] == [
+        ("Hi", [1], None),
+        (" there!", [2, 3], None),  # held below 5 tokens until the error ended the row
+        ("", [], "boom"),
+    ]
 
 
 def test_the_auto_stream_interval_grows_with_the_running_rows():
