@@ -213,6 +213,21 @@ def settings_for(args: argparse.Namespace, max_batch_size: int, scheduler: str) 
     }
 
 
+def decode_steps(url: str) -> int:
+    """The chat replica's decode steps so far (`/v1/internal/stats`; one replica in these runs)."""
+    response = httpx.get(f"{url}/v1/internal/stats", timeout=30)
+    response.raise_for_status()
+    return int(response.json()["chat"].get("decode_steps", 0))
+
+
+def print_rows_per_step(run: RunResult, steps: int) -> None:
+    """Output tokens per decode step of the run (its warm-up included in `steps`): how full the running
+    batch was kept; at concurrency N it is at most N."""
+    tokens = sum(r.output_tokens for r in run.ok)
+    if steps > 0:
+        print(f"  {steps} decode steps, {tokens / steps:.1f} output tokens per step", flush=True)
+
+
 def run_embedded(args: argparse.Namespace) -> list[RunResult]:
     """The embedded configurations, each mode of Serve in its own embedded Ray (its processes read the mode
     when they start): high-throughput first (ingress.high_throughput, the default), then the Python proxy."""
@@ -261,9 +276,12 @@ def _run_configs(args: argparse.Namespace, configs: list[tuple], high_throughput
                 for route, model in (("images", args.image_model), ("chat", args.chat_model)):
                     if route in routes:
                         url = f"http://127.0.0.1:{port}"
+                        steps = decode_steps(url) if route == "chat" else None
                         run = asyncio.run(drive(url, None, route, model, label, level, args, warm_up=i == 0))
                         runs.append(run)
                         print_rows([summarize(run)])
+                        if steps is not None and scheduler == "continuous":
+                            print_rows_per_step(run, decode_steps(url) - steps)
     finally:
         serve.shutdown()
         ray.shutdown()
