@@ -557,6 +557,22 @@ def test_a_client_that_disconnects_frees_its_row(client, serve_app):
     assert client.chat.completions.create(model="tiny-vlm", messages=user("hi"), max_tokens=2).choices
 
 
+def test_a_client_that_leaves_a_completion_it_did_not_stream_frees_its_row(serve_app):
+    """Nothing goes back before the end here, so only the connection tells the server the client left (through
+    HAProxy in the suite, as `raybooth serve` runs)."""
+    before = len(serve_app.stats()["chat"]["cancelled_rows"])
+    body = {
+        "model": "tiny-vlm",
+        "messages": user("Tell me a very long story."),
+        "max_tokens": 900,
+        "temperature": 0,
+    }
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{serve_app.base_url}/v1/chat/completions", json=body, headers=AUTH, timeout=1)
+    cancelled = _new_cancelled_rows(serve_app, before)
+    assert len(cancelled) == 1 and cancelled[0] < 900, cancelled
+
+
 # --------------------------------------------------------------------------------------------------
 # Bad input, overload
 # --------------------------------------------------------------------------------------------------
