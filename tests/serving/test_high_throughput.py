@@ -90,6 +90,9 @@ def test_high_throughput_runs_haproxy_through_the_launcher(monkeypatch):
     # a node started without it (infra/k8s sets only the launcher) finds the haproxy Ray would run
     monkeypatch.delenv(REAL_BINARY_ENV)
     assert real_binary() == env[REAL_BINARY_ENV]
+    # and an embedded Ray started on such a node runs that haproxy through the launcher, not the launcher
+    assert high_throughput.haproxy_binary() == env[REAL_BINARY_ENV]
+    assert high_throughput_env()[REAL_BINARY_ENV] == env[REAL_BINARY_ENV]
 
 
 class _SlowBackend(socketserver.ThreadingTCPServer):
