@@ -276,11 +276,12 @@ def _run_configs(args: argparse.Namespace, configs: list[tuple], high_throughput
                 for route, model in (("images", args.image_model), ("chat", args.chat_model)):
                     if route in routes:
                         url = f"http://127.0.0.1:{port}"
-                        steps = decode_steps(url) if route == "chat" else None
+                        counted = route == "chat" and scheduler == "continuous"
+                        steps = decode_steps(url) if counted else None
                         run = asyncio.run(drive(url, None, route, model, label, level, args, warm_up=i == 0))
                         runs.append(run)
                         print_rows([summarize(run)])
-                        if steps is not None and scheduler == "continuous":
+                        if steps is not None:
                             print_rows_per_step(run, decode_steps(url) - steps)
     finally:
         serve.shutdown()
