@@ -37,6 +37,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -128,13 +129,18 @@ async def drive(
     concurrency: int,
     args: argparse.Namespace,
     warm_up: bool = True,
+    on_start: Callable[[], None] | None = None,
 ) -> RunResult:
+    """`requests` calls at `concurrency`, after one unmeasured warm-up call; `on_start` runs just before
+    the measured calls (after the warm-up)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=concurrency * 2)
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=600, limits=limits) as http:
         call = image_request if route == "images" else chat_request
         if warm_up:
             await call(http, model, "warm up", 0, args)  # loads the model; not measured
+        if on_start is not None:
+            on_start()
         gate = asyncio.Semaphore(concurrency)
 
         async def one(i: int) -> RequestResult:
@@ -221,8 +227,8 @@ def decode_steps(url: str) -> int:
 
 
 def print_rows_per_step(run: RunResult, steps: int) -> None:
-    """Output tokens per decode step of the run (its warm-up included in `steps`): how full the running
-    batch was kept; at concurrency N it is at most N."""
+    """Output tokens per decode step of the run (`steps`: the steps of its measured requests, not of the
+    warm-up, which decodes alone): how full the running batch was kept; at concurrency N it is at most N."""
     tokens = sum(r.output_tokens for r in run.ok)
     if steps > 0:
         print(f"  {steps} decode steps, {tokens / steps:.1f} output tokens per step", flush=True)
@@ -276,13 +282,16 @@ def _run_configs(args: argparse.Namespace, configs: list[tuple], high_throughput
                 for route, model in (("images", args.image_model), ("chat", args.chat_model)):
                     if route in routes:
                         url = f"http://127.0.0.1:{port}"
+                        before: list[int] = []  # the engine's decode steps once the warm-up is done
                         counted = route == "chat" and scheduler == "continuous"
-                        steps = decode_steps(url) if counted else None
-                        run = asyncio.run(drive(url, None, route, model, label, level, args, warm_up=i == 0))
+                        on_start = (lambda b=before, u=url: b.append(decode_steps(u))) if counted else None
+                        run = asyncio.run(
+                            drive(url, None, route, model, label, level, args, i == 0, on_start)
+                        )
                         runs.append(run)
                         print_rows([summarize(run)])
-                        if steps is not None:
-                            print_rows_per_step(run, decode_steps(url) - steps)
+                        if before:
+                            print_rows_per_step(run, decode_steps(url) - before[0])
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -261,17 +261,22 @@ class Scheduler:
         self.max_queue = max_queue
         self.prefill_token_budget = prefill_token_budget
         self.prefill_chunk_tokens = prefill_chunk_tokens  # 0: every prompt is prefilled whole
-        # Only when nothing runs: how long the first arrival waits for company, so a burst is prefilled
-        # as one batch rather than one row per step (while rows run, admission never waits).
+        # Only when nothing runs, and only where latecomers could not join the batch mid-flight (a
+        # family that admits between batches, or whose last batch did not merge): how long the first
+        # arrival waits for company, so that a burst decodes as one batch instead of waiting for the
+        # first row's batch to drain. A batch that merges starts at once (as vLLM does): whoever comes
+        # during its first step joins at the next, and a lone request never pays the wait in its TTFT.
         self.idle_wait_s = idle_wait_s
         family = engine.family
         self.merges_mid_flight = family_merges(family)
+        self._last_batch_merged = self.merges_mid_flight  # the last batch's cache could take newcomers
         self._cond = threading.Condition()
         self._waiting: deque[Ticket] = deque()
         self._running = 0
         self._chunking: deque[tuple[DecodeRow, Ticket, ChunkedPrefill]] = deque()  # loop thread only
         self._closed = False
         self.steps = 0
+        self.step_rows: deque[int] = deque(maxlen=10_000)  # rows that sampled together, per step
         self.admissions: deque[int] = deque(maxlen=10_000)  # rows admitted (prefilled) together
         self.admitted_tokens: deque[int] = deque(maxlen=10_000)  # their prompt tokens
         self.cancelled_rows: deque[int] = deque(maxlen=10_000)  # tokens each cancelled row had decoded
@@ -386,6 +391,7 @@ class Scheduler:
                 "queue_length": len(self._waiting),
                 "running_rows": self._running,
                 "steps": self.steps,
+                "step_rows": list(self.step_rows),
                 "admissions": list(self.admissions),
                 "admitted_tokens": list(self.admitted_tokens),
                 "cancelled_rows": list(self.cancelled_rows),
@@ -446,7 +452,7 @@ class Scheduler:
                     self._deliver(ticket, StreamDelta(finish_reason="cancelled"))
                 self._waiting.clear()
                 return None
-            if not batch.rows and self.idle_wait_s:
+            if not batch.rows and self.idle_wait_s and not self._last_batch_merged:
                 deadline = time.monotonic() + self.idle_wait_s
                 while len(self._waiting) < self.max_rows and not self._closed:
                     left = deadline - time.monotonic()
@@ -483,6 +489,7 @@ class Scheduler:
             batch.keep(live)
         if batch.rows:
             assert batch.steps is not None
+            self.step_rows.append(len(batch.rows))
             deltas = batch.steps.sample(list(range(len(batch.rows))), batch.rows)
             keep, next_tokens = [], []
             for b, delta in enumerate(deltas):
@@ -565,6 +572,7 @@ class Scheduler:
         self.admitted_tokens.append(sum(row.prepared.prompt_tokens for row in rows))
         if batch.steps is None:
             batch.steps = steps
+            self._last_batch_merged = self._merges(steps)
         else:
             began = time.perf_counter()
             for running, joining in zip(batch.steps.states, steps.states, strict=True):

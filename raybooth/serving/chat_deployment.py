@@ -8,7 +8,8 @@ Two ways to batch, chosen by `chat.scheduler`:
 - `continuous` (the default): one `vlm_scheduler.Scheduler` per replica owns the engine. A caller's row
   joins the running batch at the next decode step and leaves it when done, so a short answer never waits
   for a long one (iteration-level scheduling, as vLLM and TGI do). `max_batch_size` caps the running rows;
-  a replica with nothing running waits `batch_wait_timeout_s` for company, so a burst prefills together.
+  a request that finds nothing running starts at once (a burst's later arrivals join at the next step),
+  except for a family that admits only between batches, which waits `batch_wait_timeout_s` for company.
   Its queue is bounded by `max_ongoing_requests`; beyond it the caller gets the OpenAI 503 `overloaded`.
 - `static`: callers that arrive within `batch_wait_timeout_s` of each other are batched by `@serve.batch`
   into one `VLMEngine.generate_stream` call that decodes to its end; the batch function is an async
@@ -274,6 +275,7 @@ class ChatDeployment:
             "scheduler": self.cfg.scheduler,
             "batch_sizes": list(self.batch_sizes),  # rows per batch (static) or per admission (continuous)
             "cancelled_rows": list(self.cancelled_rows),
+            "step_rows": list(self.batch_sizes),  # static: a batch's rows decode together to its end
             "queue_length": 0,
             "running_rows": 0,
         }
@@ -286,6 +288,7 @@ class ChatDeployment:
                 running_rows=sched["running_rows"],
                 admitted_tokens=sched["admitted_tokens"],
                 decode_steps=sched["steps"],
+                step_rows=sched["step_rows"],  # rows decoded together at each step
             )
         return out
 

@@ -246,6 +246,39 @@ def test_encoder_decoder_rows_are_admitted_between_batches():
         )
 
 
+def test_a_lone_request_waits_for_company_only_where_latecomers_could_not_join():
+    """idle_wait_s gathers a burst for a family that admits between batches; a merging one starts at once."""
+    wait_s = 3.0
+    with scheduler_on("tiny-llm", max_rows=4, idle_wait_s=wait_s) as (engine, sched):
+        assert sched.merges_mid_flight
+        alone = Collector([])
+        began = time.monotonic()
+        sched.submit(engine.prepare(request(engine, "Hello there.", max_tokens=4)), alone)
+        alone.wait()
+        assert time.monotonic() - began < wait_s / 2  # it did not wait for company
+        joined = Collector([])  # and one that comes while a row decodes joins it mid-flight
+        long = Collector([])
+        sched.submit(engine.prepare(request(engine, "A long one.", max_tokens=60)), long)
+        wait_for_step(sched, sched.steps + 2)
+        sched.submit(engine.prepare(request(engine, "A short one.", max_tokens=4)), joined)
+        joined.wait(), long.wait()
+        assert max(sched.stats()["step_rows"]) == 2
+    with scheduler_on("tiny-florence2", max_rows=4, idle_wait_s=0.5) as (engine, sched):
+        assert not sched.merges_mid_flight
+        req = GenerationRequest(
+            messages=[{"role": "user", "content": [{"type": "image", "image": draw_sample_image(0)},
+                                                    {"type": "text", "text": "<CAPTION>"}]}],
+            params=SamplingParams(max_tokens=4, temperature=0.0),
+        )  # fmt: skip
+        first, second = Collector([]), Collector([])
+        prepared = engine.prepare(req)
+        sched.submit(prepared, first)
+        time.sleep(0.1)  # within the wait: both start in one batch
+        sched.submit(prepared, second)
+        first.wait(), second.wait()
+        assert sched.stats()["admissions"] == [2]
+
+
 def test_async_stream_does_not_block_the_loop_and_leaving_cancels():
     engine = engine_for("tiny-llm")
     sched = Scheduler(engine, max_rows=4)

@@ -194,14 +194,16 @@ def test_concurrent_streams_are_batched_and_each_is_well_formed(serve_app):
         async with serve_app.async_openai() as client:
             return await asyncio.gather(*(one(client, i) for i in range(4)))
 
-    before = len(serve_app.stats()["chat"]["batch_sizes"])
+    stats = serve_app.stats()["chat"]
+    before, steps_before = len(stats["batch_sizes"]), len(stats["step_rows"])
     results = asyncio.run(main())
     for _, chunks in results:
         assert chunks[0].choices[0].delta.role == "assistant"
         assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 1
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
-    new_batches = serve_app.stats()["chat"]["batch_sizes"][before:]
-    assert sum(new_batches) == 4 and max(new_batches) >= 2, new_batches
+    stats = serve_app.stats()["chat"]
+    assert sum(stats["batch_sizes"][before:]) == 4, stats["batch_sizes"][before:]  # each row admitted once
+    assert max(stats["step_rows"][steps_before:]) >= 2, stats["step_rows"][steps_before:]  # decoded together
 
 
 # --------------------------------------------------------------------------------------------------
@@ -494,10 +496,10 @@ def _new_cancelled_rows(serve_app, before: int) -> list[int]:
 
 def test_n_choices_are_seeded_rows_batched_together(client, serve_app):
     kwargs = dict(model="tiny-vlm", messages=user("Name three colours."), max_tokens=8, temperature=1.0)
-    before = len(serve_app.stats()["chat"]["batch_sizes"])
+    before = len(serve_app.stats()["chat"]["step_rows"])
     many = client.chat.completions.create(**kwargs, n=3, seed=40)
     assert [c.index for c in many.choices] == [0, 1, 2]
-    assert max(serve_app.stats()["chat"]["batch_sizes"][before:]) >= 2  # the choices decoded as one batch
+    assert max(serve_app.stats()["chat"]["step_rows"][before:]) >= 2  # the choices decoded as one batch
     # Choice i is what a single request with seed + i samples (rows do not depend on their batch).
     singles = [client.chat.completions.create(**kwargs, seed=40 + i).choices[0] for i in range(3)]
     assert [c.message.content for c in many.choices] == [c.message.content for c in singles]

@@ -92,8 +92,8 @@ def test_poisoned_rows_batched_with_good_requests_fail_alone(serve_app):
     for resp, _ in results[len(poison) :]:
         assert resp.status_code == 200, resp.text
         assert resp.json()["choices"][0]["finish_reason"] in ("stop", "length")
-    batches = serve_app.stats()["chat"]["batch_sizes"]
-    assert max(batches) > 1, batches  # they did share batches
+    steps = serve_app.stats()["chat"]["step_rows"]
+    assert max(steps) > 1, steps  # they did share batches
 
 
 # --------------------------------------------------------------------------------------------------
