@@ -129,8 +129,9 @@ class ChatServeSection(DeploymentSection, BatchingMixin, EngineOptions):
         "continuous",
         description=(
             "continuous: rows join and leave the running batch at every decode step (models/vlm_scheduler.py; "
-            "max_batch_size caps the running rows, batch_wait_timeout_s is how long an idle replica waits "
-            "for company). static: `@serve.batch` batches that decode to their end (kept for comparison)."
+            "max_batch_size caps the running rows; a request that finds nothing running starts at once, "
+            "and batch_wait_timeout_s is how long it waits for company only for a family that admits between "
+            "batches). static: `@serve.batch` batches that decode to their end (kept for comparison)."
         ),
     )
 
