@@ -95,10 +95,13 @@ async def call_deployment(response: DeploymentResponse, timeout_s: float, what: 
 
 
 async def next_item(gen: DeploymentResponseGenerator, deadline: float, what: str, timeout_s: float) -> Any:
-    """The next streamed item before `deadline` (loop time); StopAsyncIteration at the end."""
-    remaining = deadline - asyncio.get_running_loop().time()
+    """The next streamed item before `deadline` (loop time); StopAsyncIteration at the end.
+
+    `asyncio.timeout_at` rather than `wait_for`, which on Python 3.11 wraps every item in a task of its own:
+    this runs once per streamed chunk of every stream the ingress relays."""
     try:
-        return await asyncio.wait_for(gen.__anext__(), timeout=max(remaining, 0.001))
+        async with asyncio.timeout_at(deadline):
+            return await gen.__anext__()
     except StopAsyncIteration:
         raise
     except TimeoutError as e:
