@@ -256,12 +256,12 @@ def _run_configs(args: argparse.Namespace, configs: list[tuple], high_throughput
     from raybooth.cluster.config import ClusterSection
     from raybooth.cluster.runtime import init_ray
     from raybooth.serving.app import build_app
-    from raybooth.serving.high_throughput import embedded_serve_env
+    from raybooth.serving.high_throughput import high_throughput_env
 
     # One whole CPU per model replica (its torch threads); the ingress takes none.
     init_ray(
         ClusterSection(num_cpus=args.num_cpus or max(2, os.cpu_count() or 2)),
-        env=embedded_serve_env(high_throughput),
+        env=high_throughput_env(high_throughput),
     )
     port = args.port
     serve.start(http_options={"host": "127.0.0.1", "port": port})

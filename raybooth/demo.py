@@ -151,7 +151,7 @@ def run_demo(config: str | None, overrides: list[str], verbose: bool = False) ->
     from raybooth.cluster.runtime import ray_session, resolve_address
     from raybooth.models.loaders import sd_family
     from raybooth.models.presets import resolve_model
-    from raybooth.serving.high_throughput import embedded_serve_env
+    from raybooth.serving.high_throughput import high_throughput_env
 
     cfg = load_config(DemoConfig, config, overrides)
     started = time.time()
@@ -165,7 +165,7 @@ def run_demo(config: str | None, overrides: list[str], verbose: bool = False) ->
 
     step("2/7 Ray")
     # The serving step's Serve in its high-throughput mode (ServeConfig's default ingress.high_throughput).
-    env = embedded_serve_env() if resolve_address(cfg.cluster) is None else None
+    env = high_throughput_env() if resolve_address(cfg.cluster) is None else None
     with ray_session(cfg.cluster, verbose=verbose, env=env) as info:
         report.add(
             "ray", f"{'embedded' if info.embedded else info.address}: {info.cpus:g} CPUs, {info.gpus:g} GPUs"

@@ -359,12 +359,12 @@ def start_test_ray():
 
     from raybooth.cluster.config import ClusterSection
     from raybooth.cluster.runtime import cluster_info, init_ray
-    from raybooth.serving.high_throughput import embedded_serve_env
+    from raybooth.serving.high_throughput import high_throughput_env
 
     if ray.is_initialized():
         return cluster_info()
     TEST_RAY_ENV.clear()
-    TEST_RAY_ENV.update(embedded_serve_env())
+    TEST_RAY_ENV.update(high_throughput_env())
     return init_ray(ClusterSection(num_cpus=TEST_RAY_CPUS, num_gpus=0), env=TEST_RAY_ENV)
 
 

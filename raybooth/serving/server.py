@@ -16,7 +16,7 @@ import time
 
 from raybooth.cluster.config import ServeConfig, load_config
 from raybooth.serving.auth import check_bind_allowed, key_digests
-from raybooth.serving.high_throughput import embedded_serve_env
+from raybooth.serving.high_throughput import high_throughput_env
 from raybooth.serving.preflight import check_app_fits, check_fits, embedded_resources
 
 APP_NAME = "raybooth"
@@ -81,7 +81,7 @@ def run_server(config: str | None, overrides: list[str], verbose: bool = False) 
     embedded = resolve_address(cfg.cluster) is None
     if embedded:  # an embedded Ray cannot grow: refuse replicas that would never be placed, before it starts
         check_fits(cfg, embedded_resources(cfg.cluster), can_grow=False)
-    env = embedded_serve_env(cfg.ingress.high_throughput) if embedded else None
+    env = high_throughput_env(cfg.ingress.high_throughput) if embedded else None
     with ray_session(cfg.cluster, verbose=verbose, secret_env=[cfg.api_keys_env], env=env) as info:
         # SIGTERM (Kubernetes, systemd, `kill`) shuts down as cleanly as Ctrl-C; set after ray.init, whose
         # own handler would abort the process.

@@ -21,7 +21,7 @@ from raybooth.cluster.config import ServeConfig
 from raybooth.cluster.runtime import free_port
 from raybooth.serving import high_throughput
 from raybooth.serving.haproxy_launcher import REAL_BINARY_ENV, haproxy_args, real_binary
-from raybooth.serving.high_throughput import PATIENCE, embedded_serve_env, high_throughput_env
+from raybooth.serving.high_throughput import high_throughput_env
 
 
 def test_the_mode_is_rays_two_switches_with_ports_of_its_own(monkeypatch):
@@ -45,29 +45,6 @@ def test_what_the_user_set_wins_and_off_or_without_haproxy_is_the_python_proxy(m
     monkeypatch.setattr(high_throughput, "haproxy_binary", lambda: None)
     assert high_throughput_env() == {}
     assert "no haproxy binary" in caplog.text and "Python proxy" in caplog.text
-
-
-def test_an_embedded_serve_waits_longer_for_its_proxy_with_or_without_the_mode(monkeypatch):
-    monkeypatch.delenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", raising=False)
-    for mode in (True, False):
-        env = embedded_serve_env(mode)
-        assert float(env["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"]) >= 30
-        assert ("RAY_SERVE_ENABLE_HA_PROXY" in env) is (mode and high_throughput.haproxy_binary() is not None)
-    monkeypatch.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "90")
-    assert embedded_serve_env(False)["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] == "90"
-
-
-def test_the_patience_is_a_variable_serve_reads(ray_cluster):
-    """Ray's worker processes (the Serve controller is one) see it, and Serve's constants read that name."""
-    import ray
-
-    @ray.remote(num_cpus=0)
-    def ready_check_timeout_s() -> float:
-        from ray.serve._private import constants
-
-        return constants.PROXY_READY_CHECK_TIMEOUT_S
-
-    assert ray.get(ready_check_timeout_s.remote()) == float(PATIENCE["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"])
 
 
 def test_an_explicit_haproxy_path_must_be_an_executable(monkeypatch, tmp_path):
