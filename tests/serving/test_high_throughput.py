@@ -21,20 +21,22 @@ from raybooth.cluster.config import ServeConfig
 from raybooth.cluster.runtime import free_port
 from raybooth.serving import high_throughput
 from raybooth.serving.haproxy_launcher import REAL_BINARY_ENV, haproxy_args, real_binary
-from raybooth.serving.high_throughput import high_throughput_env
+from raybooth.serving.high_throughput import PER_INSTANCE_PORTS, high_throughput_env
 
 
 def test_the_mode_is_rays_two_switches_with_ports_of_its_own(monkeypatch):
-    monkeypatch.delenv("RAY_SERVE_HAPROXY_STATS_PORT", raising=False)
+    for name in PER_INSTANCE_PORTS:
+        monkeypatch.delenv(name, raising=False)
     first, second = high_throughput_env(), high_throughput_env()
     for env in (first, second):
         assert env["RAY_SERVE_ENABLE_HA_PROXY"] == env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
         assert env["RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE"] == "1"  # access logs when they happen
         assert float(env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]) < 30  # Ctrl-C in seconds
-        assert env["RAY_SERVE_HAPROXY_STATS_PORT"] != env["RAY_SERVE_HAPROXY_METRICS_PORT"]
-    # two embedded instances on one machine share no HAProxy port (Ray keeps its files per node)
-    for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+        assert len({env[name] for name in PER_INSTANCE_PORTS}) == len(PER_INSTANCE_PORTS)
+    # two embedded instances on one machine share no port Ray would fix (it keeps its files per node)
+    for name in PER_INSTANCE_PORTS:
         assert first[name] != second[name]
+    assert {"RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"} <= set(first)
 
 
 def test_what_the_user_set_wins_and_off_or_without_haproxy_is_the_python_proxy(monkeypatch, caplog):
@@ -69,6 +71,24 @@ def test_the_suites_app_answers_through_haproxy(serve_app, test_ray_env):
     for _ in range(3):
         assert httpx.get(f"{serve_app.base_url}/healthz", timeout=10).status_code == 200
     assert frontend_requests() >= before + 3
+
+
+@pytest.mark.slow
+def test_haproxys_backup_is_this_instances_own_python_proxy(serve_app, test_ray_env):
+    """Ray's fixed 8500 would make a second embedded instance's HAProxy fall back to the first one's proxy."""
+    import ray
+
+    port = test_ray_env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"]
+    assert port != "8500"
+    cfg = Path("/tmp/haproxy-serve", ray.get_runtime_context().get_node_id(), "haproxy.cfg").read_text()
+    backups = [
+        line.split()[2]
+        for line in cfg.splitlines()
+        if line.strip().startswith("server ") and "backup" in line
+    ]
+    assert backups and all(address.endswith(f":{port}") for address in backups), cfg
+    # and the Python proxy there is this instance's: it routes to the suite's app
+    assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).status_code == 200
 
 
 def test_the_launcher_adds_no_splice_once_and_before_the_pids_of_a_reload():
