@@ -469,13 +469,24 @@ def test_a_long_prompt_prefills_in_chunks_between_the_running_rows_steps(name):
         prepared_long = engine.prepare(long)
         assert prepared_long.prompt_tokens > 5 * 8  # several chunks
         chunks_seen: list[int] = []
-        running_row = Collector(on_token=lambda row: chunks_seen.append(sched.prefill_chunks))
+        long_queued = threading.Event()
+
+        def on_token(row: Collector) -> None:
+            chunks_seen.append(sched.prefill_chunks)
+            if len(row.deltas) == 2:  # the loop waits here until the long prompt is queued: on a busy
+                assert long_queued.wait(60)  # machine the running row could otherwise finish first
+
+        running_row = Collector(on_token=on_token)
         prepared_running = engine.prepare(running)
         before = -(-prepared_running.prompt_tokens // 8) if prepared_running.prompt_tokens > 8 else 0
         sched.submit(prepared_running, running_row)
-        wait_for_step(sched, 2)
+        deadline = time.monotonic() + 60
+        while len(running_row.deltas) < 2:
+            assert time.monotonic() < deadline, "the running row never took its second token"
+            time.sleep(0.0005)
         long_row = Collector()
         sched.submit(prepared_long, long_row)
+        long_queued.set()
         long_row.wait()
         running_row.wait()
         expected_chunks = before + -(-prepared_long.prompt_tokens // 8)
