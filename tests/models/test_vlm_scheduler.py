@@ -117,11 +117,17 @@ def scheduler_on(name: str, **options) -> Iterator[tuple[VLMEngine, Scheduler]]:
         sched.close()
 
 
+def wait_until(
+    condition: Callable[[], bool], what: str, timeout_s: float = 60, every_s: float = 0.0005
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(every_s)
+
+
 def wait_for_step(sched: Scheduler, step: int) -> None:
-    deadline = time.monotonic() + 60
-    while sched.steps < step:
-        assert time.monotonic() < deadline, f"the scheduler never reached step {step}"
-        time.sleep(0.0005)
+    wait_until(lambda: sched.steps >= step, f"the scheduler never reached step {step}")
 
 
 def test_rows_admitted_mid_flight_decode_as_they_do_alone(engine, scheduler):
@@ -314,10 +320,12 @@ def test_async_stream_does_not_block_the_loop_and_leaving_cancels():
         tokens, seen, ticks = asyncio.run(main())
         assert tokens == engine.generate([full])[0].token_ids and seen == 2
         assert ticks > 5  # the event loop ran while the rows decoded
-        deadline = time.monotonic() + 30
-        while not sched.stats()["cancelled_rows"]:
-            assert time.monotonic() < deadline, "the row of the stream that was left was never cancelled"
-            time.sleep(0.01)
+        wait_until(
+            lambda: sched.stats()["cancelled_rows"],
+            "the row of the stream that was left was never cancelled",
+            timeout_s=30,
+            every_s=0.01,
+        )
         assert sched.stats()["cancelled_rows"][0] < 300
     finally:
         sched.close()
@@ -480,10 +488,7 @@ def test_a_long_prompt_prefills_in_chunks_between_the_running_rows_steps(name):
         prepared_running = engine.prepare(running)
         before = -(-prepared_running.prompt_tokens // 8) if prepared_running.prompt_tokens > 8 else 0
         sched.submit(prepared_running, running_row)
-        deadline = time.monotonic() + 60
-        while len(running_row.deltas) < 2:
-            assert time.monotonic() < deadline, "the running row never took its second token"
-            time.sleep(0.0005)
+        wait_until(lambda: len(running_row.deltas) >= 2, "the running row never took its second token")
         long_row = Collector()
         sched.submit(prepared_long, long_row)
         long_queued.set()
