@@ -24,7 +24,7 @@ start and never answer for each other: HAProxy's stats and Prometheus pages, and
 never became ready, Serve's controller killed it, and `serve.start` failed with `ActorDiedError`; or, while
 its own ingress was starting, its HAProxy sent requests to the first instance's proxy, whose app answered
 (seen in the test suite: a 401 from the other app's API keys).
-HAProxy binds those two pages on every interface (Ray's template fixes it, as Ray's dashboard agent binds
+HAProxy binds its stats and Prometheus pages on every interface (Ray's template fixes it, as Ray's dashboard agent binds
 its ports): they show request counts and backend health, nothing of a request. Access logs are written per
 request (`RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1`) instead of the mode's 1000-line buffer, so a rejected
 request is in the Serve logs when it happens. An ingress replica that stops drains for 2 s, not Ray's 30 s:
