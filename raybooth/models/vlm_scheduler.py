@@ -346,8 +346,9 @@ class Scheduler:
         the running event loop. Leaving the iteration early (aclose, task cancelled) cancels the row.
 
         Fewer, longer chunks when streaming costs more than decoding (on Serve every chunk is a message
-        to the ingress): after the first delta (sent at once: time to first token does not change) each
-        one holds at least `stream_interval` tokens, or the rest (vLLM's `--stream-interval`); None:
+        to the ingress): deltas go out at once until one has shown text (time to first token does not
+        change, even when the first tokens decode to nothing yet: a held-back stop-string prefix, half a
+        UTF-8 character, a skipped special token), then each one holds at least `stream_interval` tokens, or the rest (vLLM's `--stream-interval`); None:
         `auto_stream_interval()` at each delta. The loop thread holds a row's deltas back until there are
         that many (`_Outbox`), so the event loop wakes once per chunk, not once per token; a reader that
         fell behind gets everything it missed as one delta (`StreamDelta.followed_by`). An error delta
@@ -360,13 +361,15 @@ class Scheduler:
         ticket = self.submit(request, outbox.put)
 
         async def iterate() -> AsyncIterator[StreamDelta]:
+            shown = False  # a delta with text went out
             try:
                 while True:
                     for delta in await outbox.take():
                         yield delta
                         if delta.done:
                             return
-                    outbox.want(stream_interval or self.auto_stream_interval())
+                        shown = shown or bool(delta.text)
+                    outbox.want(stream_interval or self.auto_stream_interval() if shown else 1)
             finally:
                 self.cancel(ticket)
 

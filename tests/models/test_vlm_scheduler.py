@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import pytest
 import torch
@@ -365,6 +366,50 @@ def test_a_reader_that_falls_behind_gets_the_missed_steps_as_one_delta():
         assert [t for d in chunked for t in d.token_ids] == alone.token_ids
         with pytest.raises(ValueError, match="stream_interval"):
             sched.stream(engine.prepare(full), stream_interval=0)
+    finally:
+        sched.close()
+
+
+class SlowSteps(Scheduler):
+    """A scheduler whose every step takes 20 ms more (a slower model): an idle reader sees every step."""
+
+    def _iterate(self, batch, newcomers) -> None:
+        super()._iterate(batch, newcomers)
+        time.sleep(0.02)
+
+
+def test_deltas_go_out_at_once_until_one_shows_text():
+    """A row's first tokens may show no text yet (here a stop-string prefix is held back): chunking waits
+    for the first text, or a client's time to first token would wait a whole chunk more."""
+    engine = engine_for("tiny-llm")
+    sched = SlowSteps(engine, max_rows=4)
+    plain = request(engine, "Name three colours.", max_tokens=24, temperature=0.0)
+    alone = engine.generate([plain])[0]
+    two = engine.generate([replace(plain, params=replace(plain.params, max_tokens=2))])[0].text
+    assert two and alone.text.startswith(two)
+    # Starts like the answer's first two tokens and never matches: their text is held back.
+    held = replace(plain, params=replace(plain.params, stop=[two + "\x00"]))
+
+    async def read(interval: int) -> list[StreamDelta]:
+        return [d async for d in sched.stream(engine.prepare(held), stream_interval=interval)]
+
+    try:
+        every = asyncio.run(read(1))
+        assert "".join(d.text for d in every) == alone.text
+        shows_at = 0  # tokens until the first text: at least the two held back
+        for delta in every:
+            shows_at += len(delta.token_ids)
+            if delta.text:
+                break
+        assert 3 <= shows_at < 10, shows_at
+        chunked = asyncio.run(read(10))
+        assert "".join(d.text for d in chunked) == alone.text
+        assert [t for d in chunked for t in d.token_ids] == alone.token_ids
+        first = next(i for i, d in enumerate(chunked) if d.text)
+        sizes = [len(d.token_ids) for d in chunked]
+        # The first text comes out with its own token (a late reader may merge a few), not a chunk later.
+        assert sum(sizes[: first + 1]) < 10 and first >= 1, sizes
+        assert all(n >= 10 for n in sizes[first + 1 : -1]), sizes
     finally:
         sched.close()
 
