@@ -147,9 +147,23 @@ async def drive(
             async with gate:
                 return await call(http, model, f"a photo of sks dog number {i}", 1000 + i, args)
 
-        start = time.perf_counter()
+        start, busy = time.perf_counter(), busy_cpu_s()
         results = await asyncio.gather(*(one(i) for i in range(args.requests)))
-        return RunResult(route, label, concurrency, time.perf_counter() - start, list(results))
+        duration_s, after = time.perf_counter() - start, busy_cpu_s()
+        cpu_s = after - busy if after is not None and busy is not None else None
+        return RunResult(route, label, concurrency, duration_s, list(results), cpu_s)
+
+
+def busy_cpu_s() -> float | None:
+    """Seconds all this machine's CPUs have been busy since boot (Linux /proc/stat: user, nice, system,
+    irq, softirq; not idle, iowait or steal), or None where there is no /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = map(int, fields[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,6 +6,10 @@ Metrics follow vLLM's serving benchmark: TTFT = request start to the first conte
 between successive content chunks of a stream; TPOT = (E2E - TTFT) / (output tokens - 1) per request;
 E2E = request start to the last byte; throughput = completed work / wall time of the whole run (images/s,
 output tokens/s from `usage`, requests/s). The targets (issue 15) are printed PASS/MISS, never asserted.
+Beside them, the CPU the whole machine was busy for per 1000 output tokens (Linux's /proc/stat over the
+measured calls: server, client and anything else running; a neighbour's load on a shared host shows as
+steal, not busy): on a box whose wall-clock figures move by tens of percent between minutes, the cost
+of a token moves far less, so changes to the serving path are compared with it.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class RunResult:
     concurrency: int
     duration_s: float
     results: list[RequestResult]
+    cpu_s: float | None = None  # the machine's busy CPU seconds over the measured calls (None: unknown)
 
     @property
     def ok(self) -> list[RequestResult]:
@@ -46,6 +51,11 @@ class RunResult:
         """images/s for the image route, output tokens/s for chat."""
         work = sum(r.images if self.route == "images" else r.output_tokens for r in self.ok)
         return work / self.duration_s
+
+    def cpu_ms_per_1k(self) -> float:
+        """Busy CPU milliseconds of the whole machine per 1000 output tokens (chat) or per image."""
+        work = sum(r.images if self.route == "images" else r.output_tokens / 1000 for r in self.ok)
+        return self.cpu_s * 1000 / work if self.cpu_s is not None and work else float("nan")
 
     def ttft_ms(self, q: float) -> float:
         return percentile([r.ttft_s * 1000 for r in self.ok if r.ttft_s is not None], q)
@@ -81,6 +91,7 @@ def summarize(run: RunResult) -> dict[str, Any]:
         "req/s": len(ok) / run.duration_s,
         "e2e p50 ms": percentile(ms, 50),
         "e2e p99 ms": percentile(ms, 99),
+        "cpu ms per " + ("image" if run.route == "images" else "1k tok"): run.cpu_ms_per_1k(),
     }
     if run.route == "chat":
         tpot = [
@@ -110,10 +121,11 @@ def print_table(runs: list[RunResult]) -> None:
     chat = [r for r in runs if r.route == "chat"]
     if chat:
         print(f"{'config':<42}{'conc':>5}{'ok':>7}{'out tok/s':>11}{'TTFT p50 ms':>13}{'TTFT p99 ms':>13}"
-              f"{'ITL p99 ms':>12}")  # fmt: skip
+              f"{'ITL p99 ms':>12}{'CPU ms/1k tok':>15}")  # fmt: skip
         for r in chat:
             print(f"{r.label:<42}{r.concurrency:>5}{len(r.ok):>4}/{len(r.results):<2}{r.throughput():>11.1f}"
-                  f"{r.ttft_ms(50):>13.0f}{r.ttft_ms(99):>13.0f}{r.itl_ms(99):>12.0f}")  # fmt: skip
+                  f"{r.ttft_ms(50):>13.0f}{r.ttft_ms(99):>13.0f}{r.itl_ms(99):>12.0f}"
+                  f"{r.cpu_ms_per_1k():>15.0f}")  # fmt: skip
     for r in (r for r in runs if r.route == "images"):
         print(f"images  {r.label:<34}{r.concurrency:>5}{len(r.ok):>4}/{len(r.results):<2}"
               f"{r.throughput():>11.2f} images/s")  # fmt: skip

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import io
 import json
+import socket
 import time
 
 import httpx
@@ -563,16 +564,27 @@ def test_a_client_that_leaves_a_completion_it_did_not_stream_frees_its_row(serve
     """Nothing goes back before the end here, so only the connection tells the server the client left (through
     HAProxy in the suite, as `raybooth serve` runs)."""
     before = len(serve_app.stats()["chat"]["cancelled_rows"])
-    body = {
+    steps = serve_app.stats()["chat"]["decode_steps"]
+    body = json.dumps({
         "model": "tiny-vlm",
         "messages": user("Tell me a very long story."),
         "max_tokens": 900,
         "temperature": 0,
-    }
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{serve_app.base_url}/v1/chat/completions", json=body, headers=AUTH, timeout=1)
+        "logit_bias": {"2": -100},  # tiny-vlm's EOS: the row would run to its 900 tokens
+    }).encode()  # fmt: skip
+    url = httpx.URL(serve_app.base_url)
+    with socket.create_connection((url.host, url.port)) as conn:  # a client that can leave at any moment
+        head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.host}\r\nAuthorization: {AUTH['Authorization']}"
+        conn.sendall(
+            f"{head}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+        )
+        # It leaves once its row decodes (900 tokens take longer than this wait), not on a timer that a
+        # fast box could outrun or a slow one could end before the row started.
+        wait_until(
+            lambda: serve_app.stats()["chat"]["decode_steps"] > steps + 20, "the row decoding", every_s=0.02
+        )
     cancelled = _new_cancelled_rows(serve_app, before)
-    assert len(cancelled) == 1 and cancelled[0] < 900, cancelled
+    assert len(cancelled) == 1 and 20 < cancelled[0] < 900, cancelled
 
 
 # --------------------------------------------------------------------------------------------------

@@ -279,3 +279,50 @@ def test_a_video_alone_is_a_request_and_nothing_at_all_is_a_400_naming_all_three
     service.check_request(ask([video]))  # the frames are decoded and checked later, per row
     with pytest.raises(APIError, match="no text, image or video"):
         service.check_request(ask([{"type": "text", "text": "  "}]))
+
+
+def test_a_chat_stream_writes_once_per_upstream_event():
+    """Each write is a pass through the ASGI stack, a socket write and a client read: the role chunk goes
+    out with the first text, and the last event's chunks with the usage chunk and [DONE]."""
+    import asyncio
+    import json
+
+    from raybooth.serving.serving_chat import ChatService
+
+    cfg = ServeConfig.model_validate({})
+    service = ChatService(_Handle(), cfg, SafetyPolicy.from_settings(cfg.safety.model_dump()), cfg.chat_model)
+
+    async def upstream(*events: dict):
+        for event in events:
+            yield event
+
+    def parse(write: str) -> list:
+        assert write.endswith("\n\n")
+        data = [line.removeprefix("data: ") for line in write.split("\n\n") if line]
+        return [d if d == "[DONE]" else json.loads(d) for d in data]
+
+    async def writes(streams: list) -> list[str]:
+        return [w async for w in service._sse_lines(streams, "chatcmpl-1", True, None)]
+
+    def delta(chunk: dict) -> dict:
+        return {k: v for k, v in chunk["choices"][0]["delta"].items() if v is not None}
+
+    final = {"text": "!", "finish_reason": "length", "prompt_tokens": 5, "completion_tokens": 3}
+    one = asyncio.run(writes([upstream({"text": "Hel"}, {"text": "lo"}, final)]))
+    assert len(one) == 3, one
+    first, middle, last = map(parse, one)
+    assert [delta(c) for c in first] == [{"role": "assistant", "content": ""}, {"content": "Hel"}]
+    assert [delta(c) for c in middle] == [{"content": "lo"}]
+    assert [delta(c) for c in last[:2]] == [{"content": "!"}, {}]
+    assert last[1]["choices"][0]["finish_reason"] == "length"
+    assert last[2]["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    assert last[3:] == ["[DONE]"]
+
+    # n=2: still one write per upstream event; every chunk is there once, in each choice's order
+    two = asyncio.run(writes([upstream({"text": "a"}, final), upstream({"text": "b"}, final)]))
+    assert len(two) == 4, two  # four upstream events
+    chunks = [c for w in two for c in parse(w)]
+    for index, text in ((0, "a"), (1, "b")):
+        deltas = [delta(c) for c in chunks[:-2] if c["choices"][0]["index"] == index]
+        assert deltas == [{"role": "assistant", "content": ""}, {"content": text}, {"content": "!"}, {}]
+    assert chunks[-2]["usage"]["completion_tokens"] == 6 and chunks[-1] == "[DONE]"
