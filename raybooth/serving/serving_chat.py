@@ -243,12 +243,15 @@ class ChatService:
     ) -> AsyncIterator[str]:
         """The SSE events of `streams` (one per choice), one write per upstream event: the events an
         upstream event makes (its text, a finish chunk) go out together, the role chunks with the first
-        content, and the last choice's last events with the usage chunk and [DONE]. Each write costs a
-        pass through the ASGI stack, a socket write, a packet through HAProxy and a read in the client,
-        whatever its size: an 8-token answer took six writes, and takes two or three. With a forced
-        tool_choice the text is held per choice and its tool calls are sent whole, in one chunk, when the
-        choice ends: arguments that are re-serialized once complete (see `ToolCallFormat.calls`) cannot
-        be streamed piece by piece."""
+        content, then the usage chunk with [DONE] once the streams have ended. Each write costs a pass
+        through the ASGI stack, a socket write, a packet through HAProxy and a read in the client,
+        whatever its size: an 8-token answer took six writes, and takes three. The last text does not
+        wait for the end of the stream to go out with [DONE]: that end is one more message from the
+        replica, and holding the text for it showed in the ITL p99 of `benchmarks/serve_load.py`.
+
+        With a forced tool_choice the text is held per choice and its tool calls are sent whole, in one
+        chunk, when the choice ends: arguments that are re-serialized once complete (see
+        `ToolCallFormat.calls`) cannot be streamed piece by piece."""
 
         def chunk(
             index: int,
@@ -294,7 +297,7 @@ class ChatService:
                     finished.add(index)
                     prompt = event.get("prompt_tokens", 0)
                     completion += event.get("completion_tokens", 0)
-                if out and len(finished) < len(streams):  # the last choice's end waits for the usage
+                if out:
                     yield "".join(out)
                     out = []
             # Every choice ends with a finish_reason, even one whose stream ended without saying.

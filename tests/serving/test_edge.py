@@ -283,7 +283,7 @@ def test_a_video_alone_is_a_request_and_nothing_at_all_is_a_400_naming_all_three
 
 def test_a_chat_stream_writes_once_per_upstream_event():
     """Each write is a pass through the ASGI stack, a socket write and a client read: the role chunk goes
-    out with the first text, and the last event's chunks with the usage chunk and [DONE]."""
+    out with the first text, an event's text with its finish chunk, the usage chunk with [DONE]."""
     import asyncio
     import json
 
@@ -309,18 +309,18 @@ def test_a_chat_stream_writes_once_per_upstream_event():
 
     final = {"text": "!", "finish_reason": "length", "prompt_tokens": 5, "completion_tokens": 3}
     one = asyncio.run(writes([upstream({"text": "Hel"}, {"text": "lo"}, final)]))
-    assert len(one) == 3, one
-    first, middle, last = map(parse, one)
+    assert len(one) == 4, one
+    first, middle, last, end = map(parse, one)
     assert [delta(c) for c in first] == [{"role": "assistant", "content": ""}, {"content": "Hel"}]
     assert [delta(c) for c in middle] == [{"content": "lo"}]
-    assert [delta(c) for c in last[:2]] == [{"content": "!"}, {}]
+    assert [delta(c) for c in last] == [{"content": "!"}, {}]
     assert last[1]["choices"][0]["finish_reason"] == "length"
-    assert last[2]["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
-    assert last[3:] == ["[DONE]"]
+    assert end[0]["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    assert end[1:] == ["[DONE]"]
 
     # n=2: still one write per upstream event; every chunk is there once, in each choice's order
     two = asyncio.run(writes([upstream({"text": "a"}, final), upstream({"text": "b"}, final)]))
-    assert len(two) == 4, two  # four upstream events
+    assert len(two) == 5, two  # four upstream events, then the end
     chunks = [c for w in two for c in parse(w)]
     for index, text in ((0, "a"), (1, "b")):
         deltas = [delta(c) for c in chunks[:-2] if c["choices"][0]["index"] == index]
