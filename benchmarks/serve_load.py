@@ -10,7 +10,9 @@ Without `--url` it starts an embedded Ray and deploys `raybooth.serving.app` thr
 continuous batching (`chat.scheduler: continuous`, rows join and leave at every decode step), then
 static batching (`chat.scheduler: static`, `@serve.batch` batches; the image route's dynamic batching),
 both with `max_batch_size` = the highest `--concurrency`, then `max_batch_size=1`; all three with Serve in
-its high-throughput mode (`ingress.high_throughput`, the default: HAProxy in front of the ingress). Then a
+its high-throughput mode (`ingress.high_throughput`, the default: HAProxy in front of the ingress);
+`--configs in-ingress` adds continuous batching with `chat.placement: ingress` (an engine in each of
+`--ingress-replicas` ingress replicas, so no request or chunk crosses a deployment hop). Then a
 second embedded Ray serves continuous batching through Serve's Python proxy (`python-proxy`, the mode
 off), to show what the mode buys. Each deployment is
 driven at every level of `--concurrency` (a list, e.g. `1,8,32`) by an asyncio client (the image route
@@ -45,6 +47,7 @@ import httpx
 from serve_load_peer import PeerError, start_peer, stop_peer
 from serve_load_report import (
     CONTINUOUS,
+    IN_INGRESS,
     PEER,
     PYTHON_PROXY,
     SINGLE,
@@ -171,12 +174,14 @@ def busy_cpu_s() -> float | None:
 # --------------------------------------------------------------------------------------------------
 
 
-# --configs name, label, max_batch_size (None: the highest concurrency), chat scheduler, high-throughput Serve
+# --configs name, label, max_batch_size (None: the highest concurrency), chat scheduler, high-throughput Serve,
+# chat.placement
 CONFIGS = (
-    ("continuous", CONTINUOUS, None, "continuous", True),
-    ("python-proxy", PYTHON_PROXY, None, "continuous", False),
-    ("static", STATIC, None, "static", True),
-    ("single", SINGLE, 1, "static", True),
+    ("continuous", CONTINUOUS, None, "continuous", True, "deployment"),
+    ("in-ingress", IN_INGRESS, None, "continuous", True, "ingress"),
+    ("python-proxy", PYTHON_PROXY, None, "continuous", False, "deployment"),
+    ("static", STATIC, None, "static", True, "deployment"),
+    ("single", SINGLE, 1, "static", True, "deployment"),
 )
 CONFIG_KEYS = tuple(c[0] for c in CONFIGS)
 
@@ -190,7 +195,9 @@ def parse_configs(text: str) -> list[str]:
     return keys
 
 
-def settings_for(args: argparse.Namespace, max_batch_size: int, scheduler: str) -> dict[str, Any]:
+def settings_for(
+    args: argparse.Namespace, max_batch_size: int, scheduler: str, placement: str = "deployment"
+) -> dict[str, Any]:
     batching = {
         "max_batch_size": max_batch_size,
         "max_ongoing_requests": max(16, 2 * max(args.concurrency)),
@@ -221,6 +228,7 @@ def settings_for(args: argparse.Namespace, max_batch_size: int, scheduler: str) 
             "dtype": dtype,
             "scheduler": scheduler,
             "stream_interval": args.stream_interval,
+            "placement": placement,
         },
         "limits": {
             "max_n": 1,
@@ -281,15 +289,23 @@ def _run_configs(args: argparse.Namespace, configs: list[tuple], high_throughput
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     runs = []
     try:
-        for _key, label, max_batch, scheduler, _ in configs:
+        for _key, label, max_batch, scheduler, _, placement in configs:
             routes = [r for r in ("images", "chat") if args.route in (r, "both")]
             if scheduler == "continuous":
                 routes = [r for r in routes if r == "chat"]  # the image route does not change
             if not routes:
                 continue
             t = time.perf_counter()
-            settings = settings_for(args, max_batch or max(args.concurrency), scheduler)
+            settings = settings_for(args, max_batch or max(args.concurrency), scheduler, placement)
             settings["ingress"]["high_throughput"] = high_throughput
+            if (
+                placement == "ingress"
+            ):  # an engine per ingress replica, one replica per core the image one leaves
+                replicas = max(1, args.ingress_replicas)
+                settings["ingress"]["autoscaling"] = {"min_replicas": replicas, "max_replicas": replicas}
+                settings["chat"]["num_cpus"] = max(
+                    0.1, (ray.cluster_resources().get("CPU", 2) - 1) / replicas
+                )
             serve.run(build_app({"settings": settings}), name="raybooth-bench", route_prefix="/")
             print(f"deployed with {label} in {time.perf_counter() - t:.0f}s", flush=True)
             for i, level in enumerate(args.concurrency):
@@ -297,7 +313,8 @@ def _run_configs(args: argparse.Namespace, configs: list[tuple], high_throughput
                     if route in routes:
                         url = f"http://127.0.0.1:{port}"
                         before: list[int] = []  # the engine's decode steps once the warm-up is done
-                        counted = route == "chat" and scheduler == "continuous"
+                        # (one engine: with an engine per ingress replica, stats show one of them)
+                        counted = route == "chat" and scheduler == "continuous" and placement == "deployment"
                         on_start = (lambda b=before, u=url: b.append(decode_steps(u))) if counted else None
                         run = asyncio.run(
                             drive(url, None, route, model, label, level, args, i == 0, on_start)
@@ -371,6 +388,12 @@ def main(argv: list[str] | None = None) -> int:
         type=lambda x: x if x == "auto" else int(x),
         default="auto",
         help="chat.stream_interval of the continuous deployment: tokens per streamed chunk, or auto (default)",
+    )
+    p.add_argument(
+        "--ingress-replicas",
+        type=int,
+        default=2,
+        help="in-ingress: ingress replicas, each with its own engine (default 2: one per core of a 2-core box)",
     )
     p.add_argument("--requests", type=int, default=32, help="requests per route, configuration and level")
     p.add_argument("--image-model", default="tiny-sd", help="preset, path or registered model")

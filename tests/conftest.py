@@ -66,6 +66,7 @@ _VARIANTS_LAST = (
     "tests/serving/test_failures.py",
     "tests/serving/test_chat_llm.py",
     "tests/serving/test_chat_qwen.py",
+    "tests/serving/test_chat_in_ingress.py",
 )
 
 

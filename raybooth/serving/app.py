@@ -51,6 +51,19 @@ def deployment_options(section: DeploymentSection) -> dict[str, Any]:
     }
 
 
+def app_deployments(cfg: ServeConfig) -> dict[str, dict[str, Any]]:
+    """Each deployment the app runs, by config section, with its options: `ingress`, `image` and, unless
+    `chat.placement: ingress` puts an engine in every ingress replica (with the chat section's CPUs and
+    GPUs added to the ingress's), `chat`. What `build_app` deploys and the preflight sums."""
+    options = {section: deployment_options(getattr(cfg, section)) for section in ("ingress", "image", "chat")}
+    if cfg.chat.placement == "ingress":
+        chat = options.pop("chat")["ray_actor_options"]
+        actor = options["ingress"]["ray_actor_options"]
+        for key in ("num_cpus", "num_gpus"):
+            actor[key] = (actor.get(key) or 0) + (chat.get(key) or 0)
+    return options
+
+
 def build_app(args: dict[str, Any] | None = None) -> Application:
     # The deployments' modules import torch and transformers: only here, so the preflight that reads
     # `deployment_options` stays a light import that fails in a second.
@@ -60,13 +73,16 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 
     cfg = args if isinstance(args, ServeConfig) else load_serve_config(args)
     digests = key_digests(cfg.api_keys_env, cfg.api_keys_file)
-    chat = ChatDeployment.options(**deployment_options(cfg.chat)).bind(
-        cfg.chat.model_dump(), cfg.safety.model_dump(), cfg.chat_model
-    )
-    images = ImageDeployment.options(**deployment_options(cfg.image)).bind(
+    options = app_deployments(cfg)
+    chat = None  # chat.placement: ingress: each ingress replica builds its own engine
+    if "chat" in options:
+        chat = ChatDeployment.options(**options["chat"]).bind(
+            cfg.chat.model_dump(), cfg.safety.model_dump(), cfg.chat_model
+        )
+    images = ImageDeployment.options(**options["image"]).bind(
         cfg.image.model_dump(), cfg.tracking.model_dump(), cfg.image_models
     )
-    ingress = deployment_options(cfg.ingress)
+    ingress = options["ingress"]
     # The ingress itself refuses requests over ingress.max_ongoing_requests with the OpenAI JSON 503
     # (upstream.OverloadGuard); Serve's limit sits above it, so a client never gets the proxy's plain text.
     ingress["max_ongoing_requests"] = 2 * cfg.ingress.max_ongoing_requests

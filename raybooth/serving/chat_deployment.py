@@ -193,8 +193,12 @@ class ChatDeployment:
             yield final_event(error_delta(e), "")
             return
         if self.scheduler is not None:
-            async for event in self._generate_continuous(prepared):
-                yield event
+            events = self._generate_continuous(prepared)
+            try:
+                async for event in events:
+                    yield event
+            finally:  # closed between events (a caller's aclose): close the row's stream now, not at GC
+                await events.aclose()
             return
         with attending(prepared) as caller:
             async for event in self.generate_batch(caller):

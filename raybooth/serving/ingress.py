@@ -36,6 +36,7 @@ from raybooth.models.safety import SafetyPolicy
 from raybooth.openai.errors import APIError, validation_error
 from raybooth.openai.protocol import ChatCompletionRequest, ImageGenerationRequest, ModelCard, ModelList
 from raybooth.serving.auth import KeyChecker, check_bind_allowed, edge_refusal
+from raybooth.serving.local_handle import LocalHandle
 from raybooth.serving.readiness import Readiness
 from raybooth.serving.serving_chat import ChatService
 from raybooth.serving.serving_images import ImageService
@@ -175,9 +176,23 @@ def _bound_host(configured: str) -> str | None:
 @serve.ingress(api)
 class Ingress:
     def __init__(
-        self, chat: DeploymentHandle, images: DeploymentHandle, config: dict[str, Any], key_digests: list[str]
+        self,
+        chat: DeploymentHandle | None,
+        images: DeploymentHandle,
+        config: dict[str, Any],
+        key_digests: list[str],
     ):
         self.cfg = ServeConfig.model_validate(config)
+        remote = [images.deployment_name]  # the deployments /healthz waits for
+        if chat is None:  # chat.placement: ingress: this replica's own engine, called in-process
+            from raybooth.serving.chat_deployment import ChatDeployment
+
+            engine = ChatDeployment.func_or_class(
+                self.cfg.chat.model_dump(), self.cfg.safety.model_dump(), self.cfg.chat_model
+            )
+            chat = LocalHandle(engine, "ChatDeployment")  # type: ignore[assignment]
+        else:
+            remote.insert(0, chat.deployment_name)
         OverloadGuard.configure(self.cfg.ingress.max_ongoing_requests, self.cfg.limits.retry_after_s)
         self.keys = KeyChecker(key_digests)
         check_bind_allowed(_bound_host(self.cfg.host), key_digests)
@@ -187,7 +202,7 @@ class Ingress:
         self.chat = ChatService(chat, self.cfg, policy, self.chat_model)
         self.images = ImageService(images, self.cfg, policy)
         self.chat_handle, self.images_handle = chat, images
-        self.readiness = Readiness([chat.deployment_name, images.deployment_name])  # what /healthz waits for
+        self.readiness = Readiness(remote)
         self.bound_host = _bound_host(self.cfg.host)
 
     def authorize(self, request: Request) -> None:

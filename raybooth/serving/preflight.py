@@ -24,7 +24,6 @@ from typing import Any
 from raybooth.cluster.config import ClusterSection, ServeConfig
 from raybooth.errors import UserError
 
-SECTIONS = ("ingress", "image", "chat")  # the ServeConfig sections that become deployments
 RESOURCES = (("CPU", "num_cpus"), ("GPU", "num_gpus"))  # Ray resource name -> ray_actor_options key
 _EPS = 1e-9  # fractional CPUs (0.1 + 0.5 + ...) must not fail on float rounding
 
@@ -37,6 +36,7 @@ class DeploymentAsk:
     per_replica: dict[str, float]  # {"CPU": 0.5, "GPU": 0}
     start_replicas: int  # autoscaling initial_replicas, else min_replicas
     max_replicas: int
+    owners: tuple[str, ...] = ()  # the sections whose num_cpus/num_gpus add up to it (default: `section`)
 
     def total(self, resource: str, at_max: bool = False) -> float:
         return self.per_replica.get(resource, 0.0) * (self.max_replicas if at_max else self.start_replicas)
@@ -44,11 +44,10 @@ class DeploymentAsk:
 
 def app_asks(cfg: ServeConfig) -> list[DeploymentAsk]:
     """Each deployment's ask, from exactly the options `build_app` deploys it with."""
-    from raybooth.serving.app import deployment_options
+    from raybooth.serving.app import app_deployments
 
     asks = []
-    for section in SECTIONS:
-        options = deployment_options(getattr(cfg, section))
+    for section, options in app_deployments(cfg).items():
         actor, scaling = options["ray_actor_options"], options["autoscaling_config"]
         start = scaling.get("initial_replicas")
         asks.append(
@@ -57,6 +56,10 @@ def app_asks(cfg: ServeConfig) -> list[DeploymentAsk]:
                 per_replica={name: float(actor.get(key) or 0) for name, key in RESOURCES},
                 start_replicas=int(scaling["min_replicas"] if start is None else start),
                 max_replicas=int(scaling["max_replicas"]),
+                # chat.placement: ingress: the ingress replicas hold the engines, with the chat's resources
+                owners=("ingress", "chat")
+                if section == "ingress" and cfg.chat.placement == "ingress"
+                else (),
             )
         )
     return asks
@@ -79,7 +82,7 @@ def shortfalls(asks: list[DeploymentAsk], cluster: Mapping[str, float], at_max: 
             f"{a.section}.{key} {_fmt(a.per_replica[resource])} x {a.max_replicas if at_max else a.start_replicas}"
             for a in askers
         )
-        lower = ", ".join(f"{a.section}.{key}" for a in askers)
+        lower = ", ".join(f"{owner}.{key}" for a in askers for owner in a.owners or (a.section,))
         # Why fractions are safe: Ray's logical CPUs only place actors, torch's threads are not capped by them.
         hint = (
             " (fractions such as 0.5 are fine: they do not limit torch's threads)"

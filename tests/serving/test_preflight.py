@@ -57,6 +57,23 @@ def test_asks_come_from_the_deployed_options_replicas_at_start_times_resources()
     assert asks["image"].total("CPU") == 1.0
 
 
+def test_an_engine_in_every_ingress_replica_asks_for_its_resources_there():
+    cfg = ServeConfig.model_validate(
+        {
+            "ingress": {"num_cpus": 0.5, "autoscaling": {"min_replicas": 2, "max_replicas": 4}},
+            "chat": {"placement": "ingress", "num_cpus": 1.5, "num_gpus": 1},
+        }
+    )
+    asks = {a.section: a for a in app_asks(cfg)}
+    assert set(asks) == {"ingress", "image"}  # no ChatDeployment runs
+    assert asks["ingress"].per_replica == {"CPU": 2.0, "GPU": 1.0}
+    assert (asks["ingress"].start_replicas, asks["ingress"].max_replicas) == (2, 4)
+    with pytest.raises(UserError) as info:  # two engines want two GPUs
+        check_fits(cfg, {"CPU": 64.0, "GPU": 1.0}, can_grow=False)
+    assert "2 GPUs (ingress.num_gpus 1 x 2 replicas)" in str(info.value)
+    assert "lower ingress.num_gpus, chat.num_gpus" in str(info.value)
+
+
 def test_a_shortfall_is_one_line_naming_the_keys_to_lower_with_the_numbers():
     cfg = ServeConfig.model_validate(
         {"ingress": {"num_cpus": 0.25}, "image": {"num_cpus": 1}, "chat": {"num_cpus": 1}}

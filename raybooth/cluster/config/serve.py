@@ -135,6 +135,16 @@ class ChatServeSection(DeploymentSection, BatchingMixin, EngineOptions):
         ),
     )
 
+    placement: Literal["deployment", "ingress"] = Field(
+        "deployment",
+        description=(
+            "deployment: the engine runs in its own deployment, called by the ingress for every request and "
+            "every streamed chunk. ingress: every ingress replica runs an engine of its own (with this "
+            "section's CPUs and GPUs added to the ingress's, and ingress.autoscaling its replicas), so a chat "
+            "request never leaves the process that holds its HTTP connection (serving/local_handle.py); a "
+            "Serve config file then lists no ChatDeployment."
+        ),
+    )
     max_concurrent_batches: int = Field(
         2, ge=1, description="static only: batches decoding at once (a new batch need not wait)."
     )
