@@ -139,9 +139,12 @@ def test_rows_admitted_mid_flight_decode_as_they_do_alone(engine, scheduler):
     ]  # fmt: skip
     alone = [engine.generate([r])[0] for r in requests]
     rows = [Collector() for _ in requests]
-    for i, (req, row) in enumerate(zip(requests, rows, strict=True)):
+    prepared = [engine.prepare(r) for r in requests]  # before: a slow prepare must not let steps pass
+    for i, (req, row) in enumerate(zip(prepared, rows, strict=True)):
         wait_for_step(scheduler, 3 * i)  # row 1 joins at step 3, row 2 at step 6, while row 0 decodes
-        scheduler.submit(engine.prepare(req), row)
+        scheduler.submit(req, row)
+        # Joined before the next one is submitted (on a busy box steps 3 to 6 can pass before a join).
+        wait_until(lambda n=i + 1: len(scheduler.admissions) >= n, f"row {i} joining")
     for row, result in zip(rows, alone, strict=True):
         row.wait()
         assert row.tokens == result.token_ids and row.text == result.text
