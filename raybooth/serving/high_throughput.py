@@ -18,7 +18,8 @@ The ingress app is the same either way: API keys, limits, the JSON 503, error ev
 
 Per instance, so two embedded Rays on one machine (two test workers, a benchmark beside a server) can both
 start and never answer for each other: HAProxy's stats and Prometheus pages, and the fallback Python proxy
-(HAProxy's backup server while no ingress replica is up) go to free ports, where Ray's defaults are fixed
+(HAProxy's backup server while no ingress replica is up) go to free ports below the kernel's ephemeral
+range (`distinct_free_ports`), where Ray's defaults are fixed
 (8404, 9101, and 8500/9500; its config, admin socket and state files are already per node, under
 `/tmp/haproxy-serve/<node>`). With the fixed 8500 a second instance's fallback proxy could not bind: it
 never became ready, Serve's controller killed it, and `serve.start` failed with `ActorDiedError`; or, while
@@ -46,7 +47,9 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -72,9 +75,40 @@ PER_INSTANCE_PORTS = (
 )
 
 
+# Where those ports are drawn from: above Ray's worker ports (10002-19999 by default) and below the kernel's
+# ephemeral range, so that between the pick and HAProxy's bind seconds later no outgoing connection can be
+# given the port as its local one. A port from bind(0) is in that range, and once, on a busy 2-core box
+# running two test workers, HAProxy found its Prometheus port taken ("cannot bind socket (Address already in
+# use)") and the whole Serve start failed.
+_PORT_FLOOR = 20000
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux's default where it cannot be read)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = map(int, f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
 def distinct_free_ports(n: int) -> list[int]:
-    """`n` different ports nothing listens on now, on any interface (HAProxy binds its pages on all)."""
-    ports: list[int] = []
+    """`n` different ports nothing listens on now, on any interface (HAProxy binds its pages on all), below
+    the ephemeral range (see `_PORT_FLOOR`); from bind(0) where that leaves no room."""
+    low = ephemeral_port_range()[0]
+    candidates = list(range(_PORT_FLOOR, low)) if low - _PORT_FLOOR >= 4 * n else []
+    random.SystemRandom().shuffle(candidates)  # two instances starting at once rarely try the same ones
+    ports = [port for port in candidates[: 64 * n] if _bindable(port)][:n]
     while len(ports) < n:
         port = free_port("0.0.0.0")
         if port not in ports:

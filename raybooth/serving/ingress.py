@@ -3,7 +3,8 @@
     GET  /healthz                    no auth, for load balancers: 200 when ready, 503 while models start
     GET  /v1/models                  the chat model and every servable image model
     GET  /v1/models/{id}
-    POST /v1/chat/completions        -> ChatService  -> ChatDeployment (streaming, batched)
+    POST /v1/chat/completions        -> ChatService  -> ChatDeployment (streaming, batched; with
+                                        chat.placement ingress, this replica's own engine: local_handle.py)
     POST /v1/images/generations      -> ImageService -> ImageDeployment (batched, multiplexed)
     GET  /v1/internal/stats          what the batchers did (batch sizes, loaded model versions)
     GET  /openapi.json, /docs, /redoc   the API's schema (request bodies included) and its docs pages
@@ -183,6 +184,10 @@ class Ingress:
         key_digests: list[str],
     ):
         self.cfg = ServeConfig.model_validate(config)
+        OverloadGuard.configure(self.cfg.ingress.max_ongoing_requests, self.cfg.limits.retry_after_s)
+        self.keys = KeyChecker(key_digests)
+        check_bind_allowed(_bound_host(self.cfg.host), key_digests)
+        tracking.configure(self.cfg.tracking)
         remote = [images.deployment_name]  # the deployments /healthz waits for
         if chat is None:  # chat.placement: ingress: this replica's own engine, called in-process
             from raybooth.serving.chat_deployment import ChatDeployment
@@ -193,10 +198,6 @@ class Ingress:
             chat = LocalHandle(engine, "ChatDeployment")  # type: ignore[assignment]
         else:
             remote.insert(0, chat.deployment_name)
-        OverloadGuard.configure(self.cfg.ingress.max_ongoing_requests, self.cfg.limits.retry_after_s)
-        self.keys = KeyChecker(key_digests)
-        check_bind_allowed(_bound_host(self.cfg.host), key_digests)
-        tracking.configure(self.cfg.tracking)
         policy = SafetyPolicy.from_settings(self.cfg.safety.model_dump())
         self.chat_model = self.cfg.chat_model_name or Path(self.cfg.chat_model).name
         self.chat = ChatService(chat, self.cfg, policy, self.chat_model)

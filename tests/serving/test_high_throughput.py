@@ -36,6 +36,9 @@ def test_the_mode_is_rays_two_switches_with_ports_of_its_own(monkeypatch):
     # two embedded instances on one machine share no port Ray would fix (it keeps its files per node)
     for name in PER_INSTANCE_PORTS:
         assert first[name] != second[name]
+    # and none is a port the kernel could give an outgoing connection before HAProxy binds it
+    low, high = high_throughput.ephemeral_port_range()
+    assert all(not low <= int(env[name]) <= high for env in (first, second) for name in PER_INSTANCE_PORTS)
     assert {"RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"} <= set(first)
 
 
