@@ -298,14 +298,12 @@ def _run_configs(args: argparse.Namespace, configs: list[tuple], high_throughput
             t = time.perf_counter()
             settings = settings_for(args, max_batch or max(args.concurrency), scheduler, placement)
             settings["ingress"]["high_throughput"] = high_throughput
-            if (
-                placement == "ingress"
-            ):  # an engine per ingress replica, one replica per core the image one leaves
+            # An engine per ingress replica, sharing the CPUs the image replica leaves.
+            if placement == "ingress":
                 replicas = max(1, args.ingress_replicas)
                 settings["ingress"]["autoscaling"] = {"min_replicas": replicas, "max_replicas": replicas}
-                settings["chat"]["num_cpus"] = max(
-                    0.1, (ray.cluster_resources().get("CPU", 2) - 1) / replicas
-                )
+                left = ray.cluster_resources().get("CPU", 2) - settings["image"]["num_cpus"]
+                settings["chat"]["num_cpus"] = max(0.1, left / replicas)
             serve.run(build_app({"settings": settings}), name="raybooth-bench", route_prefix="/")
             print(f"deployed with {label} in {time.perf_counter() - t:.0f}s", flush=True)
             for i, level in enumerate(args.concurrency):

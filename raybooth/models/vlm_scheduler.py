@@ -348,11 +348,11 @@ class Scheduler:
         Fewer, longer chunks when streaming costs more than decoding (on Serve every chunk is a message
         to the ingress): deltas go out at once until one has shown text (time to first token does not
         change, even when the first tokens decode to nothing yet: a held-back stop-string prefix, half a
-        UTF-8 character, a skipped special token), then each one holds at least `stream_interval` tokens, or the rest (vLLM's `--stream-interval`); None:
-        `auto_stream_interval()` at each delta. The loop thread holds a row's deltas back until there are
-        that many (`_Outbox`), so the event loop wakes once per chunk, not once per token; a reader that
-        fell behind gets everything it missed as one delta (`StreamDelta.followed_by`). An error delta
-        always comes alone, as the last."""
+        UTF-8 character, a skipped special token), then each one holds at least `stream_interval` tokens,
+        or the rest (vLLM's `--stream-interval`); None: `auto_stream_interval()` at each delta. The loop
+        thread holds a row's deltas back until there are that many (`_Outbox`), so the event loop wakes
+        once per chunk, not once per token; a reader that fell behind gets everything it missed as one
+        delta (`StreamDelta.followed_by`). An error delta always comes alone, as the last."""
         if stream_interval is not None and stream_interval < 1:
             raise ValueError(
                 f"stream_interval is tokens per streamed delta, at least 1, not {stream_interval}"
@@ -369,7 +369,7 @@ class Scheduler:
                         if delta.done:
                             return
                         shown = shown or bool(delta.text)
-                    outbox.want(stream_interval or self.auto_stream_interval() if shown else 1)
+                    outbox.want((stream_interval or self.auto_stream_interval()) if shown else 1)
             finally:
                 self.cancel(ticket)
 

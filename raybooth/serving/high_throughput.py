@@ -106,9 +106,14 @@ def distinct_free_ports(n: int) -> list[int]:
     """`n` different ports nothing listens on now, on any interface (HAProxy binds its pages on all), below
     the ephemeral range (see `_PORT_FLOOR`); from bind(0) where that leaves no room."""
     low = ephemeral_port_range()[0]
-    candidates = list(range(_PORT_FLOOR, low)) if low - _PORT_FLOOR >= 4 * n else []
-    random.SystemRandom().shuffle(candidates)  # two instances starting at once rarely try the same ones
-    ports = [port for port in candidates[: 64 * n] if _bindable(port)][:n]
+    room = range(_PORT_FLOOR, low) if low - _PORT_FLOOR >= 4 * n else range(0)
+    # At random, so that two instances starting at once rarely try the same ones.
+    ports: list[int] = []
+    for port in random.SystemRandom().sample(room, min(64 * n, len(room))):
+        if len(ports) == n:
+            break
+        if _bindable(port):
+            ports.append(port)
     while len(ports) < n:
         port = free_port("0.0.0.0")
         if port not in ports:

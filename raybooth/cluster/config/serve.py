@@ -156,8 +156,8 @@ class ChatServeSection(DeploymentSection, BatchingMixin, EngineOptions):
     )
     stream_interval: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto",
-        description="continuous only: tokens per streamed chunk once one has shown text (vLLM's --stream-interval); "
-        "higher sends fewer messages (each crosses two Serve hops) at the cost of burstier streams. auto: 1 "
+        description="continuous only: tokens per streamed chunk once one has shown text (vLLM's "
+        "--stream-interval); higher sends fewer messages (each crosses two Serve hops) at the cost of burstier streams. auto: 1 "
         "while up to 3 rows run, then 1 more per 2 running rows, at most 16. A stream that fell behind gets "
         "what it missed in one chunk whatever this is.",
     )
